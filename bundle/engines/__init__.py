@@ -1,0 +1,3 @@
+from .checkpoints import ResumeFromLatest, latest_checkpoint, load_checkpoint, load_weights
+from .prepare_batch import RegistrationPrepareBatch
+from .scores import key_metric_score

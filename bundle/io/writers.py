@@ -1,0 +1,100 @@
+"""Atomic NIfTI writing of registration outputs on the fixed image's grid."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+__all__ = ["write_nifti", "SaveNiftid"]
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, vector: bool = False) -> None:
+    """Write ``array`` with ``affine`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    Args:
+        array: channel-first ``(C, *spatial)``; a one-channel image is written as ``spatial``; a vector
+            field (``vector=True``) as ``(*spatial, 1, C)`` with the NIfTI vector intent.
+        affine: voxel-to-world (RAS) affine; a 2D ``3x3`` affine is lifted to ``4x4``.
+        path: destination ``.nii`` / ``.nii.gz`` file.
+    """
+    array = np.asarray(array)
+    spatial = array.shape[1:]
+    if vector:
+        data = np.moveaxis(array, 0, -1).reshape(*spatial, *([1] * (3 - len(spatial))), 1, array.shape[0])
+    elif array.shape[0] == 1:
+        data = array[0]
+    else:
+        data = np.moveaxis(array, 0, -1)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape == (3, 3):
+        lifted = np.eye(4)
+        lifted[:2, :2], lifted[:2, 3] = affine[:2, :2], affine[:2, 2]
+        affine = lifted
+    image = nib.Nifti1Image(data, affine)
+    if vector:
+        image.header.set_intent("vector")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class SaveNiftid(MapTransform):
+    """Save items of one pair as ``<output_dir>/<name>/<filename>`` with the grid of ``ref_key``.
+
+    Args:
+        keys: items to save (channel-first; absent keys are skipped when ``allow_missing_keys``).
+        filenames: one file name per key, e.g. ``warped.nii.gz``.
+        output_dir: root folder of the outputs.
+        ref_key: item whose affine defines the written grid (the DDF resampled to the fixed native grid).
+        name_key: item holding the pair's name (a folder per pair).
+        vector_keys: keys written as vector fields (the DDF).
+        dtypes: optional numpy dtype per key (e.g. ``uint8``/``int16`` for label maps).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        filenames: Sequence[str],
+        output_dir: str | os.PathLike,
+        ref_key: str = "pred",
+        name_key: str = "name",
+        vector_keys: Sequence[str] = ("pred",),
+        dtypes: Mapping[str, str] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(filenames) != len(self.keys):
+            raise ValueError(f"one file name per key is needed: keys {self.keys}, filenames {list(filenames)}.")
+        self.filenames = dict(zip(self.keys, filenames))
+        self.output_dir = Path(output_dir)
+        self.ref_key, self.name_key = ref_key, name_key
+        self.vector_keys = set(vector_keys)
+        self.dtypes = dict(dtypes or {})
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        ref = d[self.ref_key]
+        affine = ref.affine if isinstance(ref, MetaTensor) else torch.eye(ref.ndim)
+        folder = self.output_dir / str(d.get(self.name_key, "0"))
+        for key in self.key_iterator(d):
+            array = torch.as_tensor(d[key]).detach().cpu().numpy()
+            array = array.astype(self.dtypes.get(key, np.float32))
+            write_nifti(array, affine.cpu().numpy(), folder / self.filenames[key], vector=key in self.vector_keys)
+        return d

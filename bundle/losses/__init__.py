@@ -1,0 +1,1 @@
+from .registration import SIMILARITIES, SMOOTHNESS, RegistrationLoss, make_similarity, make_smoothness

@@ -1,0 +1,88 @@
+"""Space conventions of the bundle, written once.
+
+- Tensors are channel-first: images ``(B, C, *spatial)``, displacement fields ``(B, ndim, *spatial)``.
+- A DDF lives on the fixed image's grid and is a pull-back: ``warped(x) = moving(x + ddf(x))``, in voxel
+  units of that grid, channel k along spatial axis k (MONAI ``Warp`` convention).
+- A grid is described by its voxel-to-world affine (``(ndim+1, ndim+1)``, RAS millimetres as MONAI's
+  readers give it) and its spatial shape. Physical LPS millimetres (ITK) appear only in export code.
+
+This module converts DDFs between grids of the same physical space; everything else in the bundle works
+in one grid at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["index_grid", "sample_field", "resample_ddf"]
+
+
+def index_grid(spatial_shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
+    """Voxel indices of a grid, ``(ndim, *spatial_shape)``, channel k = index along axis k."""
+    axes = [torch.arange(s, dtype=dtype, device=device) for s in spatial_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def sample_field(field: torch.Tensor, points: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Linearly interpolate a channel-first field at voxel-index points.
+
+    Args:
+        field: ``(C, *spatial)`` values on a grid.
+        points: ``(ndim, *out_shape)`` voxel indices (channel k along axis k) of that grid.
+        padding_mode: ``grid_sample`` padding outside the grid.
+
+    Returns:
+        ``(C, *out_shape)`` interpolated values.
+    """
+    ndim = points.shape[0]
+    sizes = torch.tensor(field.shape[1:], dtype=points.dtype, device=points.device).view(ndim, *([1] * ndim))
+    normalised = 2.0 * points / (sizes - 1).clamp(min=1) - 1.0  # align_corners=True
+    grid = normalised.flip(0).movedim(0, -1).unsqueeze(0)  # grid_sample wants (x, y, z) = reversed axes
+    mode = "bilinear"  # trilinear for 5-D inputs
+    out = F.grid_sample(field.unsqueeze(0).to(points.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return out[0]
+
+
+def resample_ddf(
+    ddf: torch.Tensor,
+    src_affine: torch.Tensor,
+    dst_affine: torch.Tensor,
+    dst_shape: Sequence[int],
+) -> torch.Tensor:
+    """Express a pull-back DDF given on a source grid on another grid of the same physical space.
+
+    Both the moving and the fixed image are assumed to be on the source grid (the network's grid) and
+    on the destination grid (e.g. the fixed image's native grid) after the same spatial resampling. With
+    ``A = src_affine^-1 @ dst_affine`` mapping destination indices ``i`` to source indices, the result is
+    ``ddf_dst(i) = L^-1 ddf_src(A i)`` with ``L`` the linear part of ``A`` (vectors change units and axes).
+
+    Args:
+        ddf: ``(ndim, *src_shape)`` DDF in voxel units of the source grid.
+        src_affine: ``(ndim+1, ndim+1)`` voxel-to-world affine of the source grid.
+        dst_affine: ``(ndim+1, ndim+1)`` voxel-to-world affine of the destination grid.
+        dst_shape: spatial shape of the destination grid.
+
+    Returns:
+        ``(ndim, *dst_shape)`` DDF in voxel units of the destination grid (float32).
+
+    Raises:
+        ValueError: inconsistent dimensions.
+    """
+    ndim = ddf.shape[0]
+    if ddf.ndim != ndim + 1 or len(dst_shape) != ndim:
+        raise ValueError(f"ddf must be (ndim, *spatial) matching dst_shape {tuple(dst_shape)}, got {tuple(ddf.shape)}.")
+    src = torch.as_tensor(src_affine, dtype=torch.float64)
+    dst = torch.as_tensor(dst_affine, dtype=torch.float64)
+    if src.shape != (ndim + 1, ndim + 1) or dst.shape != (ndim + 1, ndim + 1):
+        raise ValueError(f"affines must be {ndim + 1}x{ndim + 1}, got {tuple(src.shape)} and {tuple(dst.shape)}.")
+    a = torch.linalg.solve(src, dst)
+    lin, offset = a[:ndim, :ndim], a[:ndim, ndim]
+    device = ddf.device
+    idx = index_grid(dst_shape, dtype=torch.float64, device=device)
+    src_points = torch.einsum("kl,l...->k...", lin.to(device), idx) + offset.to(device).view(ndim, *([1] * ndim))
+    sampled = sample_field(ddf.to(torch.float64), src_points)
+    out = torch.einsum("kl,l...->k...", torch.linalg.inv(lin).to(device), sampled)
+    return out.to(torch.float32)

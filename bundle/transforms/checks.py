@@ -1,0 +1,110 @@
+"""Dict transforms that reject bad input early with an error naming the file and the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = ["CheckFinited", "CheckLabeld", "CheckPaird", "source_name"]
+
+
+def source_name(data: Mapping, key: Hashable) -> str:
+    """The file an item came from (MONAI ``filename_or_obj`` meta), else its key."""
+    meta = getattr(data[key], "meta", {}) or {}
+    name = meta.get("filename_or_obj")
+    return f"{key} ({name})" if name else str(key)
+
+
+class CheckFinited(MapTransform):
+    """Raise ``ValueError`` when an image holds NaN or Inf voxels."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key])
+            if not torch.isfinite(values).all():
+                bad = int((~torch.isfinite(values)).sum())
+                raise ValueError(f"{source_name(d, key)}: {bad} NaN/Inf voxels; fix or mask the image first.")
+        return d
+
+
+class CheckLabeld(MapTransform):
+    """Check that label maps hold non-negative integers (floats with integer values are cast).
+
+    Args:
+        keys: label keys.
+        num_classes: if given, labels must also be ``< num_classes``.
+        allow_missing_keys: skip absent keys (pairs without labels).
+
+    Raises:
+        ValueError: non-integer, negative or too large label values.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int | None = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = torch.as_tensor(label)
+            if values.is_floating_point():
+                if not torch.isfinite(values).all() or not torch.equal(values, values.round()):
+                    raise ValueError(f"{source_name(d, key)}: label values must be integers, found fractional or NaN values.")
+            if values.numel() and values.min() < 0:
+                raise ValueError(f"{source_name(d, key)}: label values must be >= 0, found {values.min().item()}.")
+            if self.num_classes is not None and values.numel() and values.max() >= self.num_classes:
+                raise ValueError(
+                    f"{source_name(d, key)}: label value {int(values.max())} >= num_classes={self.num_classes}."
+                )
+            d[key] = label.to(torch.int64) if values.is_floating_point() else label
+        return d
+
+
+class CheckPaird(MapTransform):
+    """Check that channel-first moving and fixed images (and their labels) have compatible dimensions.
+
+    Moving and fixed must have the same number of spatial dims (both 2D or both 3D) and channels; a label
+    must have one channel and the spatial shape of its image.
+
+    Args:
+        keys: ``(moving, fixed)`` image keys.
+        label_keys: ``(moving_label, fixed_label)`` keys, either may be absent from the data.
+    """
+
+    def __init__(self, keys: KeysCollection = ("moving", "fixed"), label_keys=("moving_label", "fixed_label")) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"keys must be (moving, fixed), got {self.keys}.")
+        self.label_keys = tuple(label_keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        moving_key, fixed_key = self.keys
+        moving, fixed = d[moving_key], d[fixed_key]
+        if moving.ndim != fixed.ndim:
+            raise ValueError(
+                f"{source_name(d, moving_key)} is {moving.ndim - 1}D but {source_name(d, fixed_key)} is "
+                f"{fixed.ndim - 1}D (shapes {tuple(moving.shape)} and {tuple(fixed.shape)}, channel first)."
+            )
+        if moving.ndim not in (3, 4):
+            raise ValueError(f"{source_name(d, moving_key)}: expected a 2D or 3D image, got shape {tuple(moving.shape)}.")
+        if moving.shape[0] != fixed.shape[0]:
+            raise ValueError(
+                f"{source_name(d, moving_key)} has {moving.shape[0]} channels but {source_name(d, fixed_key)} "
+                f"has {fixed.shape[0]}."
+            )
+        for image_key, label_key in zip(self.keys, self.label_keys):
+            if label_key not in d:
+                continue
+            label, image = d[label_key], d[image_key]
+            if label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
+                raise ValueError(
+                    f"{source_name(d, label_key)} has shape {tuple(label.shape)}, expected (1, "
+                    f"{', '.join(map(str, image.shape[1:]))}) like {source_name(d, image_key)}."
+                )
+        return d

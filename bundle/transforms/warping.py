@@ -1,0 +1,115 @@
+"""Dict transforms that apply a predicted DDF to items and express it on other grids (post-processing)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.networks.blocks import Warp
+from monai.transforms import MapTransform
+
+from bundle.metrics.jacobian import jacobian_determinant
+from bundle.spatial import resample_ddf
+
+__all__ = ["Warpd", "JacobianDeterminantd", "ResampleDDFToOriginald"]
+
+
+def _with_affine(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Carry the grid metadata (affine) of ``like`` over to ``values``."""
+    if isinstance(like, MetaTensor):
+        return MetaTensor(values, affine=like.affine, meta=dict(like.meta))
+    return values
+
+
+class Warpd(MapTransform):
+    """Warp channel-first items ``(C, *spatial)`` with the DDF ``(ndim, *spatial)`` at ``ddf_key``.
+
+    Args:
+        keys: items to warp (e.g. ``moving``, ``moving_label``).
+        ddf_key: key of the DDF (the network prediction, ``pred``).
+        names: output keys, one per key (default ``warped_<key>``).
+        mode: interpolation per key, ``"bilinear"`` for images, ``"nearest"`` for label maps.
+        padding_mode: ``grid_sample`` padding.
+        allow_missing_keys: skip absent keys (pairs without labels).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        ddf_key: str = "pred",
+        names: Sequence[str] | None = None,
+        mode: str | Sequence[str] = "bilinear",
+        padding_mode: str = "border",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ddf_key = ddf_key
+        self.names = list(names) if names is not None else [f"warped_{k}" for k in self.keys]
+        modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(self.names) != len(self.keys) or len(modes) != len(self.keys):
+            raise ValueError(f"names and mode must have one entry per key {self.keys}.")
+        self.warps = {m: Warp(mode=m, padding_mode=padding_mode) for m in set(modes)}
+        self.modes = dict(zip(self.keys, modes))
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        ddf = torch.as_tensor(d[self.ddf_key])
+        for key, name in zip(self.keys, self.names):
+            if key not in d:
+                if self.allow_missing_keys:
+                    continue
+                raise KeyError(f"key {key!r} to warp is missing.")
+            item = d[key]
+            source = torch.as_tensor(item).to(device=ddf.device, dtype=ddf.dtype)
+            warped = self.warps[self.modes[key]](source.unsqueeze(0), ddf.unsqueeze(0))[0]
+            if self.modes[key] == "nearest":
+                warped = warped.round().to(torch.as_tensor(item).dtype)
+            d[name] = _with_affine(warped, item)
+        return d
+
+
+class JacobianDeterminantd(MapTransform):
+    """Jacobian determinant map ``(1, *spatial)`` of the DDF at each key, stored under ``names``."""
+
+    def __init__(self, keys: KeysCollection = "pred", names: Sequence[str] = ("jacobian_det",)) -> None:
+        super().__init__(keys)
+        self.names = list(names)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key, name in zip(self.keys, self.names):
+            ddf = torch.as_tensor(d[key])
+            d[name] = _with_affine(jacobian_determinant(ddf.unsqueeze(0))[0], d[key])
+        return d
+
+
+class ResampleDDFToOriginald(MapTransform):
+    """Express the DDF at ``keys`` on the original (as-loaded) grid of the reference image.
+
+    The reference (the preprocessed fixed image, a MetaTensor) gives the network grid (its ``affine``) and
+    its original grid (``original_affine`` and ``spatial_shape`` meta that MONAI's loaders record). The
+    moving image must have been resampled onto the fixed image's original grid before the network
+    preprocessing (``ResampleToMatchd``), so the result is a DDF on the fixed native grid in its voxel units.
+
+    Args:
+        keys: DDF keys (``(ndim, *spatial)``, network grid, voxel units).
+        ref_key: the preprocessed fixed image.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", ref_key: str = "fixed") -> None:
+        super().__init__(keys)
+        self.ref_key = ref_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        ref = d[self.ref_key]
+        if not isinstance(ref, MetaTensor) or "original_affine" not in ref.meta:
+            raise ValueError(f"{self.ref_key!r} must be a MetaTensor loaded by LoadImaged (needs 'original_affine').")
+        dst_affine = torch.as_tensor(ref.meta["original_affine"])
+        dst_shape = [int(s) for s in torch.as_tensor(ref.meta["spatial_shape"]).flatten()]
+        for key in self.key_iterator(d):
+            ddf = resample_ddf(torch.as_tensor(d[key]), ref.affine, dst_affine, dst_shape)
+            d[key] = MetaTensor(ddf, affine=dst_affine)
+        return d
