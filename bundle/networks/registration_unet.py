@@ -19,7 +19,13 @@ VM2_CHANNELS = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 
 def _conv(spatial_dims: int, in_channels: int, out_channels: int, strides: int = 1) -> Convolution:
     return Convolution(
-        spatial_dims, in_channels, out_channels, strides=strides, kernel_size=3, act=("leakyrelu", {"negative_slope": 0.2})
+        spatial_dims,
+        in_channels,
+        out_channels,
+        strides=strides,
+        kernel_size=3,
+        act=("leakyrelu", {"negative_slope": 0.2}),
+        norm=None,
     )
 
 

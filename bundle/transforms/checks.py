@@ -73,7 +73,8 @@ class CheckPaird(MapTransform):
 
     Args:
         keys: ``(moving, fixed)`` image keys.
-        label_keys: ``(moving_label, fixed_label)`` keys, either may be absent from the data.
+        label_keys: ``(moving_label, fixed_label)`` keys, either may be absent from the data or ``None``
+            (not checked, e.g. a label that the pipeline does not load).
     """
 
     def __init__(self, keys: KeysCollection = ("moving", "fixed"), label_keys=("moving_label", "fixed_label")) -> None:
@@ -99,7 +100,7 @@ class CheckPaird(MapTransform):
                 f"has {fixed.shape[0]}."
             )
         for image_key, label_key in zip(self.keys, self.label_keys):
-            if label_key not in d:
+            if label_key is None or label_key not in d:
                 continue
             label, image = d[label_key], d[image_key]
             if label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
