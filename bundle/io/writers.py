@@ -27,6 +27,8 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
         path: destination ``.nii`` / ``.nii.gz`` file.
     """
     array = np.asarray(array)
+    if array.dtype == np.int64:  # nibabel refuses int64 without an explicit dtype; label maps fit in int32
+        array = array.astype(np.int32)
     spatial = array.shape[1:]
     if vector:
         data = np.moveaxis(array, 0, -1).reshape(*spatial, *([1] * (3 - len(spatial))), 1, array.shape[0])
@@ -47,7 +49,10 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; outputs follow the umask like any file
         nib.save(image, tmp)
         os.replace(tmp, path)
     except BaseException:

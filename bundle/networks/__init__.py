@@ -1,1 +1,2 @@
-from .registration_unet import VM1_CHANNELS, VM2_CHANNELS, RegistrationUNet, upsample_field
+from .blocks import DEFORMATIONS, ConvDecoder, ConvEncoder, DeformationHead, upsample_field
+from .registration_unet import VM1_CHANNELS, VM2_CHANNELS, RegistrationUNet, check_pair_input
