@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["index_grid", "sample_field", "resample_ddf"]
+__all__ = ["index_grid", "sample_field", "resample_to_grid", "resample_ddf"]
 
 
 def index_grid(spatial_shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
@@ -26,13 +26,16 @@ def index_grid(spatial_shape: Sequence[int], dtype=torch.float32, device=None) -
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
-def sample_field(field: torch.Tensor, points: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
-    """Linearly interpolate a channel-first field at voxel-index points.
+def sample_field(
+    field: torch.Tensor, points: torch.Tensor, padding_mode: str = "border", mode: str = "bilinear"
+) -> torch.Tensor:
+    """Interpolate a channel-first field at voxel-index points.
 
     Args:
         field: ``(C, *spatial)`` values on a grid.
         points: ``(ndim, *out_shape)`` voxel indices (channel k along axis k) of that grid.
         padding_mode: ``grid_sample`` padding outside the grid.
+        mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
 
     Returns:
         ``(C, *out_shape)`` interpolated values.
@@ -41,9 +44,45 @@ def sample_field(field: torch.Tensor, points: torch.Tensor, padding_mode: str = 
     sizes = torch.tensor(field.shape[1:], dtype=points.dtype, device=points.device).view(ndim, *([1] * ndim))
     normalised = 2.0 * points / (sizes - 1).clamp(min=1) - 1.0  # align_corners=True
     grid = normalised.flip(0).movedim(0, -1).unsqueeze(0)  # grid_sample wants (x, y, z) = reversed axes
-    mode = "bilinear"  # trilinear for 5-D inputs
     out = F.grid_sample(field.unsqueeze(0).to(points.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return out[0]
+
+
+def _destination_points(src_affine, dst_affine, dst_shape, device):
+    """Source-grid indices of every destination voxel, and the linear part of that index map."""
+    ndim = len(dst_shape)
+    src = torch.as_tensor(src_affine, dtype=torch.float64)
+    dst = torch.as_tensor(dst_affine, dtype=torch.float64)
+    if src.shape != (ndim + 1, ndim + 1) or dst.shape != (ndim + 1, ndim + 1):
+        raise ValueError(f"affines must be {ndim + 1}x{ndim + 1}, got {tuple(src.shape)} and {tuple(dst.shape)}.")
+    a = torch.linalg.solve(src, dst)
+    lin, offset = a[:ndim, :ndim].to(device), a[:ndim, ndim].to(device)
+    idx = index_grid(dst_shape, dtype=torch.float64, device=device)
+    return torch.einsum("kl,l...->k...", lin, idx) + offset.view(ndim, *([1] * ndim)), lin
+
+
+def resample_to_grid(
+    values: torch.Tensor,
+    src_affine: torch.Tensor,
+    dst_affine: torch.Tensor,
+    dst_shape: Sequence[int],
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Resample a channel-first image ``(C, *src_shape)`` onto another grid of the same physical space.
+
+    Args:
+        values: image on the source grid.
+        src_affine, dst_affine: voxel-to-world affines of the source and destination grids.
+        dst_shape: spatial shape of the destination grid.
+        mode: ``"bilinear"`` for intensities or ``"nearest"`` for label maps.
+        padding_mode: value outside the source grid (``grid_sample`` modes).
+
+    Returns:
+        ``(C, *dst_shape)`` in the dtype of ``values``.
+    """
+    points, _ = _destination_points(src_affine, dst_affine, dst_shape, values.device)
+    return sample_field(values.to(torch.float64), points, padding_mode, mode).to(values.dtype)
 
 
 def resample_ddf(
@@ -74,15 +113,7 @@ def resample_ddf(
     ndim = ddf.shape[0]
     if ddf.ndim != ndim + 1 or len(dst_shape) != ndim:
         raise ValueError(f"ddf must be (ndim, *spatial) matching dst_shape {tuple(dst_shape)}, got {tuple(ddf.shape)}.")
-    src = torch.as_tensor(src_affine, dtype=torch.float64)
-    dst = torch.as_tensor(dst_affine, dtype=torch.float64)
-    if src.shape != (ndim + 1, ndim + 1) or dst.shape != (ndim + 1, ndim + 1):
-        raise ValueError(f"affines must be {ndim + 1}x{ndim + 1}, got {tuple(src.shape)} and {tuple(dst.shape)}.")
-    a = torch.linalg.solve(src, dst)
-    lin, offset = a[:ndim, :ndim], a[:ndim, ndim]
-    device = ddf.device
-    idx = index_grid(dst_shape, dtype=torch.float64, device=device)
-    src_points = torch.einsum("kl,l...->k...", lin.to(device), idx) + offset.to(device).view(ndim, *([1] * ndim))
+    src_points, lin = _destination_points(src_affine, dst_affine, dst_shape, ddf.device)
     sampled = sample_field(ddf.to(torch.float64), src_points)
-    out = torch.einsum("kl,l...->k...", torch.linalg.inv(lin).to(device), sampled)
+    out = torch.einsum("kl,l...->k...", torch.linalg.inv(lin), sampled)
     return out.to(torch.float32)

@@ -2,6 +2,7 @@
 
 from .handlers import Folding, LogJacobianStd, ddf_output_transform
 from .jacobian import FoldingMetric, LogJacobianStdMetric, jacobian_determinant
+from .regions import REGIONS, region_registration_metrics, tumour_regions
 from .tre import TREMetric, target_registration_error
 
 __all__ = [
@@ -9,8 +10,11 @@ __all__ = [
     "FoldingMetric",
     "LogJacobianStd",
     "LogJacobianStdMetric",
+    "REGIONS",
     "TREMetric",
     "ddf_output_transform",
     "jacobian_determinant",
+    "region_registration_metrics",
     "target_registration_error",
+    "tumour_regions",
 ]

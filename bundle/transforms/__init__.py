@@ -1,3 +1,5 @@
 from .checks import CheckFinited, CheckLabeld, CheckPaird
-from .warping import JacobianDeterminantd, ResampleDDFToOriginald, Warpd
+from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOriginald, Warpd
 from .spacing import PerKeySpacingd
+from .lesion import RandLesionImplantd
+from .joint_output import SplitJointOutputd

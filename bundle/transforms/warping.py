@@ -11,12 +11,12 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
 
 from bundle.metrics.jacobian import jacobian_determinant
-from bundle.spatial import resample_ddf
+from bundle.spatial import resample_ddf, resample_to_grid
 
-__all__ = ["Warpd", "JacobianDeterminantd", "ResampleDDFToOriginald"]
+__all__ = ["Warpd", "JacobianDeterminantd", "ResampleDDFToOriginald", "ResampleToOriginald", "copy_grid_meta"]
 
 
-def _with_affine(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def copy_grid_meta(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Carry the grid metadata (affine) of ``like`` over to ``values``."""
     if isinstance(like, MetaTensor):
         return MetaTensor(values, affine=like.affine, meta=dict(like.meta))
@@ -66,7 +66,7 @@ class Warpd(MapTransform):
             warped = self.warps[self.modes[key]](source.unsqueeze(0), ddf.unsqueeze(0))[0]
             if self.modes[key] == "nearest":
                 warped = warped.round().to(torch.as_tensor(item).dtype)
-            d[name] = _with_affine(warped, item)
+            d[name] = copy_grid_meta(warped, item)
         return d
 
 
@@ -81,8 +81,17 @@ class JacobianDeterminantd(MapTransform):
         d = dict(data)
         for key, name in zip(self.keys, self.names):
             ddf = torch.as_tensor(d[key])
-            d[name] = _with_affine(jacobian_determinant(ddf.unsqueeze(0))[0], d[key])
+            d[name] = copy_grid_meta(jacobian_determinant(ddf.unsqueeze(0))[0], d[key])
         return d
+
+
+def _original_grid(data: Mapping, ref_key: str) -> tuple[torch.Tensor, list[int]]:
+    """Original (as-loaded) affine and spatial shape of the preprocessed reference image."""
+    ref = data[ref_key]
+    if not isinstance(ref, MetaTensor) or "original_affine" not in ref.meta:
+        raise ValueError(f"{ref_key!r} must be a MetaTensor loaded by LoadImaged (needs 'original_affine').")
+    shape = [int(s) for s in torch.as_tensor(ref.meta["spatial_shape"]).flatten()]
+    return torch.as_tensor(ref.meta["original_affine"]), shape
 
 
 class ResampleDDFToOriginald(MapTransform):
@@ -104,12 +113,40 @@ class ResampleDDFToOriginald(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        ref = d[self.ref_key]
-        if not isinstance(ref, MetaTensor) or "original_affine" not in ref.meta:
-            raise ValueError(f"{self.ref_key!r} must be a MetaTensor loaded by LoadImaged (needs 'original_affine').")
-        dst_affine = torch.as_tensor(ref.meta["original_affine"])
-        dst_shape = [int(s) for s in torch.as_tensor(ref.meta["spatial_shape"]).flatten()]
+        dst_affine, dst_shape = _original_grid(d, self.ref_key)
         for key in self.key_iterator(d):
-            ddf = resample_ddf(torch.as_tensor(d[key]), ref.affine, dst_affine, dst_shape)
+            ddf = resample_ddf(torch.as_tensor(d[key]), d[self.ref_key].affine, dst_affine, dst_shape)
             d[key] = MetaTensor(ddf, affine=dst_affine)
+        return d
+
+
+class ResampleToOriginald(MapTransform):
+    """Resample items on the network grid onto the original (as-loaded) grid of the reference image.
+
+    Args:
+        keys: channel-first items on the network grid (e.g. segmentation logits or label maps).
+        ref_key: the preprocessed fixed image (a MetaTensor with ``original_affine``/``spatial_shape``).
+        mode: ``"bilinear"`` (logits, intensities) or ``"nearest"`` (label maps), one or per key.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        ref_key: str = "fixed",
+        mode: str | Sequence[str] = "nearest",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+        self.modes = dict(zip(self.keys, [mode] * len(self.keys) if isinstance(mode, str) else mode))
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        dst_affine, dst_shape = _original_grid(d, self.ref_key)
+        src_affine = d[self.ref_key].affine
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key])
+            resampled = resample_to_grid(values, src_affine, dst_affine, dst_shape, mode=self.modes[key])
+            d[key] = MetaTensor(resampled, affine=dst_affine)
         return d

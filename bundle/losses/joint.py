@@ -1,0 +1,128 @@
+"""Loss of the joint registration + tumour segmentation model (Estienne et al. 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from monai.networks.blocks import Warp
+from torch.nn.modules.loss import _Loss
+
+from ..networks.joint import split_joint_output
+from .masked_similarity import MaskedSimilarityLoss
+from .registration import make_smoothness
+
+__all__ = ["JointRegSegLoss", "MASK_SOURCES"]
+
+MASK_SOURCES = ("auto", "label", "prediction", "none")
+
+
+class JointRegSegLoss(_Loss):
+    """``masked similarity + alpha * smoothness + beta * (CE(seg_moving) + CE(seg_fixed)) [+ Dice]``.
+
+    The similarity of the warped moving image and the fixed image is computed only where neither the
+    fixed-image tumour nor the warped moving-image tumour is (Estienne et al. 2020, L*_reg), normalised by
+    that volume. Tumour masks come from the ground-truth labels ``moving_tumour``/``fixed_tumour`` (any value
+    > 0 is tumour) when the target has them, else from the predicted segmentations (argmax != 0, no gradient),
+    as ``mask_source`` says. The masks never carry gradient: the network cannot shrink the loss by moving
+    the tumour over dissimilar tissue. Without tumour labels the segmentation term is skipped.
+
+    Args:
+        num_classes: segmentation classes including background; label values must be < num_classes.
+        spatial_dims: 2 or 3.
+        similarity: ``"lncc"``, ``"mse"`` or ``"mi"``.
+        similarity_kwargs: passed to the similarity.
+        smoothness: ``"diffusion"`` or ``"bending"``.
+        smoothness_weight: alpha.
+        seg_weight: beta (cross-entropy on both images).
+        dice_weight: weight of an extra Dice loss on both segmentations (0 = off).
+        mask_source: ``"auto"`` (labels if present, else predictions), ``"label"``, ``"prediction"`` or
+            ``"none"`` (plain, unmasked similarity: the ablation baseline).
+
+    Raises:
+        ValueError: bad options.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        spatial_dims: int = 3,
+        similarity: str = "lncc",
+        similarity_kwargs: Mapping | None = None,
+        smoothness: str = "diffusion",
+        smoothness_weight: float = 1.0,
+        seg_weight: float = 1.0,
+        dice_weight: float = 0.0,
+        mask_source: str = "auto",
+    ) -> None:
+        super().__init__()
+        if mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}.")
+        if min(smoothness_weight, seg_weight, dice_weight) < 0:
+            raise ValueError("loss weights must be >= 0.")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        self.num_classes, self.spatial_dims = num_classes, spatial_dims
+        self.similarity = MaskedSimilarityLoss(similarity, spatial_dims, **dict(similarity_kwargs or {}))
+        self.smoothness = make_smoothness(smoothness)
+        self.smoothness_weight, self.seg_weight, self.dice_weight = smoothness_weight, seg_weight, dice_weight
+        self.mask_source = mask_source
+        self.dice = DiceLoss(include_background=False, softmax=True, to_onehot_y=True)
+        self.warp = Warp(mode="bilinear", padding_mode="zeros")
+
+    def _tumour(self, target: Mapping, key: str, logits: torch.Tensor) -> torch.Tensor | None:
+        """Binary tumour mask ``(B, 1, *spatial)`` of one image, from its label or its prediction."""
+        use_label = self.mask_source == "label" or (self.mask_source == "auto" and key in target)
+        if use_label:
+            if key not in target:
+                raise KeyError(f"mask_source='label' needs {key!r} in the batch.")
+            return (target[key] > 0).to(logits.dtype)
+        if self.mask_source in ("prediction", "auto"):
+            return (logits.detach().argmax(dim=1, keepdim=True) > 0).to(logits.dtype)
+        return None
+
+    def valid_mask(self, ddf: torch.Tensor, seg_moving: torch.Tensor, seg_fixed: torch.Tensor, target: Mapping):
+        """Where the similarity is computed: outside the fixed tumour and the warped moving tumour (or ``None``)."""
+        if self.mask_source == "none":
+            return None
+        with torch.no_grad():
+            moving_tumour = self._tumour(target, "moving_tumour", seg_moving)
+            fixed_tumour = self._tumour(target, "fixed_tumour", seg_fixed)
+            warped_tumour = self.warp(moving_tumour, ddf.detach())
+            return (1.0 - fixed_tumour) * (1.0 - (warped_tumour > 0.5).to(ddf.dtype))
+
+    def _segmentation(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        label = label.long()
+        if label.min() < 0 or label.max() >= self.num_classes:
+            raise ValueError(f"tumour label values must be in [0, {self.num_classes - 1}], got [{label.min()}, {label.max()}].")
+        loss = F.cross_entropy(logits, label[:, 0])
+        if self.dice_weight > 0:
+            loss = loss + self.dice_weight * self.dice(logits, label)
+        return loss
+
+    def terms(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unweighted terms: ``similarity`` (masked), ``smoothness`` and, with tumour labels, ``segmentation``."""
+        out = split_joint_output(packed, self.spatial_dims, self.num_classes)
+        ddf, moving, fixed = out["ddf"], target["moving"], target["fixed"]
+        mask = self.valid_mask(ddf, out["seg_moving"], out["seg_fixed"], target)
+        terms = {
+            "similarity": self.similarity(self.warp(moving, ddf), fixed, mask),
+            "smoothness": self.smoothness(ddf),
+        }
+        seg_terms = [
+            self._segmentation(out[name], target[key])
+            for name, key in (("seg_moving", "moving_tumour"), ("seg_fixed", "fixed_tumour"))
+            if key in target
+        ]
+        if seg_terms:
+            terms["segmentation"] = sum(seg_terms)
+        return terms
+
+    def forward(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        terms = self.terms(packed, target)
+        total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
+        if "segmentation" in terms:
+            total = total + self.seg_weight * terms["segmentation"]
+        return total

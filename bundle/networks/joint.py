@@ -1,0 +1,140 @@
+"""Joint registration and tumour segmentation network (Estienne et al., Front. Comput. Neurosci. 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Warp
+from torch import nn
+
+from .blocks import ConvDecoder, ConvEncoder, DeformationHead
+from .registration_unet import VM2_CHANNELS, check_pair_input
+
+__all__ = ["JointRegSegNet", "MERGES", "merge_features", "split_joint_output"]
+
+MERGES = ("subtract", "concat", "add")
+
+
+def split_joint_output(packed: torch.Tensor, spatial_dims: int, num_classes: int) -> dict[str, torch.Tensor]:
+    """Split ``cat([ddf, seg_moving_logits, seg_fixed_logits])`` (:meth:`JointRegSegNet.forward`) into a dict.
+
+    Raises:
+        ValueError: the channel count is not ``spatial_dims + 2 * num_classes``.
+    """
+    expected = spatial_dims + 2 * num_classes
+    if packed.shape[1] != expected:
+        raise ValueError(
+            f"joint output must have spatial_dims + 2 * num_classes = {expected} channels, got {packed.shape[1]}."
+        )
+    n, c = spatial_dims, num_classes
+    return {"ddf": packed[:, :n], "seg_moving": packed[:, n : n + c], "seg_fixed": packed[:, n + c :]}
+
+
+def merge_features(moving: torch.Tensor, fixed: torch.Tensor, mode: str) -> torch.Tensor:
+    """Merge two latent codes: ``moving - fixed`` (default in the paper), ``cat`` or ``moving + fixed``.
+
+    Subtraction is zero for identical codes and antisymmetric (swapping the images negates it).
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode == "subtract":
+        return moving - fixed
+    if mode == "concat":
+        return torch.cat([moving, fixed], dim=1)
+    if mode == "add":
+        return moving + fixed
+    raise ValueError(f"merge must be one of {MERGES}, got {mode!r}.")
+
+
+class JointRegSegNet(nn.Module):
+    """One shared encoder, a tumour segmentation decoder and a registration decoder on merged codes.
+
+    The encoder (shared weights) encodes the moving and the fixed image separately (not their
+    concatenation); the segmentation decoder (shared weights) segments the tumour in each; the codes of
+    every level are merged (``merge``) and the registration decoder predicts the deformation (see
+    :class:`DeformationHead` for ``"ddf"``, ``"svf"`` and the paper's ``"cumsum"``).
+
+    Single-tensor entry: ``forward(cat([moving, fixed], dim=1))`` returns one packed tensor
+    ``cat([ddf, seg_moving_logits, seg_fixed_logits], dim=1)`` (``spatial_dims + 2 * num_classes``
+    channels) so that MONAI inferers, ``verify_net_in_out``, TorchScript and MONAI Label can run it;
+    :meth:`unpack` splits it and :meth:`predict` returns the full dict (with the warped image and the
+    warped moving segmentation).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of ONE image (e.g. 4 BraTS sequences or 1 for T1); the input has twice that.
+        num_classes: segmentation classes including background (2 for tumour / no tumour).
+        channels: ``(encoder, decoder)`` features; both decoders use the decoder list.
+        merge: ``"subtract"`` (moving - fixed), ``"concat"`` or ``"add"``.
+        deformation: ``"ddf"``, ``"svf"`` or ``"cumsum"``.
+        integration_steps: scaling-and-squaring steps for ``"svf"``.
+
+    Raises:
+        ValueError: bad options.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        channels: Sequence[Sequence[int]] = VM2_CHANNELS,
+        merge: str = "subtract",
+        deformation: str = "ddf",
+        integration_steps: int = 7,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}.")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
+        encoder, decoder = (tuple(int(c) for c in group) for group in channels)
+        self.spatial_dims, self.in_channels, self.num_classes, self.merge = spatial_dims, in_channels, num_classes, merge
+        self.encoder = ConvEncoder(spatial_dims, in_channels, encoder)
+        self.seg_decoder = ConvDecoder(spatial_dims, self.encoder.out_channels, decoder)
+        conv_type = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.seg_head = conv_type(self.seg_decoder.out_channels, num_classes, kernel_size=1)
+        factor = 2 if merge == "concat" else 1
+        self.reg_decoder = ConvDecoder(spatial_dims, [factor * c for c in self.encoder.out_channels], decoder)
+        self.reg_head = DeformationHead(spatial_dims, self.reg_decoder.out_channels, deformation, integration_steps)
+        self.size_divisor = 2 ** len(encoder)
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+
+    @property
+    def out_channels(self) -> int:
+        return self.spatial_dims + 2 * self.num_classes
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Features of every level of ONE image (the shared encoder)."""
+        return self.encoder(image)
+
+    def fields(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``ddf`` (plus ``svf``/``grid_gradient``), ``seg_moving`` and ``seg_fixed`` logits for ``cat([moving, fixed])``."""
+        check_pair_input(x, self.spatial_dims, 2 * self.in_channels, self.size_divisor)
+        moving, fixed = x[:, : self.in_channels], x[:, self.in_channels :]
+        code_moving, code_fixed = self.encode(moving), self.encode(fixed)
+        merged = [merge_features(m, f, self.merge) for m, f in zip(code_moving, code_fixed)]
+        out = self.reg_head(self.reg_decoder(merged), x.shape[2:])
+        out["seg_moving"] = self.seg_head(self.seg_decoder(code_moving))
+        out["seg_fixed"] = self.seg_head(self.seg_decoder(code_fixed))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed ``cat([ddf, seg_moving_logits, seg_fixed_logits], dim=1)``."""
+        out = self.fields(x)
+        return torch.cat([out["ddf"], out["seg_moving"], out["seg_fixed"]], dim=1)
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split the packed output into ``ddf``, ``seg_moving`` and ``seg_fixed`` (logits)."""
+        return split_joint_output(packed, self.spatial_dims, self.num_classes)
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All outputs: ``ddf``, ``warped`` image, ``seg_moving``/``seg_fixed`` logits, ``warped_seg_moving`` probabilities."""
+        out = self.fields(x)
+        out["warped"] = self.warp(x[:, : self.in_channels], out["ddf"])
+        out["warped_seg_moving"] = self.warp(torch.softmax(out["seg_moving"], dim=1), out["ddf"])
+        return out
