@@ -51,24 +51,36 @@ def test_datalist_structure(dataset):
     assert set(datalist) == {"training", "validation", "testing"}
     n_train = NUM_SUBJECTS - 2
     assert len(datalist["training"]) == n_train * (n_train - 1)
-    assert len(datalist["validation"]) == 2
+    assert len(datalist["validation"]) == 4
     assert datalist["testing"] == datalist["validation"]
-    train_subjects = {item[k] for item in datalist["training"] for k in ("moving", "fixed")}
-    val_subjects = {item[k] for item in datalist["validation"] for k in ("moving", "fixed")}
+    train_subjects = {item[k][:10] for item in datalist["training"] for k in ("moving", "fixed")}
+    val_subjects = {item[k][:10] for item in datalist["validation"] for k in ("moving", "fixed")}
     assert not train_subjects & val_subjects
     assert {(x["moving"], x["fixed"]) for x in datalist["validation"]} == {
+        ("subject_02_lesion.nii.gz", "subject_03.nii.gz"),
+        ("subject_03_lesion.nii.gz", "subject_02.nii.gz"),
         ("subject_02.nii.gz", "subject_03.nii.gz"),
         ("subject_03.nii.gz", "subject_02.nii.gz"),
     }
+    for item in datalist["training"]:
+        assert "moving_tumour" not in item and "fixed_tumour" not in item
     for item in datalist["training"] + datalist["validation"]:
         assert item["moving"] != item["fixed"]
         assert item["moving_label"] == item["moving"].replace(".nii.gz", "_seg.nii.gz")
         assert item["fixed_label"] == item["fixed"].replace(".nii.gz", "_seg.nii.gz")
-        assert item["name"] == f"s{item['moving'][8:10]}_to_s{item['fixed'][8:10]}"
-        for key in KEYS:
+        lesion = "lesion" if "lesion" in item["moving"] else ""
+        assert item["name"] == f"s{item['moving'][8:10]}{lesion}_to_s{item['fixed'][8:10]}"
+        for key in [k for k in ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour") if k in item]:
             assert not os.path.isabs(item[key])
             assert os.path.isfile(os.path.join(folder, item[key]))
-
+    for item in datalist["validation"]:
+        assert item["moving_tumour"] == item["moving"].replace(".nii.gz", "_tumour.nii.gz")
+        assert item["fixed_tumour"] == item["fixed"].replace(".nii.gz", "_tumour.nii.gz")
+        moving_tumour = nib.load(os.path.join(folder, item["moving_tumour"])).get_fdata()
+        fixed_tumour = nib.load(os.path.join(folder, item["fixed_tumour"])).get_fdata()
+        assert (moving_tumour.sum() > 0) == ("lesion" in item["moving"]), "only the lesion versions have a tumour"
+        assert fixed_tumour.sum() == 0
+        assert set(np.unique(moving_tumour)) <= {0.0, 1.0}
 
 def test_volumes(dataset):
     images, labels = _load_all(os.path.dirname(dataset))

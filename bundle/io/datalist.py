@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = ["load_pairs", "PAIRINGS"]
 
 PAIRINGS = ("explicit", "atlas", "all")
-_PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "image", "label")
+_PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour", "image", "label", "tumour")
 
 
 def _resolve(value, base: Path, where: str, check: bool):
@@ -31,10 +31,11 @@ def _resolve(value, base: Path, where: str, check: bool):
 
 def _subject_pair(moving: dict, fixed: dict, name: str) -> dict:
     pair = {"moving": moving["image"], "fixed": fixed["image"], "name": name}
-    if "label" in moving:
-        pair["moving_label"] = moving["label"]
-    if "label" in fixed:
-        pair["fixed_label"] = fixed["label"]
+    for key in ("label", "tumour"):
+        if key in moving:
+            pair[f"moving_{key}"] = moving[key]
+        if key in fixed:
+            pair[f"fixed_{key}"] = fixed[key]
     return pair
 
 
@@ -53,8 +54,9 @@ def load_pairs(
     Formats (paths absolute or relative to the datalist's folder; an image may be a list of files that
     are stacked as channels, e.g. MRI sequences in the order ``metadata.json`` lists):
 
-    - ``"explicit"``: ``section`` lists pairs ``{"moving", "fixed", "moving_label"?, "fixed_label"?, "name"?}``.
-    - ``"atlas"``: ``section`` lists subjects ``{"image", "label"?, "name"?}``; each is registered to the
+    - ``"explicit"``: ``section`` lists pairs ``{"moving", "fixed", "moving_label"?, "fixed_label"?,
+      "moving_tumour"?, "fixed_tumour"?, "name"?}`` (``*_label``: anatomical label maps; ``*_tumour``: tumour masks).
+    - ``"atlas"``: ``section`` lists subjects ``{"image", "label"?, "tumour"?, "name"?}``; each is registered to the
       top-level ``"atlas"`` subject (moving = subject, fixed = atlas).
     - ``"all"``: ``section`` lists subjects; every ordered pair of distinct subjects is a pair.
 

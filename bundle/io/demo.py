@@ -33,12 +33,15 @@ from monai.transforms import (
     Spacingd,
 )
 
+from bundle.io.writers import write_nifti
+from bundle.transforms.lesion import RandLesionImplantd
+
 __all__ = ["DEMO_VERSION", "build_demo_dataset", "template_paths"]
 
 logger = logging.getLogger(__name__)
 
 # bump when the generated data changes, so that cached data sets are rebuilt
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -130,21 +133,13 @@ def _subject_transform(spacing: float, seed: int) -> Compose:
     return transform
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Write a NIfTI file atomically (temporary file in the same folder, then ``os.replace``)."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=2)
-    img.set_sform(affine, code=2)
-    img.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", prefix=".tmp_", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _write(subject: dict, output_dir: str, stem: str, keys: tuple[str, ...]) -> None:
+    """Write the image (float32) and label maps (uint8) of one subject as ``<stem>[_seg|_tumour].nii.gz``."""
+    suffixes = {"image": "", "label": "_seg", "tumour": "_tumour"}
+    for key in keys:
+        array = subject[key].numpy()
+        array = array.astype(np.float32) if key == "image" else array.round().astype(np.uint8)
+        write_nifti(array, subject[key].affine.numpy(), os.path.join(output_dir, f"{stem}{suffixes[key]}.nii.gz"))
 
 
 def _save_json(obj: dict, path: str) -> None:
@@ -160,18 +155,37 @@ def _save_json(obj: dict, path: str) -> None:
         raise
 
 
-def _pairs(indices: list[int]) -> list[dict[str, str]]:
-    """Datalist entries for all ordered pairs of the given subjects."""
+def _lesion_pairs(indices: list[int]) -> list[dict[str, str]]:
+    """Tumour-to-healthy pairs: the lesion version of each subject registered to each other healthy subject."""
     return [
         {
+            "moving": f"subject_{i:02d}_lesion.nii.gz",
+            "fixed": f"subject_{j:02d}.nii.gz",
+            "moving_label": f"subject_{i:02d}_lesion_seg.nii.gz",
+            "fixed_label": f"subject_{j:02d}_seg.nii.gz",
+            "moving_tumour": f"subject_{i:02d}_lesion_tumour.nii.gz",
+            "fixed_tumour": f"subject_{j:02d}_tumour.nii.gz",
+            "name": f"s{i:02d}lesion_to_s{j:02d}",
+        }
+        for i, j in permutations(indices, 2)
+    ]
+
+
+def _pairs(indices: list[int], tumour: bool = False) -> list[dict[str, str]]:
+    """Datalist entries for all ordered pairs of the given subjects (with their empty tumour masks)."""
+    pairs = []
+    for i, j in permutations(indices, 2):
+        pair = {
             "moving": f"subject_{i:02d}.nii.gz",
             "fixed": f"subject_{j:02d}.nii.gz",
             "moving_label": f"subject_{i:02d}_seg.nii.gz",
             "fixed_label": f"subject_{j:02d}_seg.nii.gz",
             "name": f"s{i:02d}_to_s{j:02d}",
         }
-        for i, j in permutations(indices, 2)
-    ]
+        if tumour:
+            pair.update(moving_tumour=f"subject_{i:02d}_tumour.nii.gz", fixed_tumour=f"subject_{j:02d}_tumour.nii.gz")
+        pairs.append(pair)
+    return pairs
 
 
 def _is_complete(output_dir: str, params: dict) -> bool:
@@ -188,9 +202,10 @@ def _is_complete(output_dir: str, params: dict) -> bool:
         item[key]
         for section in ("training", "validation", "testing")
         for item in datalist.get(section, [])
-        for key in ("moving", "fixed", "moving_label", "fixed_label")
+        for key in ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour")
+        if key in item
     }
-    expected = params["num_subjects"] * 2
+    expected = params["num_subjects"] * 2 + 2 * 4  # + lesion image, label, tumour and empty tumour of 2 subjects
     return len(names) == expected and all(os.path.isfile(os.path.join(output_dir, n)) for n in names)
 
 
@@ -207,10 +222,15 @@ def build_demo_dataset(
     bilinear for the image, nearest for the label) with a random bias field, gamma and Gaussian noise
     (inside the brain). Everything is drawn from ``seed``, so the result is deterministic.
 
+    The two held-out subjects also get a version with a synthetic tumour (:class:`RandLesionImplantd`: mass
+    effect, lesion intensity, mask) and an empty tumour mask for their healthy version.
+
     Files written to ``output_dir``: ``subject_XX.nii.gz`` (float32), ``subject_XX_seg.nii.gz`` (uint8),
-    ``datalist.json`` and ``demo_params.json``. The datalist has ``"training"`` (all ordered pairs of the
-    first ``num_subjects - 2`` subjects), ``"validation"`` and ``"testing"`` (both directions between the
-    last two subjects), with paths relative to ``output_dir``. A complete data set already made with the
+    for the held-out subjects ``subject_XX_tumour.nii.gz`` (empty) and ``subject_XX_lesion[_seg|_tumour].nii.gz``,
+    ``datalist.json`` and ``demo_params.json``. The datalist has ``"training"`` (all ordered healthy pairs
+    of the first ``num_subjects - 2`` subjects), ``"validation"`` and ``"testing"`` (between the last two
+    subjects: tumour-to-healthy pairs, then healthy pairs, all with ``moving_tumour``/``fixed_tumour``), with
+    paths relative to ``output_dir``. A complete data set already made with the
     same parameters is reused unless ``overwrite`` is True.
 
     Args:
@@ -245,16 +265,19 @@ def build_demo_dataset(
     if os.path.exists(params_path):
         os.remove(params_path)
     transform = _subject_transform(spacing, seed)
+    lesion = RandLesionImplantd("image", mask_key="tumour", label_keys="label", prob=1.0)
+    lesion.set_random_state(seed=seed)
+    held_out = [num_subjects - 2, num_subjects - 1]
     for i in range(num_subjects):
         subject = transform({key: value.clone() for key, value in template.items()})
-        affine = subject["image"].affine.numpy()
-        image = subject["image"][0].numpy().astype(np.float32)
-        label = subject["label"][0].numpy().round().astype(np.uint8)
-        _save_nifti(image, affine, os.path.join(output_dir, f"subject_{i:02d}.nii.gz"))
-        _save_nifti(label, affine, os.path.join(output_dir, f"subject_{i:02d}_seg.nii.gz"))
+        _write(subject, output_dir, f"subject_{i:02d}", ("image", "label"))
+        if i in held_out:
+            tumour = {"tumour": torch.zeros_like(subject["label"])}
+            _write({**subject, **tumour}, output_dir, f"subject_{i:02d}", ("tumour",))
+            _write(lesion(dict(subject)), output_dir, f"subject_{i:02d}_lesion", ("image", "label", "tumour"))
 
-    held_out = _pairs([num_subjects - 2, num_subjects - 1])
-    datalist = {"training": _pairs(list(range(num_subjects - 2))), "validation": held_out, "testing": held_out}
+    held_out_pairs = _lesion_pairs(held_out) + _pairs(held_out, tumour=True)
+    datalist = {"training": _pairs(list(range(num_subjects - 2))), "validation": held_out_pairs, "testing": held_out_pairs}
     _save_json(datalist, datalist_path)
     _save_json(params, params_path)
     logger.info("built demo data set (%d subjects, %s mm) in %s", num_subjects, spacing, output_dir)

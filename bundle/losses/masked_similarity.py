@@ -38,6 +38,8 @@ class MaskedSimilarityLoss(_Loss):
         self.similarity = similarity
         self.eps = eps
         if similarity == "mi":
+            if kwargs.get("kernel_type", "gaussian") != "gaussian":
+                raise ValueError(f"masked mutual information supports kernel_type='gaussian' only, got {kwargs['kernel_type']!r}.")
             self.mi = GlobalMutualInformationLoss(**kwargs)
         else:
             self.voxelwise = make_similarity(similarity, spatial_dims, reduction="none", **kwargs)

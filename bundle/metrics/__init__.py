@@ -1,6 +1,12 @@
 """Registration evaluation metrics: DDF regularity (folding, SDlogJ), target registration error, Ignite handlers."""
 
-from .handlers import Folding, LogJacobianStd, ddf_output_transform
+from .handlers import (
+    Folding,
+    LogJacobianStd,
+    PhysicalHausdorffDistance,
+    PhysicalHausdorffDistanceMetric,
+    ddf_output_transform,
+)
 from .jacobian import FoldingMetric, LogJacobianStdMetric, jacobian_determinant
 from .regions import REGIONS, region_registration_metrics, tumour_regions
 from .tre import TREMetric, target_registration_error
@@ -10,6 +16,8 @@ __all__ = [
     "FoldingMetric",
     "LogJacobianStd",
     "LogJacobianStdMetric",
+    "PhysicalHausdorffDistance",
+    "PhysicalHausdorffDistanceMetric",
     "REGIONS",
     "TREMetric",
     "ddf_output_transform",

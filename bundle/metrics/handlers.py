@@ -1,4 +1,4 @@
-"""Ignite metric handlers (MONAI style) for displacement-field regularity.
+"""Ignite metric handlers (MONAI style) for displacement-field regularity and label distances in mm.
 
 The DDF follows the package conventions: ``(B, ndim, *spatial)`` (or a list of channel-first ``(ndim, *spatial)``
 after decollation), on the fixed grid, pull-back ``warped(x) = moving(x + ddf(x))``, in voxel units.
@@ -6,15 +6,17 @@ after decollation), on the fixed grid, pull-back ``warped(x) = moving(x + ddf(x)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import HausdorffDistanceMetric
 from monai.utils import MetricReduction
 
 from .jacobian import FoldingMetric, LogJacobianStdMetric
 
-__all__ = ["ddf_output_transform", "Folding", "LogJacobianStd"]
+__all__ = ["ddf_output_transform", "Folding", "LogJacobianStd", "PhysicalHausdorffDistance", "PhysicalHausdorffDistanceMetric"]
 
 
 def ddf_output_transform(ddf_key: str = "pred") -> Callable[[Any], tuple[Any, None]]:
@@ -95,3 +97,42 @@ class LogJacobianStd(IgniteMetricHandler):
             output_transform=output_transform or ddf_output_transform(ddf_key),
             save_details=save_details,
         )
+
+
+class PhysicalHausdorffDistanceMetric(HausdorffDistanceMetric):
+    """MONAI ``HausdorffDistanceMetric`` on a grid of fixed voxel ``spacing``, so distances are in millimetres.
+
+    MONAI's Ignite handler passes no spacing to the metric, which then reports voxels.
+    """
+
+    def __init__(self, spacing: Sequence[float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spacing = list(spacing)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs):
+        return super()._compute_tensor(y_pred, y, spacing=self.spacing)
+
+
+class PhysicalHausdorffDistance(IgniteMetricHandler):
+    """Ignite handler of the percentile Hausdorff distance in millimetres (HD95 by default) of one-hot labels.
+
+    Args:
+        spacing: voxel size of the grid the labels are on (mm per spatial axis).
+        percentile: 95 for HD95; ``None`` for the maximum.
+        include_background: include channel 0.
+        output_transform: engine output -> ``(y_pred, y)`` one-hot label batches.
+        save_details: keep per-sample values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        spacing: Sequence[float],
+        percentile: float | None = 95,
+        include_background: bool = False,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric_fn = PhysicalHausdorffDistanceMetric(
+            spacing, include_background=include_background, percentile=percentile, reduction=MetricReduction.MEAN
+        )
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)

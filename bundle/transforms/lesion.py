@@ -29,6 +29,7 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
     with a noisy boundary the intensity of each channel is replaced by a random lesion intensity with
     texture, blended over a soft rim. The lesion mask (0/1) is stored under ``mask_key``; when the
     transform does not fire (probability ``1 - prob``) the mask is all zeros, so batches always have it.
+    An item that already has ``mask_key`` (a real tumour label) is left unchanged.
 
     Args:
         keys: image keys (all channels get the lesion), e.g. ``"moving"``.
@@ -62,6 +63,8 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
             raise ValueError(f"mass_effect must be a range within [0, 1), got {mass_effect}.")
         if not 0 < radius_mm[0] <= radius_mm[1]:
             raise ValueError(f"radius_mm must be a positive range, got {radius_mm}.")
+        if not 0 <= intensity[0] <= intensity[1] <= 1:
+            raise ValueError(f"intensity must be a range within [0, 1], got {intensity}.")
         self.mask_key = mask_key
         self.label_keys = ensure_tuple(label_keys)
         self.radius_mm, self.mass_effect, self.intensity = radius_mm, mass_effect, intensity
@@ -79,7 +82,7 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         keys = [k for k in self.key_iterator(d)]
-        if not keys:
+        if not keys or self.mask_key in d:
             return d
         reference = d[keys[0]]
         spatial = reference.shape[1:]
@@ -90,7 +93,7 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
 
         spacing = torch.as_tensor(self._spacing(reference), dtype=torch.float32).view(-1, *([1] * len(spatial)))
         brain = torch.as_tensor(reference[0]) > self.foreground_threshold
-        candidates = torch.nonzero(brain) if brain.any() else torch.nonzero(torch.onescopy_grid_meta(brain))
+        candidates = torch.nonzero(brain) if brain.any() else torch.nonzero(torch.ones_like(brain))
         centre = candidates[self.R.randint(len(candidates))].to(torch.float32).view(-1, *([1] * len(spatial)))
         offset_mm = (index_grid(spatial) - centre) * spacing  # (ndim, *spatial), mm from the centre
         radii = torch.as_tensor(self.R.uniform(*self.radius_mm, size=len(spatial)), dtype=torch.float32)
