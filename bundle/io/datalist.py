@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from itertools import permutations
 from pathlib import Path
 
-__all__ = ["load_pairs", "PAIRINGS"]
+__all__ = ["load_pairs", "load_subjects", "PAIRINGS"]
 
 PAIRINGS = ("explicit", "atlas", "all")
 _PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour", "image", "label", "tumour")
@@ -43,6 +43,58 @@ def _subject_name(subject: dict, index: int) -> str:
     return str(subject.get("name", index))
 
 
+def load_subjects(datalist: str | os.PathLike, section: str = "testing", check_files: bool = True) -> list[dict]:
+    """Read single images ``{"image", "label"?, "tumour"?, "name"?}`` from a datalist section (e.g. to segment).
+
+    Entries that are pairs contribute their ``fixed`` image (with its labels), each image once. Names default
+    to the image's file name without extension.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_pairs`.
+    """
+    content, path = _read(datalist, section)
+    subjects: dict[str, dict] = {}
+    for i, entry in enumerate(content[section]):
+        if isinstance(entry, dict) and "image" not in entry and "fixed" in entry:  # a pair: take its fixed image
+            entry = {"image": entry["fixed"], **{k.removeprefix("fixed_"): v for k, v in entry.items() if k.startswith("fixed_")}}
+        item = _resolve_entry(entry, path, section, i, ("image",), check_files)
+        first = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        name = str(item.get("name", Path(first).name.split(".")[0]))
+        subjects.setdefault(str(item["image"]), {**item, "name": name})
+    return list(subjects.values())
+
+
+def _read(datalist: str | os.PathLike, section: str) -> tuple[dict, Path]:
+    """Parsed datalist JSON and its path; the section must be a non-empty list."""
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"datalist {path} must hold a JSON object with a {section!r} list.")
+    entries = content.get(section)
+    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
+        raise ValueError(f"datalist {path} has no entries in section {section!r}.")
+    return content, path
+
+
+def _resolve_entry(entry, path: Path, section: str, index: int, needed: Sequence[str], check_files: bool) -> dict:
+    """Check an entry has the ``needed`` keys and make its paths absolute (relative to the datalist)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"datalist {path} [{section}][{index}]: expected an object, got {entry!r}.")
+    missing = [k for k in needed if k not in entry]
+    if missing:
+        raise ValueError(f"datalist {path} [{section}][{index}]: missing {missing}.")
+    base = path.parent.resolve()
+    return {
+        k: _resolve(v, base, f"datalist {path} [{section}][{index}].{k}", check_files) if k in _PATH_KEYS else v
+        for k, v in entry.items()
+    }
+
+
 def load_pairs(
     datalist: str | os.PathLike,
     section: str = "training",
@@ -67,36 +119,12 @@ def load_pairs(
         FileNotFoundError: the datalist or a file it names does not exist.
         ValueError: malformed datalist, unknown pairing, or no pairs.
     """
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
-    if not isinstance(content, dict):
-        raise ValueError(f"datalist {path} must hold a JSON object with a {section!r} list.")
+    content, path = _read(datalist, section)
     pairing = pairing or content.get("pairing", "explicit")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r} (datalist {path}).")
-    entries = content.get(section)
-    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
-        raise ValueError(f"datalist {path} has no entries in section {section!r}.")
-
-    base = path.parent.resolve()
-    resolved = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ValueError(f"datalist {path} [{section}][{i}]: expected an object, got {entry!r}.")
-        needed = ("moving", "fixed") if pairing == "explicit" else ("image",)
-        missing = [k for k in needed if k not in entry]
-        if missing:
-            raise ValueError(f"datalist {path} [{section}][{i}]: missing {missing} for pairing {pairing!r}.")
-        item = dict(entry)
-        for key in _PATH_KEYS:
-            if key in item:
-                item[key] = _resolve(item[key], base, f"datalist {path} [{section}][{i}].{key}", check_files)
-        resolved.append(item)
+    needed = ("moving", "fixed") if pairing == "explicit" else ("image",)
+    resolved = [_resolve_entry(e, path, section, i, needed, check_files) for i, e in enumerate(content[section])]
 
     if pairing == "explicit":
         pairs = [{**item, "name": str(item.get("name", i))} for i, item in enumerate(resolved)]
@@ -104,7 +132,7 @@ def load_pairs(
         atlas = content.get("atlas")
         if not isinstance(atlas, dict) or "image" not in atlas:
             raise ValueError(f"datalist {path}: pairing 'atlas' needs a top-level 'atlas' object with an 'image'.")
-        atlas = {k: _resolve(v, base, f"datalist {path} atlas.{k}", check_files) if k in _PATH_KEYS else v for k, v in atlas.items()}
+        atlas = _resolve_entry(atlas, path, "atlas", 0, ("image",), check_files)
         pairs = [_subject_pair(s, atlas, f"{_subject_name(s, i)}_to_atlas") for i, s in enumerate(resolved)]
     else:
         pairs = [

@@ -11,7 +11,7 @@ from torch import nn
 from .blocks import ConvDecoder, ConvEncoder, DeformationHead
 from .registration_unet import VM2_CHANNELS, check_pair_input
 
-__all__ = ["JointRegSegNet", "MERGES", "merge_features", "split_joint_output"]
+__all__ = ["JointRegSegNet", "TumourSegmentationNet", "MERGES", "merge_features", "split_joint_output"]
 
 MERGES = ("subtract", "concat", "add")
 
@@ -112,6 +112,10 @@ class JointRegSegNet(nn.Module):
         """Features of every level of ONE image (the shared encoder)."""
         return self.encoder(image)
 
+    def segment(self, image: torch.Tensor) -> torch.Tensor:
+        """Tumour segmentation logits ``(B, num_classes, *spatial)`` of ONE image ``(B, in_channels, *spatial)``."""
+        return self.seg_head(self.seg_decoder(self.encode(image)))
+
     def fields(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ddf`` (plus ``svf``/``grid_gradient``), ``seg_moving`` and ``seg_fixed`` logits for ``cat([moving, fixed])``."""
         check_pair_input(x, self.spatial_dims, 2 * self.in_channels, self.size_divisor)
@@ -119,7 +123,7 @@ class JointRegSegNet(nn.Module):
         code_moving, code_fixed = self.encode(moving), self.encode(fixed)
         merged = [merge_features(m, f, self.merge) for m, f in zip(code_moving, code_fixed)]
         out = self.reg_head(self.reg_decoder(merged), x.shape[2:])
-        out["seg_moving"] = self.seg_head(self.seg_decoder(code_moving))
+        out["seg_moving"] = self.seg_head(self.seg_decoder(code_moving))  # codes reused: no second encoding
         out["seg_fixed"] = self.seg_head(self.seg_decoder(code_fixed))
         return out
 
@@ -138,3 +142,15 @@ class JointRegSegNet(nn.Module):
         out["warped"] = self.warp(x[:, : self.in_channels], out["ddf"])
         out["warped_seg_moving"] = self.warp(torch.softmax(out["seg_moving"], dim=1), out["ddf"])
         return out
+
+
+class TumourSegmentationNet(JointRegSegNet):
+    """The joint model's segmentation path on ONE image: ``(B, in_channels, *spatial)`` -> tumour logits.
+
+    Same modules and parameters as :class:`JointRegSegNet` (its checkpoints load unchanged); only ``forward``
+    differs, so single-image tools (MONAI Label, ``verify_net_in_out``) can run the segmentation alone.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_pair_input(x, self.spatial_dims, self.in_channels, self.size_divisor)
+        return self.segment(x)

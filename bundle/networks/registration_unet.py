@@ -23,7 +23,7 @@ def check_pair_input(x: torch.Tensor, spatial_dims: int, in_channels: int, size_
             f"expected a (B, {in_channels}, *spatial) input with {spatial_dims} spatial dims, got shape {tuple(x.shape)}."
         )
     if x.shape[1] != in_channels:
-        raise ValueError(f"expected {in_channels} input channels (moving and fixed), got {x.shape[1]}.")
+        raise ValueError(f"expected {in_channels} input channels, got {x.shape[1]}.")
     if any(s % size_divisor for s in x.shape[2:]):
         raise ValueError(
             f"spatial size {tuple(x.shape[2:])} must be a multiple of {size_divisor} on every axis "
