@@ -144,6 +144,8 @@ def train(work_dir: Path, epochs: int, variants: list[str]) -> None:
             **_common(work_dir, variant),
             "mask_source": VARIANTS[variant]["mask_source"],
             "implant_lesions": False,
+            "learning_rate": 1e-3,
+            "dice_weight": 1.0,
             "max_epochs": epochs,
             "val_interval": 2,
             "num_workers": 0,
@@ -164,6 +166,49 @@ def evaluate(work_dir: Path, variants: list[str], band_mm: float) -> None:
     identity = [{"variant": "identity", **_score(work_dir, p, None, band_mm)} for p in datalist["testing"]]
     rows = identity + rows
     _write_tables(rows, work_dir)
+    for pair in datalist["testing"][:2]:
+        _figure(work_dir, pair, variants, REPO / "docs" / "figures" / f"tumour_ablation_{pair['name']}.png")
+
+
+def _figure(work_dir: Path, pair: dict, variants: list[str], path: Path) -> None:
+    """Axial slice through the moving tumour: fixed, moving, and per variant the warped image and det J."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = _load(work_dir / pair["fixed"][0])
+    moving = _load(work_dir / pair["moving"][0])
+    fixed_tumour = _load(work_dir / pair["fixed_tumour"]) > 0
+    moving_tumour = _load(work_dir / pair["moving_tumour"]) > 0
+    z = int(np.argmax(moving_tumour.sum((0, 1)))) if moving_tumour.any() else fixed.shape[2] // 2
+
+    def show(ax, image, title, contours=(), cmap="gray", vmin=0, vmax=1):
+        shown = ax.imshow(np.rot90(image[:, :, z]), cmap=cmap, vmin=vmin, vmax=vmax)
+        for mask, colour in contours:
+            ax.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors=colour, linewidths=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+        return shown
+
+    fig, axes = plt.subplots(2, len(variants) + 2, figsize=(2.4 * (len(variants) + 2), 5))
+    show(axes[0, 0], fixed, "fixed (T1c)\nred: fixed tumour", [(fixed_tumour, "r")])
+    show(axes[0, 1], moving, "moving (T1c)\ngreen: moving tumour", [(moving_tumour, "g")])
+    axes[1, 0].axis("off")
+    axes[1, 1].axis("off")
+    for col, variant in enumerate(variants, start=2):
+        out = work_dir / variant / "test_outputs" / pair["name"]
+        warped = _load(out / "warped.nii.gz")
+        warped = warped[..., 0] if warped.ndim == 4 else warped
+        warped_tumour = _load(out / "warped_label.nii.gz") > 0
+        show(axes[0, col], warped, f"warped: {variant}", [(fixed_tumour, "r"), (warped_tumour, "g")])
+        jac = show(axes[1, col], _load(out / "jacobian_det.nii.gz"), "Jacobian determinant", cmap="RdBu_r", vmin=0, vmax=2)
+    fig.colorbar(jac, ax=axes[1, 2:].tolist(), shrink=0.8)
+    fig.suptitle(f"{pair['name']} (axial slice {z})", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def _load(path: Path) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
 __all__ = ["load_checkpoint", "latest_checkpoint", "ResumeFromLatest", "load_weights"]
 
@@ -58,15 +58,30 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
 class ResumeFromLatest:
     """On ``STARTED``, restore the newest interval checkpoint of ``ckpt_dir`` (if any) with MONAI's loader.
 
+    When resuming, the best-model saver's record of the best key metric is restored too (from the
+    ``"checkpointer"`` entry that ``CheckpointSaver(key_metric_save_state=True)`` stores in the best model),
+    so the resumed run does not overwrite the best model with a worse one.
+
     Args:
         ckpt_dir: folder where ``CheckpointSaver`` writes its interval checkpoints.
         load_dict: objects to restore, e.g. ``{"network": ..., "optimizer": ..., "trainer": ...}``.
         prefix: file name prefix of the interval checkpoints.
         enabled: set ``False`` to start from scratch even if checkpoints exist.
+        best_checkpoint: the best-model file written by ``best_saver``.
+        best_saver: the validation ``CheckpointSaver`` that keeps the best model.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike, load_dict: dict, prefix: str = "checkpoint", enabled: bool = True):
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        load_dict: dict,
+        prefix: str = "checkpoint",
+        enabled: bool = True,
+        best_checkpoint: str | os.PathLike | None = None,
+        best_saver: CheckpointSaver | None = None,
+    ):
         self.ckpt_dir, self.load_dict, self.prefix, self.enabled = ckpt_dir, load_dict, prefix, enabled
+        self.best_checkpoint, self.best_saver = best_checkpoint, best_saver
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
@@ -78,3 +93,7 @@ class ResumeFromLatest:
         load_checkpoint(path)  # clear error for a corrupt file before ignite's own
         engine.logger.info(f"resuming from {path}")
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location="cpu")(engine)
+        if self.best_saver is not None and self.best_checkpoint is not None and Path(self.best_checkpoint).is_file():
+            state = load_checkpoint(self.best_checkpoint).get("checkpointer")
+            if state is not None:
+                self.best_saver.load_state_dict(state)
