@@ -40,7 +40,8 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.
     """
     ckpt = load_checkpoint(path)
     state = next((ckpt[k] for k in ("network", "model") if isinstance(ckpt.get(k), Mapping)), ckpt)
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # weights saved from DDP
+    # "checkpointer": the best-model saver's record (CheckpointSaver key_metric_save_state), not weights
+    state = {k.removeprefix("module."): v for k, v in state.items() if k != "checkpointer"}  # "module.": DDP
     try:
         network.load_state_dict(state)
     except RuntimeError as e:

@@ -98,6 +98,9 @@ class JointRegSegNet(nn.Module):
         self.seg_decoder = ConvDecoder(spatial_dims, self.encoder.out_channels, decoder)
         conv_type = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.seg_head = conv_type(self.seg_decoder.out_channels, num_classes, kernel_size=1)
+        # start by predicting "no tumour" (prior 1 %): an untrained head must not mask the whole similarity
+        with torch.no_grad():
+            self.seg_head.bias.copy_(torch.log(torch.tensor([0.99] + [0.01 / (num_classes - 1)] * (num_classes - 1))))
         factor = 2 if merge == "concat" else 1
         self.reg_decoder = ConvDecoder(spatial_dims, [factor * c for c in self.encoder.out_channels], decoder)
         self.reg_head = DeformationHead(spatial_dims, self.reg_decoder.out_channels, deformation, integration_steps)

@@ -1,0 +1,410 @@
+"""End-to-end tests of the bundle commands on the embedded demo data set (built at run time, CPU).
+
+``register_jobs`` adds every command to the session's job graph (``conftest.job_graph``, two at a time): a
+1-epoch training run on the demo (which also builds the demo data), then resuming, the ``run`` alias,
+evaluation, inference and multi-process (DDP) training, and independently the metadata/network checks and
+the error cases on small synthetic volumes. Everything is written into pytest temporary folders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (
+    CONFIGS,
+    REPO_ROOT,
+    JobGraph,
+    check_outputs_on_grid,
+    config,
+    load_nifti,
+    metric_lines,
+    run,
+    save_nifti,
+    write_datalist,
+    write_zero_checkpoint,
+)
+
+# a coarse network grid (the demo is at 3 mm): these tests check the plumbing, not the accuracy
+PIXDIM = "[6.0,6.0,6.0]"
+TRAIN_ARGS = ["--val_interval", "1", "--num_workers", "0", "--pixdim", PIXDIM]
+# evaluation and inference load the best model that training wrote (the default ckpt_path)
+BEST_CKPT = "model.pt"
+
+
+def _train(bundle_root: Path, epochs: int, log: Path, command: str = "training", extra=()):
+    return run(
+        ["run", command, "--config_file", config("train.json"), "--bundle_root", bundle_root,
+         "--max_epochs", epochs, *TRAIN_ARGS, *extra],
+        log=log,
+    )
+
+
+def _infer(bundle_root: Path, out: Path, log: Path, datalist=None, ckpt=None, cwd=REPO_ROOT):
+    args = ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", bundle_root,
+            "--output_dir", out, "--pixdim", PIXDIM]
+    args += ["--datalist", datalist] if datalist else []
+    args += ["--ckpt_path", ckpt] if ckpt else []
+    return run(args, cwd=cwd, log=log, timeout=180)
+
+
+def _snapshot(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _tiny_inputs(folder: Path) -> dict:
+    """Small synthetic volumes for the error cases, a zero checkpoint and a garbage one."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = rng.random((32, 32, 32), dtype=np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    files = {
+        "image": save_nifti(image, affine, folder / "img.nii.gz"),
+        "label": save_nifti(label, affine, folder / "img_seg.nii.gz"),
+        "image2d": save_nifti(image[:, :, 0], affine, folder / "img2d.nii.gz"),
+    }
+    nan_image = image.copy()
+    nan_image[3, 4, 5] = np.nan
+    files["nan"] = save_nifti(nan_image, affine, folder / "img_nan.nii.gz")
+    files["zero_ckpt"] = str(write_zero_checkpoint(folder / "zero.pt"))
+    files["corrupt_ckpt"] = str(folder / "corrupt.pt")
+    Path(files["corrupt_ckpt"]).write_bytes(np.random.default_rng(1).bytes(4096))
+    files["missing"] = str(folder / "does_not_exist" / "img_missing.nii.gz")
+    # a smooth blob and its label; the fixed label is the same physical label stored on a grid shifted by
+    # 4 voxels (8 mm): array rolled by 4 voxels, origin moved back by 8 mm
+    radius = np.linalg.norm(np.indices((32, 32, 32)) - 15.5, axis=0)
+    blob_label = (radius < 7).astype(np.uint8)
+    files["blob"] = save_nifti(np.exp(-(radius / 9) ** 2).astype(np.float32), affine, folder / "blob.nii.gz")
+    files["blob_label"] = save_nifti(blob_label, affine, folder / "blob_seg.nii.gz")
+    shifted = affine.copy()
+    shifted[:3, 3] -= 4 * affine[:3, 0]
+    files["blob_label_shifted"] = save_nifti(
+        np.roll(blob_label, 4, axis=0), shifted, folder / "blob_seg_shifted.nii.gz"
+    )
+    files["zero_train_ckpt"] = str(write_zero_checkpoint(folder / "zero_train.pt", config_file="train.json"))
+
+    def pair(moving, fixed, name):
+        return {"moving": files[moving], "fixed": files[fixed], "moving_label": files["label"], "name": name}
+
+    lists = {
+        "good": [pair("image", "image", "ok")],
+        "missing": [{**pair("image", "image", "x"), "fixed": files["missing"]}],
+        "nan": [pair("nan", "image", "nan")],
+        "2d3d": [{"moving": files["image2d"], "fixed": files["image"], "name": "dims"}],
+    }
+    sections = ("training", "validation", "testing")
+    for key, pairs in lists.items():
+        files[f"datalist_{key}"] = str(write_datalist(folder / f"datalist_{key}.json", pairs, sections))
+    blob_pair = {"moving": files["blob"], "fixed": files["blob"], "moving_label": files["blob_label"],
+                 "fixed_label": files["blob_label_shifted"], "name": "blob"}
+    files["datalist_blob"] = str(write_datalist(folder / "datalist_blob.json", [blob_pair], sections))
+    train_pair = {"moving": files["image"], "fixed": files["blob"], "moving_label": files["label"],
+                  "fixed_label": files["blob_label"], "name": "noise_to_blob"}
+    files["datalist_train"] = str(write_datalist(folder / "datalist_train.json", [train_pair], sections))
+    return files
+
+
+def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
+    """Add this module's commands to the session's job graph (see ``conftest.job_graph``)."""
+    root = tmp_path_factory.mktemp("e2e")
+    bundle_root, logs, tiny = root / "bundle", root / "logs", root / "tiny"
+
+    def train():
+        result = _train(bundle_root, 1, logs / "train.log").check()
+        return result, _snapshot(bundle_root / "models", root / "models_epoch1")
+
+    def resume():
+        graph.result("train")
+        result = _train(bundle_root, 2, logs / "resume.log")
+        return result, _snapshot(bundle_root / "models", root / "models_epoch2") if result.returncode == 0 else None
+
+    def alias():
+        graph.result("resume")
+        # the checkpoint is at epoch 2 already: `run run` must resume it and stop without training
+        return _train(bundle_root, 2, logs / "alias.log", command="run", extra=["--cache_rate", "0"])
+
+    def evaluate():
+        _, models = graph.result("train")
+        return run(
+            ["run", "evaluating", "--config_file", config("train.json", "evaluate.json"), "--bundle_root",
+             bundle_root, "--output_dir", root / "eval", "--ckpt_path", models / BEST_CKPT, "--num_workers", "0",
+             "--pixdim", PIXDIM],
+            log=logs / "evaluate.log",
+        )
+
+    def infer():
+        _, models = graph.result("train")
+        return _infer(bundle_root, root / "infer", logs / "infer.log", ckpt=models / BEST_CKPT)
+
+    def ddp():
+        graph.result("train")
+        ddp_root = root / "ddp"
+        ddp_root.mkdir()
+        shutil.copytree(bundle_root / "demo_data", ddp_root / "demo_data")
+        args = ["--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file",
+                config("train.json", "multi_gpu_train.json"), "--bundle_root", ddp_root, "--max_epochs", "1",
+                *TRAIN_ARGS]
+        return run(args, module="torch.distributed.run", log=logs / "ddp.log"), ddp_root
+
+    def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None):
+        def job():
+            files = graph.result("tiny")
+            return _infer(root / "err", root / "err" / name, logs / f"{name}.log",
+                          datalist=files[f"datalist_{datalist_key}"], ckpt=ckpt or files[ckpt_key])
+
+        return job
+
+    def other_cwd():
+        files = graph.result("tiny")
+        elsewhere = root / "elsewhere"
+        elsewhere.mkdir()
+        out = root / "other_cwd_out"
+        return _infer(root / "err", out, logs / "other_cwd.log", datalist=files["datalist_good"],
+                      ckpt=files["zero_ckpt"], cwd=elsewhere), out
+
+    def train_without_tumours():
+        files = graph.result("tiny")
+        return _train(root / "tiny_train", 1, logs / "train_no_tumour.log",
+                      extra=["--datalist", files["datalist_train"], "--implant_lesions", "False"])
+
+    def evaluate_label_grid():
+        files = graph.result("tiny")
+        out = root / "eval_blob"
+        return run(
+            ["run", "evaluating", "--config_file", config("train.json", "evaluate.json"), "--bundle_root",
+             root / "err", "--output_dir", out, "--datalist", files["datalist_blob"], "--ckpt_path",
+             files["zero_train_ckpt"], "--num_workers", "0", "--pixdim", PIXDIM],
+            log=logs / "eval_blob.log",
+        ), out
+
+    # priorities: the long chain train -> resume -> alias first, the cheap independent commands last
+    graph.add("train", train, priority=85)
+    graph.add("tiny", lambda: _tiny_inputs(tiny), priority=55)
+    graph.add("resume", resume, ["train"], priority=80)
+    graph.add("alias", alias, ["resume"], priority=70)
+    graph.add("ddp", ddp, ["train"], priority=60)
+    graph.add("evaluate", evaluate, ["train"], priority=40)
+    graph.add("infer", infer, ["train"], priority=40)
+    graph.add("verify_net", lambda: run(
+        ["verify_net_in_out", "network_def", "--config_file", "configs/inference.json", "--meta_file",
+         "configs/metadata.json"], log=logs / "verify_net.log", timeout=180))
+    graph.add("verify_meta", lambda: run(
+        ["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "configs/metadata_schema.json"],
+        log=logs / "verify_meta.log", timeout=180))
+    graph.add("err_missing_ckpt", fails("missing_ckpt", "good", ckpt=str(root / "nowhere" / "model.pt")), ["tiny"])
+    graph.add("err_corrupt_ckpt", fails("corrupt_ckpt", "good", ckpt_key="corrupt_ckpt"), ["tiny"])
+    graph.add("err_missing_file", fails("missing_file", "missing"), ["tiny"])
+    graph.add("err_nan", fails("nan", "nan"), ["tiny"])
+    graph.add("err_2d3d", fails("2d3d", "2d3d"), ["tiny"])
+    graph.add("other_cwd", other_cwd, ["tiny"])
+    graph.add("train_no_tumour", train_without_tumours, ["tiny"], priority=20)
+    graph.add("eval_blob", evaluate_label_grid, ["tiny"], priority=20)
+    return {"graph": graph, "root": root, "bundle_root": bundle_root}
+
+
+@pytest.fixture(scope="module")
+def e2e(job_graph):
+    return job_graph.context[__name__]
+
+
+def _job(e2e, name):
+    return e2e["graph"].result(name)
+
+
+def _demo_datalist(bundle_root: Path) -> tuple[Path, dict]:
+    path = bundle_root / "demo_data" / "datalist.json"
+    assert path.is_file(), f"training without --datalist should build the demo in {path.parent}"
+    return path, json.loads(path.read_text())
+
+
+def _state_dict(path: Path) -> dict:
+    """The network weights of a checkpoint (plain state dict or under ``network``), tensors only."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}"
+    state = ckpt["network"] if isinstance(ckpt.get("network"), dict) else ckpt
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _key_metric(log: str, epoch: int) -> tuple[str, float]:
+    """(name, value) of the key metric that the validation of ``epoch`` logged."""
+    names = re.findall(r"Key metric: (\S+) best value", log)
+    assert names, "no key metric in the training log"
+    match = re.search(rf"Epoch\[{epoch}\] Metrics -- .*?\b{re.escape(names[0])}: ([-0-9.eE+na]+)", log)
+    assert match, f"no {names[0]} logged for epoch {epoch}"
+    return names[0], float(match.group(1))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def test_training_writes_loadable_checkpoints(e2e):
+    result, models = _job(e2e, "train")
+    _demo_datalist(e2e["bundle_root"])
+    assert re.search(r"Epoch: 1/1, Iter: \d+/\d+", result.output), "no training iteration was logged"
+    assert "Key metric:" in result.output, "the validation (val_interval 1) did not run"
+    assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=1.pt").is_file(), sorted(models.iterdir())
+    best = _state_dict(models / "model.pt")
+    ckpt = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    assert {"network", "optimizer", "trainer"} <= set(ckpt), sorted(ckpt)
+    assert best and set(best) == set(ckpt["network"])
+    assert all(torch.equal(best[k], ckpt["network"][k]) for k in best), "model.pt != the only epoch's weights"
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+
+
+def test_best_model_loads_into_inference_network(e2e):
+    from monai.bundle import ConfigParser
+
+    from bundle.engines import load_weights
+
+    _, models = _job(e2e, "train")
+    assert (models / "model.pt").is_file()
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    load_weights(parser.get_parsed_content("network_def"), models / "model.pt")
+
+
+def test_training_resumes_from_latest_checkpoint(e2e):
+    result, models = _job(e2e, "resume")
+    result.check()
+    assert "resuming from" in result.output and "checkpoint_epoch=1.pt" in result.output, result.tail()
+    epochs = {int(e) for e in re.findall(r"Epoch: (\d+)/2, Iter:", result.output)}
+    assert epochs == {2}, f"the resumed run should train epoch 2 only, logged epochs {sorted(epochs)}"
+    assert (models / "checkpoint_epoch=2.pt").is_file()
+    trainer = torch.load(models / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)["trainer"]
+    assert trainer["iteration"] == 2 * trainer["epoch_length"], trainer
+
+
+def test_resume_keeps_best_model(e2e):
+    """After a resumed run, model.pt holds the weights of the epoch with the best key metric (a strict improvement
+    is needed to replace it), so a resumed run never overwrites a better model with a worse one."""
+    first, epoch1 = _job(e2e, "train")
+    resumed, epoch2 = _job(e2e, "resume")
+    resumed.check()
+    name, m1 = _key_metric(first.output, 1)
+    _, m2 = _key_metric(resumed.output, 2)
+    best = _state_dict(epoch2 / "model.pt")
+    winner = epoch2 / "checkpoint_epoch=2.pt" if m2 > m1 else epoch1 / "model.pt"
+    expected = _state_dict(winner)
+    same = best.keys() == expected.keys() and all(torch.equal(best[k], expected[k]) for k in best)
+    assert same, f"model.pt after resuming ({name}: epoch 1 {m1}, epoch 2 {m2}) is not the weights of {winner.name}"
+
+
+def test_run_alias_runs_training(e2e):
+    result = _job(e2e, "alias").check()
+    assert "resuming from" in result.output and "checkpoint_epoch=2.pt" in result.output, result.tail()
+    assert not re.search(r"Epoch: \d+/2, Iter:", result.output), "nothing was left to train"
+
+
+def test_multi_process_training(e2e):
+    result, ddp_root = _job(e2e, "ddp")
+    result.check()
+    _, datalist = _demo_datalist(ddp_root)
+    per_rank = math.ceil(len(datalist["training"]) / 2)
+    assert re.search(rf"Epoch: 1/1, Iter: {per_rank}/{per_rank}\b", result.output), (
+        f"each of the 2 ranks should run {per_rank} iterations\n{result.tail()}"
+    )
+    assert (ddp_root / "models" / "model.pt").is_file() and (ddp_root / "models" / "checkpoint_epoch=1.pt").is_file()
+    state = _state_dict(ddp_root / "models" / "model.pt")
+    assert state and not any(k.startswith("module.") for k in state), "DDP wrapper prefix in the saved weights"
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def test_evaluating_writes_metrics(e2e):
+    result = _job(e2e, "evaluate").check()
+    out = e2e["root"] / "eval"
+    summary = out / "metrics.csv"
+    assert summary.is_file(), f"no metrics.csv in {out}: {sorted(p.name for p in out.glob('*'))}\n{result.tail()}"
+    values = metric_lines(summary)
+    dice = {k: v for k, v in values.items() if "dice" in k}
+    assert dice, f"no Dice metric in {summary}: {values}"
+    assert all(0.0 <= v <= 1.0 for v in dice.values()), dice
+    _, datalist = _demo_datalist(e2e["bundle_root"])
+    raw = sorted(out.glob("*dice*_raw.csv"))
+    assert raw, sorted(p.name for p in out.glob("*"))
+    text = raw[0].read_text()
+    for pair in datalist["testing"]:
+        assert pair["name"] in text, f"pair {pair['name']} missing from {raw[0].name}"
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+
+def test_inference_outputs_on_fixed_grid(e2e):
+    _job(e2e, "infer").check()
+    path, datalist = _demo_datalist(e2e["bundle_root"])
+    for pair in datalist["testing"]:
+        fixed, affine = load_nifti(path.parent / pair["fixed"])
+        out = check_outputs_on_grid(e2e["root"] / "infer" / pair["name"], fixed.shape, affine)
+        jac = out["jacobian_det"]
+        assert np.isfinite(out["ddf"]).all() and np.isfinite(jac).all()
+        assert (jac > 0).mean() > 0.99, f"{pair['name']}: {(jac <= 0).mean():.2%} folded voxels"
+        assert set(np.unique(out["warped_label"]).tolist()) <= {0, 1, 2}
+        assert np.isfinite(out["warped"]).all()
+
+
+def test_inference_missing_checkpoint(e2e):
+    _job(e2e, "err_missing_ckpt").check_fails(str(e2e["root"] / "nowhere" / "model.pt"))
+
+
+def test_inference_corrupt_checkpoint(e2e):
+    _job(e2e, "err_corrupt_ckpt").check_fails("unreadable", "corrupt.pt")
+
+
+def test_inference_missing_input_file(e2e):
+    _job(e2e, "err_missing_file").check_fails("img_missing.nii.gz")
+
+
+def test_inference_nan_image(e2e):
+    _job(e2e, "err_nan").check_fails("img_nan.nii.gz", "NaN")
+
+
+def test_inference_2d_with_3d(e2e):
+    result = _job(e2e, "err_2d3d").check_fails("img2d.nii.gz")
+    assert re.search(r"2D\b.*\b3D|3D\b.*\b2D", result.output), result.tail()
+
+
+def test_inference_from_other_cwd(e2e):
+    """Absolute config paths and ``--bundle_root`` from another folder (needs ``pip install -e .``, see README)."""
+    result, out = _job(e2e, "other_cwd")
+    result.check()
+    fixed, affine = load_nifti(_job(e2e, "tiny")["image"])
+    check_outputs_on_grid(out / "ok", fixed.shape, affine)
+
+
+def test_evaluation_fixed_label_placed_by_its_affine(e2e):
+    result, out = _job(e2e, "eval_blob")
+    result.require()
+    dice = {k: v for k, v in metric_lines(out / "metrics.csv").items() if "dice" in k and "before" not in k}
+    assert dice and all(v > 0.99 for v in dice.values()), f"same image and label, zero DDF: Dice {dice}"
+
+
+def test_training_without_tumour_labels_has_a_loss(e2e):
+    result = _job(e2e, "train_no_tumour").require()
+    losses = [float(v) for v in re.findall(r"train_loss: ([-+0-9.eE]+)", result.output)]
+    if not losses:
+        pytest.fail(f"no training loss logged\n{result.tail()}")
+    assert any(v != 0 for v in losses), f"every training loss is 0: {losses}"
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def test_verify_net_in_out(e2e):
+    result = _job(e2e, "verify_net").check()
+    assert "verified" in result.output, result.tail()
+
+
+def test_verify_metadata(e2e):
+    result = _job(e2e, "verify_meta").check()
+    assert "verified" in result.output, result.tail()
+    assert (CONFIGS / "metadata_schema.json").is_file()
