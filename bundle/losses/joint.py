@@ -30,7 +30,8 @@ class JointRegSegLoss(_Loss):
     the tumour over dissimilar tissue. Without tumour labels the segmentation term is skipped.
 
     Args:
-        num_classes: segmentation classes including background; label values must be < num_classes.
+        num_classes: segmentation classes including background. With 2, any tumour label > 0 is the tumour
+            class; with more, the label values are the classes and must be < num_classes.
         spatial_dims: 2 or 3.
         similarity: ``"lncc"``, ``"mse"`` or ``"mi"``.
         similarity_kwargs: passed to the similarity.
@@ -94,7 +95,8 @@ class JointRegSegLoss(_Loss):
             return (1.0 - fixed_tumour) * (1.0 - (warped_tumour > 0.5).to(ddf.dtype))
 
     def _segmentation(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        label = label.long()
+        # two classes: any tumour label (e.g. BraTS 1, 2, 4) is "tumour"; more: the label values are the classes
+        label = (label > 0).long() if self.num_classes == 2 else label.long()
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"tumour label values must be in [0, {self.num_classes - 1}], got [{label.min()}, {label.max()}].")
         loss = F.cross_entropy(logits, label[:, 0])
