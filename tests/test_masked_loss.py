@@ -276,10 +276,18 @@ def test_label_errors():
     packed = _packed(torch.zeros(2, 3, *SHAPE), seg, seg)
     with pytest.raises(KeyError):
         JointRegSegLoss(mask_source="label")(packed, {"moving": moving, "fixed": fixed})
-    bad = tumour * 2  # value 2 with num_classes=2
-    with pytest.raises(ValueError):
-        JointRegSegLoss(mask_source="none")(packed, {"moving": moving, "fixed": fixed, "moving_tumour": bad,
-                                                     "fixed_tumour": tumour})
+    # two classes: any label > 0 (e.g. BraTS 1, 2, 4) is tumour, so value 2 counts as value 1
+    two = JointRegSegLoss(mask_source="none")(packed, {"moving": moving, "fixed": fixed, "moving_tumour": tumour * 2,
+                                                       "fixed_tumour": tumour})
+    one = JointRegSegLoss(mask_source="none")(packed, {"moving": moving, "fixed": fixed, "moving_tumour": tumour,
+                                                       "fixed_tumour": tumour})
+    torch.testing.assert_close(two, one)
+    seg3 = torch.zeros(2, 3, *SHAPE)
+    packed3 = _packed(torch.zeros(2, 3, *SHAPE), seg3, seg3)
+    with pytest.raises(ValueError):  # three classes: label values are classes, 3 is out of range
+        JointRegSegLoss(num_classes=3, mask_source="none")(
+            packed3, {"moving": moving, "fixed": fixed, "moving_tumour": tumour * 3, "fixed_tumour": tumour}
+        )
     with pytest.raises(ValueError):
         JointRegSegLoss(mask_source="labels")
     with pytest.raises(ValueError):
