@@ -8,9 +8,9 @@ fixed image grid and is a pull-back map, ``warped(x) = moving(x + ddf(x))``, exp
 from __future__ import annotations
 
 import torch
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
+
+from .base import PerSampleMetric
 
 __all__ = ["jacobian_determinant", "FoldingMetric", "LogJacobianStdMetric"]
 
@@ -58,13 +58,9 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     return det.unsqueeze(1)
 
 
-class _JacobianMetric(CumulativeIterationMetric):
+class _JacobianMetric(PerSampleMetric):
     """Shared reduction logic for per-sample metrics computed from a DDF's Jacobian determinant."""
 
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
-        super().__init__()
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _per_sample(self, det: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -83,26 +79,6 @@ class _JacobianMetric(CumulativeIterationMetric):
         det = jacobian_determinant(y_pred).flatten(1).float()
         return self._per_sample(det).unsqueeze(1)
 
-    def aggregate(
-        self, reduction: MetricReduction | str | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """
-        Reduce the buffered per-sample values with ``monai.metrics.utils.do_metric_reduction``.
-
-        Args:
-            reduction: reduction mode overriding ``self.reduction`` (see ``monai.utils.MetricReduction``).
-
-        Returns:
-            The reduced metric, and the ``not_nans`` count if ``get_not_nans`` is True.
-
-        Raises:
-            ValueError: when the buffer is empty or not a tensor.
-        """
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"the data to aggregate must be PyTorch Tensor, got {type(data)}.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
 
 
 class FoldingMetric(_JacobianMetric):

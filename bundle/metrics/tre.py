@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
+
+from bundle.spatial import sample_field
+
+from .base import PerSampleMetric
 
 __all__ = ["target_registration_error", "TREMetric"]
 
@@ -24,16 +25,6 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence
 def _apply_affine(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Apply a homogeneous ``(ndim+1, ndim+1)`` affine to points ``(N, ndim)``."""
     return points @ affine[:-1, :-1].T + affine[:-1, -1]
-
-
-def _sample_ddf(ddf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Linearly interpolate a channel-first ``ddf`` at voxel indices ``(N, ndim)``, clamping to the border."""
-    ndim = ddf.ndim - 1
-    size = torch.tensor(ddf.shape[1:], dtype=index.dtype, device=index.device)
-    grid = 2.0 * index / (size - 1).clamp(min=1) - 1.0  # align_corners=True normalisation
-    grid = grid.flip(-1).reshape(1, -1, *([1] * (ndim - 1)), ndim)  # grid_sample expects (x, y[, z]) = reversed axes
-    out = F.grid_sample(ddf[None].to(index.dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return out.reshape(ndim, -1).T
 
 
 def target_registration_error(
@@ -83,11 +74,12 @@ def target_registration_error(
         if a.shape != (ndim + 1, ndim + 1):
             raise ValueError(f"{name} must have shape {(ndim + 1, ndim + 1)}, got {tuple(a.shape)}.")
     index = _apply_affine(torch.linalg.inv(a_f), p_f)
-    mapped = _apply_affine(a_m, index + _sample_ddf(ddf_t, index))
+    points = index.T.reshape(ndim, -1, *([1] * (ndim - 1)))  # grid_sample wants as many spatial dims as the field
+    mapped = _apply_affine(a_m, index + sample_field(ddf_t, points).reshape(ndim, -1).T)
     return torch.linalg.norm(mapped - p_m, dim=-1)
 
 
-class TREMetric(CumulativeIterationMetric):
+class TREMetric(PerSampleMetric):
     """
     Mean target registration error (mm) per sample, see :py:func:`target_registration_error`.
 
@@ -101,10 +93,6 @@ class TREMetric(CumulativeIterationMetric):
         get_not_nans: whether ``aggregate`` also returns the count of not-nan values.
     """
 
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
-        super().__init__()
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def __call__(  # type: ignore[override]
         self,
@@ -143,23 +131,3 @@ class TREMetric(CumulativeIterationMetric):
     ) -> torch.Tensor:
         raise NotImplementedError("TREMetric computes in __call__, it needs landmarks and affines per sample.")
 
-    def aggregate(
-        self, reduction: MetricReduction | str | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """
-        Reduce the buffered per-sample mean TRE with ``monai.metrics.utils.do_metric_reduction``.
-
-        Args:
-            reduction: reduction mode overriding ``self.reduction`` (see ``monai.utils.MetricReduction``).
-
-        Returns:
-            The reduced metric, and the ``not_nans`` count if ``get_not_nans`` is True.
-
-        Raises:
-            ValueError: when the buffer is empty or not a tensor.
-        """
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"the data to aggregate must be PyTorch Tensor, got {type(data)}.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
