@@ -13,6 +13,10 @@ inside each brain mask (BraTS 2013 is z-scored with a zero background), tumour =
 (TCGA: ``fusion_simple`` automatic segmentation), all cropped to the common SRI24 brain bounding box.
 Split by subject: training BraTS 2013 pat0003, 0005, 0006 and TCGA-DU-7294, TCGA-FG-6692; validation
 pat0004; test pat0001 and pat0002 (every ordered pair with a test subject as moving or fixed).
+Training (CPU-sized): 4 mm network grid, Adam 1e-3, cross-entropy + Dice for the segmentation, LNCC,
+masks from the ground-truth tumours (``mask_source: label``) or none, ``--epochs`` x 20 pairs.
+Scoring is on the fixed image's 1 mm grid; the tumour region is the fixed tumour united with the warped
+moving tumour (ground truth), the band is 0-10 mm around it.
 """
 
 from __future__ import annotations
