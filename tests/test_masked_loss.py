@@ -368,3 +368,16 @@ def test_multiclass_labels_mask_every_tumour_class():
     mask = loss.valid_mask(torch.zeros(1, 3, *SHAPE), seg, seg, target)
     assert torch.equal(mask, (label == 0).float())
     assert torch.isfinite(loss(_packed(torch.zeros(1, 3, *SHAPE), seg, seg), target))
+
+
+def test_class_weights_weight_the_cross_entropy():
+    moving, fixed, tumour = _pair_with_noise_in_tumour()
+    seg = torch.randn(2, 2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    packed = _packed(torch.zeros(2, 3, *SHAPE), seg, seg)
+    target = {"moving": moving, "fixed": fixed, "moving_tumour": tumour, "fixed_tumour": tumour}
+    terms = JointRegSegLoss(mask_source="none", class_weights=[1.0, 10.0]).terms(packed, target)
+    weight = torch.tensor([1.0, 10.0])
+    expected = 2 * torch.nn.functional.cross_entropy(seg, tumour[:, 0].long(), weight=weight)
+    torch.testing.assert_close(terms["segmentation"], expected)
+    with pytest.raises(ValueError):
+        JointRegSegLoss(num_classes=2, class_weights=[1.0, 2.0, 3.0])

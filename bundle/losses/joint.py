@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class JointRegSegLoss(_Loss):
         smoothness_weight: alpha.
         seg_weight: beta (cross-entropy on both images).
         dice_weight: weight of an extra Dice loss on both segmentations (0 = off).
+        class_weights: cross-entropy weight per class (the paper's weighted cross-entropy; tumours are rare).
         mask_source: ``"auto"`` (labels if present, else predictions), ``"label"``, ``"prediction"`` or
             ``"none"`` (plain, unmasked similarity: the ablation baseline).
 
@@ -57,6 +58,7 @@ class JointRegSegLoss(_Loss):
         seg_weight: float = 1.0,
         dice_weight: float = 0.0,
         mask_source: str = "auto",
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if mask_source not in MASK_SOURCES:
@@ -65,7 +67,10 @@ class JointRegSegLoss(_Loss):
             raise ValueError("loss weights must be >= 0.")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights needs one weight per class ({num_classes}), got {list(class_weights)}.")
         self.num_classes, self.spatial_dims = num_classes, spatial_dims
+        self.register_buffer("class_weights", None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32))
         self.similarity = MaskedSimilarityLoss(similarity, spatial_dims, **dict(similarity_kwargs or {}))
         self.smoothness = make_smoothness(smoothness)
         self.smoothness_weight, self.seg_weight, self.dice_weight = smoothness_weight, seg_weight, dice_weight
@@ -99,7 +104,8 @@ class JointRegSegLoss(_Loss):
         label = (label > 0).long() if self.num_classes == 2 else label.long()
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"tumour label values must be in [0, {self.num_classes - 1}], got [{label.min()}, {label.max()}].")
-        loss = F.cross_entropy(logits, label[:, 0])
+        weight = None if self.class_weights is None else self.class_weights.to(logits)
+        loss = F.cross_entropy(logits, label[:, 0], weight=weight)
         if self.dice_weight > 0:
             loss = loss + self.dice_weight * self.dice(logits, label)
         return loss
