@@ -10,6 +10,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.blocks.warp import DVF2DDF
 from torch import nn
 
+from bundle.spatial import index_grid
+
 __all__ = ["ConvEncoder", "ConvDecoder", "DeformationHead", "DEFORMATIONS", "upsample_field", "conv_block"]
 
 DEFORMATIONS = ("ddf", "svf", "cumsum")
@@ -161,6 +163,15 @@ class DeformationHead(nn.Module):
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
         self.integrate = DVF2DDF(num_steps=integration_steps) if deformation == "svf" else None
+        self._grid: torch.Tensor | None = None  # identity sampling grid of the cumsum head, built once per size
+
+    def _identity_grid(self, like: torch.Tensor) -> torch.Tensor:
+        """``(1, ndim, *spatial)`` voxel indices matching ``like`` (cached)."""
+        grid = self._grid
+        if grid is None or grid.shape[2:] != like.shape[2:] or grid.device != like.device or grid.dtype != like.dtype:
+            grid = index_grid(like.shape[2:], dtype=like.dtype, device=like.device).unsqueeze(0)
+            self._grid = grid
+        return grid
 
     def forward(self, features: torch.Tensor, spatial_size: Sequence[int]) -> dict[str, torch.Tensor]:
         """``{"ddf"}`` plus ``{"svf"}`` or ``{"grid_gradient"}`` for those parameterisations, at ``spatial_size``."""
@@ -171,7 +182,7 @@ class DeformationHead(nn.Module):
             ddf = torch.stack(
                 [torch.cumsum(gradient[:, k], dim=k + 1) - gradient[:, k] for k in range(ndim)], dim=1
             )
-            ddf = ddf - _index_grid_like(ddf)
+            ddf = ddf - self._identity_grid(ddf)
             return {"ddf": ddf, "grid_gradient": gradient}
         if self.integrate is not None:
             ddf = self.integrate(field)
@@ -180,8 +191,3 @@ class DeformationHead(nn.Module):
             return {"ddf": ddf, "svf": field}
         return {"ddf": upsample_field(field, spatial_size) if self.half_res else field}
 
-
-def _index_grid_like(field: torch.Tensor) -> torch.Tensor:
-    """``(1, ndim, *spatial)`` voxel indices matching ``field``'s grid."""
-    axes = [torch.arange(s, dtype=field.dtype, device=field.device) for s in field.shape[2:]]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
