@@ -98,8 +98,11 @@ class SaveNiftid(MapTransform):
         ref = d[self.ref_key]
         affine = ref.affine if isinstance(ref, MetaTensor) else torch.eye(ref.ndim)
         folder = self.output_dir / str(d.get(self.name_key, "0"))
-        for key in self.key_iterator(d):
-            array = torch.as_tensor(d[key]).detach().cpu().numpy()
-            array = array.astype(self.dtypes.get(key, np.float32))
+        # convert everything before writing anything, so a bad item leaves no partial set of files
+        arrays = {
+            key: torch.as_tensor(d[key]).detach().cpu().numpy().astype(self.dtypes.get(key, np.float32))
+            for key in self.key_iterator(d)
+        }
+        for key, array in arrays.items():
             write_nifti(array, affine.cpu().numpy(), folder / self.filenames[key], vector=key in self.vector_keys)
         return d
