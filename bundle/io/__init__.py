@@ -1,2 +1,12 @@
 from .datalist import PAIRINGS, load_pairs, load_subjects
 from .writers import SaveNiftid, write_nifti
+from .itk_export import (
+    ddf_to_itk_field,
+    ddf_to_itk_transform,
+    export_ddf_file,
+    itk_field_to_ddf,
+    read_ddf_nifti,
+    read_itk_displacement_field,
+    write_itk_displacement_field,
+    write_itk_transform,
+)
