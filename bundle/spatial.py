@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["index_grid", "sample_field", "resample_to_grid", "resample_ddf"]
+__all__ = ["index_grid", "sample_field", "resample_to_grid", "resample_ddf", "ddf_source_points"]
 
 
 def index_grid(spatial_shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
@@ -117,3 +117,25 @@ def resample_ddf(
     sampled = sample_field(ddf.to(torch.float64), src_points)
     out = torch.einsum("kl,l...->k...", torch.linalg.inv(lin), sampled)
     return out.to(torch.float32)
+
+
+def ddf_source_points(ddf: torch.Tensor, ddf_affine: torch.Tensor, src_affine: torch.Tensor) -> torch.Tensor:
+    """Voxel indices, in a source image's own grid, that a pull-back DDF samples.
+
+    ``warped(x) = source(S^-1 A (x + ddf(x)))`` with ``A`` the DDF grid's and ``S`` the source's
+    voxel-to-world affines: the source need not be on the DDF's grid (e.g. a moving image as loaded).
+
+    Args:
+        ddf: ``(ndim, *spatial)`` DDF in voxel units of its grid.
+        ddf_affine, src_affine: ``(ndim+1, ndim+1)`` voxel-to-world affines.
+
+    Returns:
+        ``(ndim, *spatial)`` float64 indices of the source grid (for :func:`sample_field`).
+    """
+    ndim = ddf.shape[0]
+    index_map = torch.linalg.solve(
+        torch.as_tensor(src_affine, dtype=torch.float64), torch.as_tensor(ddf_affine, dtype=torch.float64)
+    ).to(ddf.device)
+    points = index_grid(ddf.shape[1:], dtype=torch.float64, device=ddf.device) + ddf.to(torch.float64)
+    shape = (ndim, *([1] * ndim))
+    return torch.einsum("kl,l...->k...", index_map[:ndim, :ndim], points) + index_map[:ndim, ndim].view(shape)

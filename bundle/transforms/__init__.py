@@ -3,3 +3,4 @@ from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOri
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
 from .joint_output import SplitJointOutputd
+from .prealign import ComposePreAlignmentd, PreAlignd

@@ -11,7 +11,7 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
 
 from bundle.metrics.jacobian import jacobian_determinant
-from bundle.spatial import resample_ddf, resample_to_grid
+from bundle.spatial import ddf_source_points, resample_ddf, resample_to_grid, sample_field
 
 __all__ = ["Warpd", "JacobianDeterminantd", "ResampleDDFToOriginald", "ResampleToOriginald", "copy_grid_meta"]
 
@@ -23,8 +23,22 @@ def copy_grid_meta(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _on_other_grid(item, ddf) -> bool:
+    """Whether ``item`` and ``ddf`` are MetaTensors on different grids (then warp through world coordinates)."""
+    if not (isinstance(item, MetaTensor) and isinstance(ddf, MetaTensor)):
+        return False
+    return item.shape[1:] != ddf.shape[1:] or not torch.allclose(
+        item.affine.to(torch.float64), ddf.affine.to(torch.float64), atol=1e-5
+    )
+
+
 class Warpd(MapTransform):
     """Warp channel-first items ``(C, *spatial)`` with the DDF ``(ndim, *spatial)`` at ``ddf_key``.
+
+    An item on the DDF's grid is warped with MONAI's ``Warp``. An item that is a MetaTensor on another grid
+    than the DDF (a MetaTensor too; e.g. the moving image as loaded) is sampled through world coordinates
+    (:func:`bundle.spatial.ddf_source_points`): one interpolation, and nothing is lost outside the fixed
+    image's field of view. The output is on the DDF's grid.
 
     Args:
         keys: items to warp (e.g. ``moving``, ``moving_label``).
@@ -50,12 +64,14 @@ class Warpd(MapTransform):
         modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
         if len(self.names) != len(self.keys) or len(modes) != len(self.keys):
             raise ValueError(f"names and mode must have one entry per key {self.keys}.")
+        self.padding_mode = padding_mode
         self.warps = {m: Warp(mode=m, padding_mode=padding_mode) for m in set(modes)}
         self.modes = dict(zip(self.keys, modes))
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        ddf = torch.as_tensor(d[self.ddf_key])
+        ddf_item = d[self.ddf_key]
+        ddf = torch.as_tensor(ddf_item)
         for key, name in zip(self.keys, self.names):
             if key not in d:
                 if self.allow_missing_keys:
@@ -63,10 +79,16 @@ class Warpd(MapTransform):
                 raise KeyError(f"key {key!r} to warp is missing.")
             item = d[key]
             source = torch.as_tensor(item).to(device=ddf.device, dtype=ddf.dtype)
-            warped = self.warps[self.modes[key]](source.unsqueeze(0), ddf.unsqueeze(0))[0]
+            if _on_other_grid(item, ddf_item):
+                points = ddf_source_points(ddf, ddf_item.affine, item.affine)
+                warped = sample_field(source, points, self.padding_mode, self.modes[key]).to(ddf.dtype)
+                like = ddf_item
+            else:
+                warped = self.warps[self.modes[key]](source.unsqueeze(0), ddf.unsqueeze(0))[0]
+                like = item
             if self.modes[key] == "nearest":
                 warped = warped.round().to(torch.as_tensor(item).dtype)
-            d[name] = copy_grid_meta(warped, item)
+            d[name] = copy_grid_meta(warped, like)
         return d
 
 
