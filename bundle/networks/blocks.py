@@ -173,8 +173,24 @@ class DeformationHead(nn.Module):
             self._grid = grid
         return grid
 
-    def forward(self, features: torch.Tensor, spatial_size: Sequence[int]) -> dict[str, torch.Tensor]:
-        """``{"ddf"}`` plus ``{"svf"}`` or ``{"grid_gradient"}`` for those parameterisations, at ``spatial_size``."""
+    def forward(
+        self, features: torch.Tensor, spatial_size: Sequence[int], inverse: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``{"ddf"}`` plus ``{"svf"}`` or ``{"grid_gradient"}`` for those parameterisations, at ``spatial_size``.
+
+        Args:
+            features: decoder features.
+            spatial_size: spatial size of the output fields.
+            inverse: also return ``"inverse_ddf"``, the exponential of ``-svf`` (same grid, voxel units,
+                integrated like the forward DDF); only for ``"svf"``.
+
+        Raises:
+            ValueError: ``inverse`` for a parameterisation without a closed-form inverse.
+        """
+        if inverse and self.integrate is None:
+            raise ValueError(
+                f"inverse=True needs deformation 'svf' (the inverse is the exponential of -svf), got {self.deformation!r}."
+            )
         field = self.conv(features)
         if self.deformation == "cumsum":
             gradient = 2.0 * torch.sigmoid(field)
@@ -185,9 +201,11 @@ class DeformationHead(nn.Module):
             ddf = ddf - self._identity_grid(ddf)
             return {"ddf": ddf, "grid_gradient": gradient}
         if self.integrate is not None:
-            ddf = self.integrate(field)
-            if self.half_res:
-                field, ddf = upsample_field(field, spatial_size), upsample_field(ddf, spatial_size)
-            return {"ddf": ddf, "svf": field}
+            out = {"ddf": self.integrate(field), "svf": field}
+            if inverse:
+                out["inverse_ddf"] = self.integrate(-field)
+            if self.half_res:  # integrated at half resolution (cheaper), then upsampled
+                out = {key: upsample_field(value, spatial_size) for key, value in out.items()}
+            return out
         return {"ddf": upsample_field(field, spatial_size) if self.half_res else field}
 

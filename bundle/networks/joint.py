@@ -119,13 +119,14 @@ class JointRegSegNet(nn.Module):
         """Tumour segmentation logits ``(B, num_classes, *spatial)`` of ONE image ``(B, in_channels, *spatial)``."""
         return self.seg_head(self.seg_decoder(self.encode(image)))
 
-    def fields(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``ddf`` (plus ``svf``/``grid_gradient``), ``seg_moving`` and ``seg_fixed`` logits for ``cat([moving, fixed])``."""
+    def fields(self, x: torch.Tensor, inverse: bool = False) -> dict[str, torch.Tensor]:
+        """``ddf`` (plus ``svf``/``grid_gradient``), ``seg_moving`` and ``seg_fixed`` logits for ``cat([moving, fixed])``;
+        with ``inverse=True`` also ``inverse_ddf`` (``"svf"`` deformation only, see :class:`DeformationHead`)."""
         check_pair_input(x, self.spatial_dims, 2 * self.in_channels, self.size_divisor)
         moving, fixed = x[:, : self.in_channels], x[:, self.in_channels :]
         code_moving, code_fixed = self.encode(moving), self.encode(fixed)
         merged = [merge_features(m, f, self.merge) for m, f in zip(code_moving, code_fixed)]
-        out = self.reg_head(self.reg_decoder(merged), x.shape[2:])
+        out = self.reg_head(self.reg_decoder(merged), x.shape[2:], inverse=inverse)
         out["seg_moving"] = self.seg_head(self.seg_decoder(code_moving))  # codes reused: no second encoding
         out["seg_fixed"] = self.seg_head(self.seg_decoder(code_fixed))
         return out
@@ -134,6 +135,16 @@ class JointRegSegNet(nn.Module):
         """Packed ``cat([ddf, seg_moving_logits, seg_fixed_logits], dim=1)``."""
         out = self.fields(x)
         return torch.cat([out["ddf"], out["seg_moving"], out["seg_fixed"]], dim=1)
+
+    def forward_and_inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and inverse DDFs ``exp(svf)`` and ``exp(-svf)`` (``deformation="svf"``); see
+        :meth:`RegistrationUNet.forward_and_inverse`.
+
+        Raises:
+            ValueError: the deformation is not ``"svf"``.
+        """
+        out = self.fields(x, inverse=True)
+        return out["ddf"], out["inverse_ddf"]
 
     def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split the packed output into ``ddf``, ``seg_moving`` and ``seg_fixed`` (logits)."""

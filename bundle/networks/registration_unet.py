@@ -85,10 +85,23 @@ class RegistrationUNet(nn.Module):
         )
         self.size_divisor = 2 ** len(encoder)
 
-    def fields(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``{"ddf": ...}`` and, for the diffeomorphic model, ``{"svf": ...}`` at full resolution."""
+    def fields(self, x: torch.Tensor, inverse: bool = False) -> dict[str, torch.Tensor]:
+        """Return ``{"ddf": ...}`` and, for the diffeomorphic model, ``{"svf": ...}`` at full resolution
+        (and ``{"inverse_ddf": ...}`` with ``inverse=True``; see :class:`DeformationHead`)."""
         check_pair_input(x, self.spatial_dims, self.in_channels, self.size_divisor)
-        return self.head(self.decoder(self.encoder(x)), x.shape[2:])
+        return self.head(self.decoder(self.encoder(x)), x.shape[2:], inverse=inverse)
+
+    def forward_and_inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and inverse DDFs ``exp(svf)`` and ``exp(-svf)`` of the diffeomorphic model.
+
+        Both are pull-backs on the input grid in voxel units: the forward one warps the moving image onto the
+        fixed one, the inverse one warps the fixed image onto the moving one (composing them gives ~identity).
+
+        Raises:
+            ValueError: the model is not diffeomorphic (``integration_steps`` is 0).
+        """
+        out = self.fields(x, inverse=True)
+        return out["ddf"], out["inverse_ddf"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict the DDF (B, spatial_dims, *spatial) for ``x = cat([moving, fixed], dim=1)``."""
