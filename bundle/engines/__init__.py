@@ -1,3 +1,4 @@
 from .checkpoints import ResumeFromLatest, latest_checkpoint, load_checkpoint, load_weights
 from .prepare_batch import RegistrationPrepareBatch
 from .scores import key_metric_score
+from .acceleration import CompiledModule, accelerate, channels_last_format, compile_unavailable_reason
