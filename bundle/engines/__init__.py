@@ -2,3 +2,4 @@ from .checkpoints import ResumeFromLatest, latest_checkpoint, load_checkpoint, l
 from .prepare_batch import RegistrationPrepareBatch
 from .scores import key_metric_score
 from .acceleration import CompiledModule, accelerate, channels_last_format, compile_unavailable_reason
+from .instance_optimisation import InstanceOptimisationInferer

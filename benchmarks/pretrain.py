@@ -1,0 +1,159 @@
+"""Train the shipped weights on real T1 MRI (IBSR), with the fixed subject split of ``ibsr_split.json``.
+
+    python benchmarks/pretrain.py prepare          # affine-align train/validation subjects to the reference
+    python benchmarks/pretrain.py train [--registration-only] [--max-epochs N] [--pixdim MM]
+    python benchmarks/pretrain.py ship  [--registration-only]   # copy the best model into models/pretrained/
+
+``prepare`` registers every training and validation subject to the reference subject with the bundle's own
+ITK affine stage (``bundle.alignment``) and writes them on the reference grid, so that training pairs differ
+by the deformable residual only (as in VoxelMorph, whose data are affinely aligned). At inference the
+bundle aligns each new pair itself (``prealign: affine``). ``train`` runs the bundle's training command
+(``configs/train.json``, the joint model with synthetic lesions; ``--registration-only`` adds
+``configs/registration_only.json``) on every ordered pair of training subjects, unsupervised (no label
+loss), with validation Dice on the pairs between the validation subject and the labelled training
+subjects. Interrupted training resumes from its last checkpoint when started again. Test subjects are
+never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from itertools import permutations
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "ibsr"
+SPLIT = json.loads((Path(__file__).with_name("ibsr_split.json")).read_text())
+RUNS = REPO / "runs" / "pretrain"
+SHIPPED = {False: "joint_t1_ibsr_3mm.pt", True: "registration_t1_ibsr_3mm.pt"}
+
+
+def ibsr_files(subject: str) -> tuple[Path, Path | None]:
+    """Image and label map (``None`` when the subject has none) of one IBSR subject."""
+    image = DATA / subject / f"{subject}.nii.gz"
+    label = DATA / subject / f"{subject}_seg.nii.gz"
+    if not image.is_file():
+        raise FileNotFoundError(f"IBSR image not found: {image}")
+    return image, label if label.is_file() else None
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(path)
+    return np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine  # IBSR is stored (X, Y, Z, 1)
+
+
+def prepare(out: Path) -> Path:
+    """Align training/validation subjects to the reference; write them and the training datalist."""
+    from bundle.alignment import itk_affine_register
+    from bundle.io import write_nifti
+    from bundle.spatial import resample_to_grid
+
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ref_image, ref_affine = _load(ibsr_files(SPLIT["reference"])[0])
+    subjects = {}
+    for subject in SPLIT["training"] + SPLIT["validation"]:
+        image_path, label_path = ibsr_files(subject)
+        image, affine = _load(image_path)
+        start = time.perf_counter()
+        matrix = itk_affine_register(image.astype(np.float32), affine, ref_image.astype(np.float32), ref_affine)
+        entry = {"name": subject}
+        for kind, path, mode in (("image", image_path, "bilinear"), ("label", label_path, "nearest")):
+            if path is None:
+                continue
+            values, src_affine = _load(path)
+            aligned = resample_to_grid(
+                torch.as_tensor(values.astype(np.float32))[None], torch.as_tensor(src_affine),
+                torch.as_tensor(matrix @ ref_affine), ref_image.shape, mode=mode,
+            ).numpy()
+            target = data_dir / f"{subject}_{kind}.nii.gz"
+            write_nifti(aligned.astype(np.int16 if kind == "label" else np.float32), ref_affine, target)
+            entry[kind] = str(target)
+        subjects[subject] = entry
+        print(f"{subject}: aligned to {SPLIT['reference']} in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def pair(m: str, f: str, labels: bool) -> dict:
+        item = {"moving": subjects[m]["image"], "fixed": subjects[f]["image"], "name": f"{m}_to_{f}"}
+        if labels:
+            item.update(moving_label=subjects[m]["label"], fixed_label=subjects[f]["label"])
+        return item
+
+    labelled = [s for s in SPLIT["training"] if "label" in subjects[s]]
+    val = SPLIT["validation"][0]
+    datalist = {
+        "training": [pair(m, f, False) for m, f in permutations(SPLIT["training"], 2)],
+        "validation": [pair(val, s, True) for s in labelled[:4]] + [pair(s, val, True) for s in labelled[:4]],
+    }
+    datalist_path = out / "datalist.json"
+    datalist_path.write_text(json.dumps(datalist, indent=1))
+    print(f"{len(datalist['training'])} training pairs, {len(datalist['validation'])} validation pairs -> {datalist_path}")
+    return datalist_path
+
+
+def _configs(registration_only: bool) -> str:
+    names = ["train.json"] + (["registration_only.json"] if registration_only else [])
+    return "[" + ",".join(f"'{REPO / 'configs' / n}'" for n in names) + "]"
+
+
+def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, val_interval: int) -> None:
+    """Run the bundle's training command; resumes from the newest checkpoint in ``out``."""
+    datalist = out / "datalist.json"
+    if not datalist.is_file():
+        raise FileNotFoundError(f"{datalist} not found: run `python benchmarks/pretrain.py prepare` first.")
+    root = out / ("registration" if registration_only else "joint")
+    root.mkdir(parents=True, exist_ok=True)
+    args = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(registration_only),
+        "--bundle_root", str(root), "--datalist", str(datalist), "--max_epochs", str(max_epochs),
+        "--val_interval", str(val_interval), "--pixdim", str([pixdim] * 3), "--progress_bar", "False",
+    ]
+    start = time.perf_counter()
+    with open(root / "train.log", "a") as log:
+        subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    print(f"training finished in {time.perf_counter() - start:.0f} s; log: {root / 'train.log'}")
+
+
+def ship(out: Path, registration_only: bool) -> Path:
+    """Copy the best model's weights (a plain state dict) to ``models/pretrained/``."""
+    from bundle.engines.checkpoints import load_checkpoint
+
+    best = out / ("registration" if registration_only else "joint") / "models" / "model.pt"
+    state = load_checkpoint(best)
+    state = {k: v for k, v in state.items() if k != "checkpointer"}
+    target = REPO / "models" / "pretrained" / SHIPPED[registration_only]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(target)
+    print(f"{best} -> {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prepare", "train", "ship"])
+    parser.add_argument("--out", type=Path, default=RUNS)
+    parser.add_argument("--registration-only", action="store_true")
+    parser.add_argument("--max-epochs", type=int, default=20)
+    parser.add_argument("--val-interval", type=int, default=2)
+    parser.add_argument("--pixdim", type=float, default=3.0)
+    a = parser.parse_args()
+    if a.command == "prepare":
+        prepare(a.out)
+    elif a.command == "train":
+        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval)
+    else:
+        ship(a.out, a.registration_only)
+
+
+if __name__ == "__main__":
+    main()
