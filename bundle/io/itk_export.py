@@ -352,11 +352,11 @@ def export_ddf_file(
         FileNotFoundError, ValueError: see :func:`read_ddf_nifti` and the writers.
     """
     ddf_path = Path(ddf_path)
-    ddf, affine = read_ddf_nifti(ddf_path)
     field_path = Path(field_path) if field_path is not None else ddf_path.parent / "itk_displacement.nii.gz"
     transform_path = Path(transform_path) if transform_path is not None else ddf_path.parent / "itk_transform.h5"
-    _suffix(field_path, FIELD_SUFFIXES, "displacement field")  # check both names before writing either
+    _suffix(field_path, FIELD_SUFFIXES, "displacement field")  # check both names before reading or writing
     _suffix(transform_path, TRANSFORM_SUFFIXES, "transform")
+    ddf, affine = read_ddf_nifti(ddf_path)
     return {
         "field": write_itk_displacement_field(ddf, affine, field_path),
         "transform": write_itk_transform(ddf, affine, transform_path),

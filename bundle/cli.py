@@ -1,0 +1,451 @@
+"""Command-line tool: ``python -m bundle <command>`` or ``brainreg <command>`` (python-fire).
+
+Each command drives the bundle's configs through ``monai.bundle`` (``run`` / ``ckpt_export``) with a few
+overrides (a one-pair datalist in a temporary folder, the output folder, the checkpoint, the device) instead
+of re-implementing the pipeline. Any other config id can be overridden with ``--<id> VALUE`` (e.g.
+``--pixdim "[2.0,2.0,2.0]"``). ``--help`` after any command lists its options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import fire
+
+__all__ = ["find_bundle_root", "register", "segment", "evaluate", "export_torchscript", "export_itk", "demo", "COMMANDS", "main"]
+
+PREALIGN_CHOICES = ("none", "rigid", "affine")
+
+
+def find_bundle_root(root: str | os.PathLike | None = None) -> Path:
+    """The bundle folder (holding ``configs/``): ``root`` if given, else the repository this package comes from,
+    else the current folder.
+
+    Raises:
+        FileNotFoundError: no ``configs/inference.json`` there.
+    """
+    candidates = [Path(root)] if root is not None else [Path(__file__).resolve().parents[1], Path.cwd()]
+    for folder in candidates:
+        if (folder / "configs" / "inference.json").is_file():
+            return folder.resolve()
+    raise FileNotFoundError(
+        f"no bundle found (configs/inference.json) in {', '.join(str(c) for c in candidates)}; "
+        "run from the bundle folder or pass --bundle_root."
+    )
+
+
+def _existing(path, what: str) -> str:
+    """Absolute path of an existing file (or of each file of a list: channels of one image)."""
+    if isinstance(path, (list, tuple)):
+        return [_existing(p, what) for p in path]
+    if path is None or not Path(str(path)).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return str(Path(str(path)).resolve())
+
+
+def _configs(root: Path, *names: str) -> list[str]:
+    return [str(root / "configs" / name) for name in names]
+
+
+def _parser(config_files: Sequence[str], root: Path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser["bundle_root"] = str(root)
+    return parser
+
+
+def _device_override(device: str | None) -> dict:
+    """``{"device": "$torch.device(...)"}`` for ``cpu``/``cuda``/``cuda:N``, or nothing (config default)."""
+    if device is None:
+        return {}
+    import torch
+
+    device = str(device)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu).")
+    torch.device(device)  # raises for a malformed index
+    return {"device": f"$torch.device('{device}')"}
+
+
+def _checkpoint(model, parser) -> tuple[str, dict]:
+    """Path of the checkpoint (``--model``, else the config's ``ckpt_path``) and its loaded state dict.
+
+    Raises:
+        FileNotFoundError, ValueError: missing or unreadable checkpoint (:func:`bundle.engines.load_checkpoint`).
+    """
+    from bundle.engines import load_checkpoint
+
+    path = str(Path(str(model)).resolve()) if model is not None else str(parser.get_parsed_content("ckpt_path"))
+    ckpt = load_checkpoint(path)
+    state = next((ckpt[k] for k in ("network", "model") if isinstance(ckpt.get(k), Mapping)), ckpt)
+    return path, state
+
+
+def _is_registration_only(state: Mapping) -> bool:
+    """A registration-only (VoxelMorph U-Net) checkpoint has a ``head`` and no segmentation head."""
+    keys = {k.removeprefix("module.") for k in state}
+    return any(k.startswith("head.") for k in keys) and not any(k.startswith("seg_head.") for k in keys)
+
+
+def _model_configs(root: Path, base: Sequence[str], model, registration_only: bool | None) -> tuple[list[str], str]:
+    """Config files for the checkpoint (the registration-only overlay when it is one) and the checkpoint path."""
+    files = _configs(root, *base)
+    path, state = _checkpoint(model, _parser(files, root))
+    if registration_only is None:
+        registration_only = _is_registration_only(state)
+    if registration_only:
+        files += _configs(root, "registration_only.json")
+    return files, path
+
+
+def _prealign_override(prealign: str | None, parser) -> dict:
+    """``{"prealign": value}`` when the configs have that id; ``"none"`` is always accepted.
+
+    Raises:
+        ValueError: unknown value, or pre-alignment asked of a bundle version without that stage.
+    """
+    if prealign is None:
+        return {}
+    prealign = str(prealign).lower()
+    if prealign not in PREALIGN_CHOICES:
+        raise ValueError(f"--prealign must be one of {PREALIGN_CHOICES}, got {prealign!r}.")
+    if "prealign" in parser:
+        return {"prealign": prealign}
+    if prealign == "none":
+        return {}
+    raise ValueError(f"--prealign {prealign}: this bundle's inference config has no pre-alignment stage ('prealign' id).")
+
+
+def _run(run_id: str, config_files: Sequence[str], root: Path, overrides: Mapping) -> None:
+    """``monai.bundle.run`` of the bundle at ``root`` (``bundle_root`` defaults to it; an override may move it)."""
+    from monai.bundle import run
+
+    run(
+        run_id,
+        config_file=list(config_files),
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        **{"bundle_root": str(root), **overrides},
+    )
+
+
+def _write_datalist(folder: str, entry: dict) -> str:
+    path = os.path.join(folder, "datalist.json")
+    with open(path, "w") as f:
+        json.dump({"testing": [entry]}, f, indent=2)
+    return path
+
+
+def register(
+    moving,
+    fixed,
+    out: str,
+    moving_label: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    prealign: str | None = None,
+    itk: bool = False,
+    registration_only: bool | None = None,
+    bundle_root: str | None = None,
+    **overrides,
+) -> list[str]:
+    """Register MOVING to FIXED with configs/inference.json; write the outputs to the folder OUT.
+
+    Writes ``warped.nii.gz``, ``ddf.nii.gz`` (voxel units, pull-back), ``jacobian_det.nii.gz``,
+    ``warped_label.nii.gz`` (with --moving_label) and, for the joint model, ``seg_moving.nii.gz`` /
+    ``seg_fixed.nii.gz``, all on the fixed image's grid.
+
+    Args:
+        moving: moving image (NIfTI/NRRD/MHA), or a list of files stacked as channels.
+        fixed: fixed image (same channels as the moving one).
+        out: output folder (created; existing files of the same names are replaced).
+        moving_label: label map of the moving image, warped with nearest neighbour.
+        model: checkpoint; default the config's ckpt_path (models/model.pt of the bundle).
+        device: cpu, cuda or cuda:N; default CUDA when available.
+        prealign: none, rigid or affine pre-alignment before the deformable step (default: the config's).
+        itk: also write itk_displacement.nii.gz and itk_transform.h5 (ITK/ANTs, physical LPS mm).
+        registration_only: the checkpoint is the registration-only model; default: detected from its keys.
+        bundle_root: the bundle folder; default the repository of this package, else the current folder.
+        overrides: any other config id, e.g. --pixdim "[2.0,2.0,2.0]".
+
+    Returns:
+        the written files.
+
+    Raises:
+        FileNotFoundError: a missing input file or checkpoint.
+        ValueError: bad option values or an unusable checkpoint.
+    """
+    root = find_bundle_root(bundle_root)
+    entry = {"moving": _existing(moving, "moving image"), "fixed": _existing(fixed, "fixed image")}
+    if moving_label is not None:
+        entry["moving_label"] = _existing(moving_label, "moving label map")
+    out_dir = Path(str(out)).resolve()
+    entry["name"] = out_dir.name
+    files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
+    settings = {
+        **_device_override(device),
+        **_prealign_override(prealign, _parser(files, root)),
+        "ckpt_path": ckpt_path,
+        "output_dir": str(out_dir.parent),
+        "infer_section": "testing",
+        "pairing": None,
+    }
+    with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
+        _run("inference", files, root, {**overrides, **settings, "datalist": _write_datalist(tmp, entry)})
+    if itk:
+        export_itk(str(out_dir / "ddf.nii.gz"))
+    return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def segment(
+    image,
+    out: str,
+    model: str | None = None,
+    device: str | None = None,
+    bundle_root: str | None = None,
+    **overrides,
+) -> list[str]:
+    """Segment the tumour in IMAGE (joint model's segmentation path, configs/inference_segmentation.json).
+
+    Args:
+        image: image (or a list of files stacked as channels).
+        out: output folder; gets seg.nii.gz (0 background, 1 tumour) on the image's grid.
+        model: joint-model checkpoint; default the config's ckpt_path.
+        device: cpu, cuda or cuda:N.
+        bundle_root: the bundle folder (see register).
+        overrides: any other config id of inference_segmentation.json.
+
+    Returns:
+        the written files.
+
+    Raises:
+        FileNotFoundError: a missing image or checkpoint.
+        ValueError: bad options, or a registration-only checkpoint (it has no segmentation head).
+    """
+    root = find_bundle_root(bundle_root)
+    entry = {"image": _existing(image, "image")}
+    out_dir = Path(str(out)).resolve()
+    entry["name"] = out_dir.name
+    files = _configs(root, "inference_segmentation.json")
+    ckpt_path, state = _checkpoint(model, _parser(files, root))
+    if _is_registration_only(state):
+        raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")
+    settings = {**_device_override(device), "ckpt_path": ckpt_path, "output_dir": str(out_dir.parent)}
+    with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
+        _run("inference", files, root, {**overrides, **settings, "infer_section": "testing",
+                                         "datalist": _write_datalist(tmp, entry)})
+    return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def evaluate(
+    datalist: str | None = None,
+    out: str | None = None,
+    section: str = "testing",
+    model: str | None = None,
+    device: str | None = None,
+    registration_only: bool | None = None,
+    bundle_root: str | None = None,
+    **overrides,
+) -> list[str]:
+    """Evaluate a checkpoint on the pairs of a datalist (configs/train.json + configs/evaluate.json).
+
+    Writes per-pair and summary CSVs (Dice before/after, HD95 mm, folding %, SDlogJ; tumour Dice for the
+    joint model) on the network grid.
+
+    Args:
+        datalist: datalist JSON (see docs/README.md); default the embedded demo (built if needed).
+        out: folder for the CSVs; default eval/ of the bundle.
+        section: datalist section to evaluate.
+        model: checkpoint; default models/model.pt of the bundle.
+        device: cpu, cuda or cuda:N.
+        registration_only: the checkpoint is the registration-only model; default: detected from its keys.
+        bundle_root: the bundle folder (see register).
+        overrides: any other config id, e.g. --pixdim "[2.0,2.0,2.0]".
+
+    Returns:
+        the CSV files written.
+
+    Raises:
+        FileNotFoundError: a missing datalist or checkpoint.
+        ValueError: bad options or an unusable checkpoint.
+    """
+    root = find_bundle_root(bundle_root)
+    data = {} if datalist is None else {"datalist": _existing(datalist, "datalist")}
+    files, ckpt_path = _model_configs(root, ["train.json", "evaluate.json"], model, registration_only)
+    settings = {**_device_override(device), **data, "ckpt_path": ckpt_path, "eval_section": str(section)}
+    out_dir = Path(str(out)).resolve() if out is not None else root / "eval"
+    settings["output_dir"] = str(out_dir)
+    _run("evaluating", files, root, {**overrides, **settings})
+    return sorted(str(p) for p in out_dir.glob("*.csv"))
+
+
+def export_torchscript(
+    out: str | None = None,
+    model: str | None = None,
+    registration_only: bool | None = None,
+    input_shape: Sequence[int] | None = None,
+    bundle_root: str | None = None,
+    **overrides,
+) -> str:
+    """Export a checkpoint to TorchScript with monai.bundle ckpt_export (traced; metadata and configs embedded).
+
+    The networks are traced (torch.jit.script cannot compile them); the traced model runs on any input
+    shape that is a multiple of 16 on each axis, with ``2 * num_channels`` input channels.
+
+    Args:
+        out: TorchScript file; default models/model.ts of the bundle.
+        model: checkpoint; default models/model.pt of the bundle.
+        registration_only: the checkpoint is the registration-only model; default: detected from its keys.
+        input_shape: shape of the tracing input; default [1, 2 * num_channels, 64, 64, 64] (3D).
+        bundle_root: the bundle folder (see register).
+        overrides: any other config id of inference.json.
+
+    Returns:
+        the written file.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or unusable checkpoint.
+    """
+    from monai.bundle import ckpt_export
+
+    from bundle.engines import load_checkpoint
+
+    root = find_bundle_root(bundle_root)
+    files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
+    parser = _parser(files, root)
+    for key, value in overrides.items():
+        parser[key] = value
+    if input_shape is None:
+        channels = 2 * int(parser.get_parsed_content("num_channels"))
+        input_shape = [1, channels, *([64] * int(parser.get_parsed_content("spatial_dims")))]
+    out_path = Path(str(out)).resolve() if out is not None else root / "models" / "model.ts"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    key = "network" if isinstance(load_checkpoint(ckpt_path).get("network"), Mapping) else ""
+    if parser.get_parsed_content("joint_model"):
+        meta = {}
+    else:  # metadata.json describes the joint network's 7 output channels; the registration net has the DDF only
+        ndim = int(parser.get_parsed_content("spatial_dims"))
+        meta = {
+            "_meta_#network_data_format#outputs#pred#num_channels": ndim,
+            "_meta_#network_data_format#outputs#pred#type": "displacement field",
+            "_meta_#network_data_format#outputs#pred#format": "ddf",
+            "_meta_#network_data_format#outputs#pred#channel_def": {
+                str(k): f"displacement along axis {k} (voxels)" for k in range(ndim)
+            },
+        }
+    ckpt_export(
+        "network_def",
+        filepath=str(out_path),
+        ckpt_file=ckpt_path,
+        meta_file=str(root / "configs" / "metadata.json"),
+        config_file=files,
+        key_in_ckpt=key,
+        use_trace=True,
+        input_shape=[int(s) for s in input_shape],
+        bundle_root=str(root),
+        **overrides,
+        **meta,
+    )
+    return str(out_path)
+
+
+def export_itk(ddf: str, field: str | None = None, transform: str | None = None) -> list[str]:
+    """Convert an inference ddf.nii.gz into an ITK/ANTs displacement field and an ITK composite transform.
+
+    Args:
+        ddf: ddf.nii.gz written by register / inference (voxel units of the fixed grid).
+        field: displacement field to write (.nii.gz, .nii, .mha, .nrrd; physical LPS mm);
+            default itk_displacement.nii.gz next to DDF.
+        transform: composite transform file to write (.h5); default itk_transform.h5 next to DDF.
+
+    Returns:
+        the written files.
+
+    Raises:
+        FileNotFoundError: DDF does not exist.
+        ValueError: DDF is not a vector field as inference writes, or unsupported suffixes.
+    """
+    from bundle.io.itk_export import export_ddf_file
+
+    written = export_ddf_file(_existing(ddf, "DDF file"), field, transform)
+    return [str(written["field"]), str(written["transform"])]
+
+
+def demo(
+    root: str | None = None,
+    train: bool = True,
+    infer: bool = True,
+    device: str | None = None,
+    **overrides,
+) -> list[str]:
+    """Build the embedded demo data set, train the joint model on it and register its test pairs.
+
+    Same as the README's two commands. Training shows a progress bar; on 2 CPU cores it takes about 7 minutes.
+
+    Args:
+        root: folder for demo_data/, models/, outputs/ and eval/; default the bundle folder.
+        train: train (configs/train.json); --notrain only builds the data (and infers with an existing model).
+        infer: register the test pairs with the trained model into outputs/.
+        device: cpu, cuda or cuda:N.
+        overrides: config ids for training, e.g. --max_epochs 5.
+
+    Returns:
+        the demo datalist, and the checkpoint and output folder when trained / inferred.
+
+    Raises:
+        FileNotFoundError: the nilearn template is missing, or --notrain --infer without a trained model.
+    """
+    from bundle.engines import load_checkpoint
+    from bundle.io.demo import build_demo_dataset
+
+    bundle = find_bundle_root()  # the configs; ``root`` is only where the demo's files go
+    work = Path(str(root)).resolve() if root is not None else bundle
+    results = [build_demo_dataset(str(work / "demo_data"))]
+    common = {**_device_override(device), "bundle_root": str(work)}
+    if train:
+        _run("training", _configs(bundle, "train.json"), bundle, {**overrides, **common})
+        results.append(str(work / "models" / "model.pt"))
+    if infer:
+        load_checkpoint(work / "models" / "model.pt")  # clear error before the pipeline starts
+        _run("inference", _configs(bundle, "inference.json"), bundle, common)
+        results.append(str(work / "outputs"))
+    return results
+
+
+COMMANDS = {
+    "register": register,
+    "segment": segment,
+    "evaluate": evaluate,
+    "export": {"torchscript": export_torchscript, "itk": export_itk},
+    "demo": demo,
+}
+
+
+def _help_last(argv: Sequence[str]) -> list[str]:
+    """Move ``--help``/``-h`` behind fire's ``--`` separator: the commands accept any ``--<config id>`` flag, so
+    fire would otherwise pass ``help=True`` to them as an override (and run them) instead of showing help."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    if not any(a in ("--help", "-h") for a in argv[:end]):
+        return argv
+    command = [a for a in argv[:end] if a not in ("--help", "-h")]
+    return [*command, "--", "--help", *[a for a in argv[end + 1 :] if a != "--help"]]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``brainreg`` / ``python -m bundle``: run a command; bad input ends with one clear line."""
+    argv = _help_last(sys.argv[1:] if argv is None else argv)
+    try:
+        fire.Fire(COMMANDS, command=argv, name="brainreg")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"brainreg: error: {e}", file=sys.stderr)
+        sys.exit(2)

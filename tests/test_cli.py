@@ -1,0 +1,254 @@
+"""The command-line tool (``python -m bundle`` / ``brainreg``, :mod:`bundle.cli`).
+
+In-process: ``--help`` of every command, clear errors for bad input. Subprocesses (on the session's job
+graph): ``demo`` builds the embedded demo data; ``register`` (with ``--itk``), ``segment`` and ``evaluate``
+run on it at 4 mm with a joint checkpoint whose flow layer is random (a non-zero DDF). The ITK transform
+written by ``register --itk`` is applied with ITK to the moving image and must give ``warped.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser  # imported here, not in the job threads: concurrent first imports race
+
+from bundle import cli
+from bundle.io.itk_export import read_ddf_nifti, read_itk_displacement_field
+from conftest import CONFIGS, PIXDIM, REPO_ROOT, JobGraph, check_outputs_on_grid, run
+
+TEST_PAIR = 0  # the demo's first test pair: a tumour-to-healthy pair with labels
+
+
+def _write_checkpoint(path: Path, *overlays: str) -> Path:
+    """A fresh network of ``inference.json`` (+ ``overlays``) with a random flow layer, saved as training
+    saves ``model.pt``."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in ("inference.json", *overlays)])
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    head = net.reg_head if hasattr(net, "reg_head") else net.head
+    with torch.no_grad():
+        torch.nn.init.normal_(head.conv.weight, std=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"network": net.state_dict(), "checkpointer": {}}, path)
+    return path
+
+
+def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cli")
+    ctx = {"root": root, "ckpt": root / "model.pt"}
+
+    def pair():
+        datalist = json.loads((root / "demo_data" / "datalist.json").read_text())
+        return {k: str(root / "demo_data" / v) for k, v in datalist["testing"][TEST_PAIR].items() if k != "name"}
+
+    def demo():
+        _write_checkpoint(ctx["ckpt"])
+        return run(["demo", "--root", root, "--notrain", "--noinfer"], module="bundle", timeout=300,
+                   log=root / "demo.log")
+
+    def register():
+        graph.result("cli_demo").check()
+        p = pair()
+        args = ["register", p["moving"], p["fixed"], "--out", root / "registered", "--moving-label", p["moving_label"],
+                "--model", ctx["ckpt"], "--device", "cpu", "--prealign", "none", "--itk", "--pixdim", PIXDIM]
+        return run(args, module="bundle", timeout=300, log=root / "register.log"), p
+
+    def segment():
+        graph.result("cli_demo").check()
+        args = ["segment", pair()["fixed"], "--out", root / "segmented", "--model", ctx["ckpt"], "--pixdim", PIXDIM]
+        return run(args, module="bundle", timeout=300, log=root / "segment.log")
+
+    def evaluate():
+        graph.result("cli_demo").check()
+        args = ["evaluate", root / "demo_data" / "datalist.json", "--out", root / "eval", "--model", ctx["ckpt"],
+                "--pixdim", PIXDIM, "--num_workers", "0"]
+        return run(args, module="bundle", timeout=300, log=root / "evaluate.log")
+
+    graph.add("cli_demo", demo, priority=1)
+    graph.add("cli_register", register, deps=["cli_demo"], priority=1)
+    graph.add("cli_segment", segment, deps=["cli_demo"])
+    graph.add("cli_evaluate", evaluate, deps=["cli_demo"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def jobs(job_graph):
+    return job_graph, job_graph.context[__name__]
+
+
+def _main(*argv) -> int:
+    """Run ``brainreg *argv`` in-process; its exit status (0 when it returns)."""
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as e:  # fire's FireExit is a SystemExit too
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- help and errors
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    (
+        ((), ["register", "segment", "evaluate", "export", "demo"]),
+        (("register",), ["MOVING", "FIXED", "OUT", "--moving_label", "--model", "--device", "--prealign", "--itk"]),
+        (("segment",), ["IMAGE", "OUT", "--model"]),
+        (("evaluate",), ["--datalist", "--out", "--section", "--model"]),
+        (("export",), ["torchscript", "itk"]),
+        (("export", "torchscript"), ["--out", "--model", "--input_shape"]),
+        (("export", "itk"), ["DDF", "--field", "--transform"]),
+        (("demo",), ["--root", "--train", "--infer"]),
+    ),
+)
+def test_help_of_every_command(capfd, command, expected):
+    assert _main(*command, "--help") == 0
+    text = "".join(capfd.readouterr())  # fire writes help to stdout in a terminal, to stderr here
+    missing = [e for e in expected if e not in text]
+    assert not missing, f"help of {command} lacks {missing}:\n{text}"
+
+
+def test_console_script_is_declared():
+    """``python -m bundle`` itself runs in the jobs below; ``brainreg`` is the same ``main``."""
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["brainreg"] == "bundle.cli:main"
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    path = folder / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 16), dtype=np.float32), np.eye(4)), str(path))
+    (folder / "corrupt.pt").write_bytes(b"not a checkpoint")
+    return path
+
+
+def _fails(capsys, *argv) -> str:
+    assert _main(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("brainreg: error: "), err
+    return err
+
+
+def test_missing_inputs_are_named(capsys, small_image, tmp_path):
+    assert "moving image not found: absent.nii.gz" in _fails(capsys, "register", "absent.nii.gz", small_image, "--out", tmp_path)
+    assert "fixed image not found: absent.nii.gz" in _fails(capsys, "register", small_image, "absent.nii.gz", "--out", tmp_path)
+    err = _fails(capsys, "register", small_image, small_image, "--out", tmp_path, "--moving-label", "absent_seg.nii.gz")
+    assert "moving label map not found: absent_seg.nii.gz" in err
+    assert "image not found: absent.nii.gz" in _fails(capsys, "segment", "absent.nii.gz", "--out", tmp_path)
+    assert "datalist not found: absent.json" in _fails(capsys, "evaluate", "absent.json", "--model", small_image.parent / "corrupt.pt")
+    assert "DDF file not found: absent.nii.gz" in _fails(capsys, "export", "itk", "absent.nii.gz")
+
+
+def test_bad_checkpoints_and_options_are_explained(capsys, small_image, tmp_path):
+    pair = ["register", small_image, small_image, "--out", tmp_path]
+    assert "checkpoint not found" in _fails(capsys, *pair, "--model", tmp_path / "absent.pt")
+    assert "is unreadable" in _fails(capsys, *pair, "--model", small_image.parent / "corrupt.pt")
+    ckpt = _write_checkpoint(tmp_path / "joint.pt")
+    assert "--prealign must be one of" in _fails(capsys, *pair, "--model", ckpt, "--prealign", "bspline")
+    assert "--device must be 'cpu', 'cuda' or 'cuda:N'" in _fails(capsys, *pair, "--model", ckpt, "--device", "gpu")
+    reg_only = _write_checkpoint(tmp_path / "reg.pt", "registration_only.json")
+    err = _fails(capsys, "segment", small_image, "--out", tmp_path, "--model", reg_only)
+    assert "registration-only model" in err
+    assert "must end with one of" in _fails(capsys, "export", "itk", small_image, "--field", tmp_path / "f.png")
+
+
+def test_prealign_passes_only_when_the_config_has_it():
+    with_id, without_id = ConfigParser({"prealign": "affine"}), ConfigParser({"pixdim": [3.0, 3.0, 3.0]})
+    assert cli._prealign_override("rigid", with_id) == {"prealign": "rigid"}
+    assert cli._prealign_override(None, with_id) == {}
+    assert cli._prealign_override("none", without_id) == {}  # older configs: nothing to switch off
+    with pytest.raises(ValueError, match="no pre-alignment stage"):
+        cli._prealign_override("affine", without_id)
+
+
+def test_registration_only_checkpoints_are_detected(tmp_path):
+    joint = torch.load(_write_checkpoint(tmp_path / "j.pt"), weights_only=True)["network"]
+    reg = torch.load(_write_checkpoint(tmp_path / "r.pt", "registration_only.json"), weights_only=True)["network"]
+    assert not cli._is_registration_only(joint) and cli._is_registration_only(reg)
+    assert cli._is_registration_only({f"module.{k}": v for k, v in reg.items()})  # DDP prefix
+
+
+# ------------------------------------------------------------------------------------------- real runs
+
+
+def test_demo_builds_the_data(jobs):
+    graph, ctx = jobs
+    graph.result("cli_demo").check()
+    datalist = json.loads((ctx["root"] / "demo_data" / "datalist.json").read_text())
+    assert datalist["testing"] and not (ctx["root"] / "models").exists()  # --notrain: nothing trained
+
+
+def test_register_writes_outputs_and_itk_files_that_itk_applies(jobs):
+    import itk
+
+    graph, ctx = jobs
+    result, pair = graph.result("cli_register")
+    result.check()
+    folder = ctx["root"] / "registered"
+    fixed = nib.load(pair["fixed"])
+    arrays = check_outputs_on_grid(folder, fixed.shape, fixed.affine)
+    assert {"seg_moving.nii.gz", "seg_fixed.nii.gz", "itk_displacement.nii.gz", "itk_transform.h5"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert str(folder / "warped.nii.gz") in result.output  # the written files are listed
+    ddf, affine = read_ddf_nifti(folder / "ddf.nii.gz")
+    assert np.abs(ddf).max() > 0.2, "the random flow layer should give a non-zero DDF"
+    back, back_affine = read_itk_displacement_field(folder / "itk_displacement.nii.gz")
+    np.testing.assert_allclose(back, ddf, atol=1e-4)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-4)
+    # ITK applies the written transform to the moving image as loaded: the same as our warped.nii.gz
+    moving, reference = itk.imread(pair["moving"], itk.F), itk.imread(pair["fixed"], itk.F)
+    transform = itk.transformread(str(folder / "itk_transform.h5"))[0]
+    warped = itk.resample_image_filter(moving, transform=transform, use_reference_image=True, reference_image=reference)
+    warped = np.transpose(itk.array_from_image(warped), (2, 1, 0))
+    diff = np.abs(warped - arrays["warped"])
+    print(f"register --itk: |ITK - warped.nii.gz| max {diff.max():.2e}, mean {diff.mean():.2e} "
+          f"(intensity max {arrays['warped'].max():.2f})")
+    assert diff.max() < 1e-4 * max(1.0, float(np.abs(arrays["warped"]).max()))
+
+
+def test_segment_writes_a_label_map_on_the_image_grid(jobs):
+    graph, ctx = jobs
+    graph.result("cli_segment").check()
+    seg = nib.load(str(ctx["root"] / "segmented" / "seg.nii.gz"))
+    fixed_path = json.loads((ctx["root"] / "demo_data" / "datalist.json").read_text())["testing"][TEST_PAIR]["fixed"]
+    image = nib.load(str(ctx["root"] / "demo_data" / fixed_path))
+    assert seg.shape == image.shape
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def test_evaluate_writes_metrics(jobs):
+    graph, ctx = jobs
+    result = graph.result("cli_evaluate").check()
+    csvs = sorted(p.name for p in (ctx["root"] / "eval").glob("*.csv"))
+    assert "metrics.csv" in csvs and any("mean_dice" in n for n in csvs), (csvs, result.tail())
+
+
+def test_export_itk_to_other_formats(jobs, tmp_path, capsys):
+    graph, ctx = jobs
+    graph.result("cli_register")[0].check()
+    ddf_path = ctx["root"] / "registered" / "ddf.nii.gz"
+    assert _main("export", "itk", ddf_path, "--field", tmp_path / "field.mha", "--transform", tmp_path / "t.h5") == 0
+    assert str(tmp_path / "field.mha") in capsys.readouterr().out
+    np.testing.assert_allclose(read_itk_displacement_field(tmp_path / "t.h5")[0], read_ddf_nifti(ddf_path)[0], atol=1e-5)
+
+
+def test_export_torchscript_of_a_registration_only_checkpoint(tmp_path):
+    ckpt = _write_checkpoint(tmp_path / "reg.pt", "registration_only.json")
+    out = cli.export_torchscript(out=str(tmp_path / "reg.ts"), model=str(ckpt), input_shape=[1, 2, 32, 32, 32])
+    extra = {"metadata.json": ""}
+    scripted = torch.jit.load(out, _extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3  # not the joint net's 7
+    x = torch.rand(1, 2, 48, 32, 32)
+    assert scripted(x).shape == (1, 3, 48, 32, 32)
