@@ -39,7 +39,7 @@ def find_bundle_root(root: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _existing(path, what: str) -> str:
+def _existing(path, what: str) -> str | list[str]:
     """Absolute path of an existing file (or of each file of a list: channels of one image)."""
     if isinstance(path, (list, tuple)):
         return [_existing(p, what) for p in path]
@@ -72,7 +72,10 @@ def _device_override(device: str | None) -> dict:
         raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu).")
-    torch.device(device)  # raises for a malformed index
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is malformed: {e}") from e
     return {"device": f"$torch.device('{device}')"}
 
 
@@ -396,7 +399,7 @@ def demo(
         train: train (configs/train.json); --notrain only builds the data (and infers with an existing model).
         infer: register the test pairs with the trained model into outputs/.
         device: cpu, cuda or cuda:N.
-        overrides: config ids for training, e.g. --max_epochs 5.
+        overrides: config ids for training and inference, e.g. --max_epochs 5 or --pixdim "[4.0,4.0,4.0]".
 
     Returns:
         the demo datalist, and the checkpoint and output folder when trained / inferred.
@@ -416,7 +419,7 @@ def demo(
         results.append(str(work / "models" / "model.pt"))
     if infer:
         load_checkpoint(work / "models" / "model.pt")  # clear error before the pipeline starts
-        _run("inference", _configs(bundle, "inference.json"), bundle, common)
+        _run("inference", _configs(bundle, "inference.json"), bundle, {**overrides, **common})
         results.append(str(work / "outputs"))
     return results
 
