@@ -9,8 +9,7 @@ written by ``register --itk`` is applied with ITK to the moving image and must g
 from __future__ import annotations
 
 import json
-import sys
-import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +20,7 @@ from monai.bundle import ConfigParser  # imported here, not in the job threads: 
 
 from bundle import cli
 from bundle.io.itk_export import read_ddf_nifti, read_itk_displacement_field
-from conftest import CONFIGS, PIXDIM, REPO_ROOT, JobGraph, check_outputs_on_grid, run
+from conftest import CONFIGS, PIXDIM, JobGraph, check_outputs_on_grid, run
 
 TEST_PAIR = 0  # the demo's first test pair: a tumour-to-healthy pair with labels
 
@@ -116,10 +115,11 @@ def test_help_of_every_command(capfd, command, expected):
     assert not missing, f"help of {command} lacks {missing}:\n{text}"
 
 
-def test_console_script_is_declared():
-    """``python -m bundle`` itself runs in the jobs below; ``brainreg`` is the same ``main``."""
-    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["brainreg"] == "bundle.cli:main"
+def test_console_script_is_installed():
+    """``python -m bundle`` itself runs in the jobs below; the ``brainreg`` script is the same ``main``."""
+    scripts = entry_points(group="console_scripts", name="brainreg")
+    assert scripts, "no `brainreg` console script: reinstall the package (pip install -e .)"
+    assert next(iter(scripts)).load() is cli.main
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from bundle.io.itk_export import (
     write_itk_transform,
 )
 from bundle.io.writers import write_nifti
-from bundle.spatial import index_grid, resample_to_grid
+from bundle.spatial import resample_to_grid
 from bundle.transforms import Warpd
 from conftest import SHARED_DATA, save_nifti
 
