@@ -1,0 +1,1 @@
+"""MONAI Label app for the brain registration / tumour segmentation bundle (tasks, trainers, helpers)."""

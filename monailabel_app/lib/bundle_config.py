@@ -1,0 +1,114 @@
+"""Where the bundle and its weights are, and its configs read for MONAI Label: what every task of the app shares.
+
+The app's ``--conf`` options (``monailabel start_server ... --conf KEY VALUE``):
+
+- ``bundle_root``: the bundle (a folder with ``configs/``); default: the repository that holds this app.
+- ``model``: the checkpoint the infer tasks start from; default ``<bundle_root>/models/model.pt``.
+- ``overrides``: JSON object of config ids set in every config the app reads, e.g. ``'{"pixdim": [4, 4, 4]}'``
+  for a checkpoint trained at 4 mm (the network grid must match the one the weights were trained on).
+- ``atlas_image`` / ``atlas_label``: the atlas of the registration task (default: the embedded demo's).
+- ``atlas_label_names``: JSON object ``{"name": value}`` naming the atlas labels.
+
+The train task publishes its best model to ``<app>/model/trained_model.pt``; the infer tasks use it once it
+exists (MONAI Label reloads a checkpoint whose modification time changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+
+__all__ = ["AppSettings", "read_config", "read_metadata", "TRAINED_MODEL"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAINED_MODEL = "trained_model.pt"
+METADATA_OVERLAY = "monailabel_metadata.json"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Paths and config overrides of one app instance (see the module docstring for the ``--conf`` keys)."""
+
+    app_dir: Path
+    bundle_root: Path
+    model: Path
+    overrides: dict = field(default_factory=dict)
+    atlas_image: str | None = None
+    atlas_label: str | None = None
+    atlas_label_names: dict | None = None
+
+    @property
+    def trained_model(self) -> Path:
+        """Where the train task publishes its best model (preferred by the infer tasks once it exists)."""
+        return self.app_dir / "model" / TRAINED_MODEL
+
+    @property
+    def model_paths(self) -> list[str]:
+        """Checkpoints in MONAI Label's order: the last one that exists is used."""
+        return [str(self.model), str(self.trained_model)]
+
+    @classmethod
+    def from_conf(cls, app_dir: str | os.PathLike, conf: dict) -> AppSettings:
+        """Read the ``--conf`` options.
+
+        Raises:
+            FileNotFoundError: ``bundle_root`` has no ``configs/inference.json``; an atlas file is missing.
+            ValueError: ``overrides`` or ``atlas_label_names`` is not a JSON object; only one of
+                ``atlas_image`` / ``atlas_label`` is given.
+        """
+        root = Path(os.path.expanduser(conf.get("bundle_root", str(REPO_ROOT)))).resolve()
+        if not (root / "configs" / "inference.json").is_file():
+            raise FileNotFoundError(f"bundle_root {root} has no configs/inference.json (set --conf bundle_root).")
+        model = Path(os.path.expanduser(conf.get("model", str(root / "models" / "model.pt")))).resolve()
+        atlas = [conf.get("atlas_image"), conf.get("atlas_label")]
+        if any(atlas) and not all(atlas):
+            raise ValueError("give both --conf atlas_image and --conf atlas_label, or neither (the demo atlas).")
+        for path in filter(None, atlas):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"atlas file not found: {path}")
+        return cls(
+            app_dir=Path(app_dir).resolve(),
+            bundle_root=root,
+            model=model,
+            overrides=_json_object(conf, "overrides") or {},
+            atlas_image=atlas[0],
+            atlas_label=atlas[1],
+            atlas_label_names=_json_object(conf, "atlas_label_names"),
+        )
+
+
+def _json_object(conf: dict, key: str) -> dict | None:
+    text = conf.get(key)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--conf {key} must be a JSON object, got {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"--conf {key} must be a JSON object, got {text!r}.")
+    return value
+
+
+def read_config(bundle_root: str | os.PathLike, files: tuple[str, ...], overrides: dict | None = None) -> ConfigParser:
+    """Parser of ``configs/<files>`` merged in order (later files override ids), with ``bundle_root`` and ``overrides`` set."""
+    configs = Path(bundle_root) / "configs"
+    missing = [f for f in files if not (configs / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle configs not found in {configs}: {missing}")
+    parser = ConfigParser()
+    parser.read_config([str(configs / f) for f in files])
+    parser.update({"bundle_root": str(bundle_root), **(overrides or {})})
+    return parser
+
+
+def read_metadata(bundle_root: str | os.PathLike) -> dict:
+    """``configs/metadata.json`` with the MONAI Label overlay (the segmentation head's input and output) applied."""
+    configs = Path(bundle_root) / "configs"
+    metadata = json.loads((configs / "metadata.json").read_text())
+    metadata.update(json.loads((configs / METADATA_OVERLAY).read_text()))
+    return metadata

@@ -1,0 +1,48 @@
+"""Tumour segmentation of one image with the joint model's shared encoder and segmentation decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from monai.transforms import CastToTyped, SqueezeDimd
+
+from ..bundle_config import AppSettings, read_config, read_metadata
+from .base import BundleConfigInferTask
+
+__all__ = ["TumourSegmentation", "CONFIGS"]
+
+# the bundle's single-image segmentation config, with MONAI Label's post-processing (no file writer)
+CONFIGS = ("inference_segmentation.json", "monailabel_infer.json")
+
+
+class TumourSegmentation(BundleConfigInferTask):
+    """``bundle.networks.TumourSegmentationNet`` on the request's image; returns the tumour label map on its grid.
+
+    Pre-processing, inferer and post-processing are those of ``configs/inference_segmentation.json``
+    (post-processing from ``configs/monailabel_infer.json``: logits resampled onto the image's native grid,
+    argmax); the labels are the ``channel_def`` of ``configs/monailabel_metadata.json``.
+    """
+
+    def __init__(self, settings: AppSettings, **kwargs):
+        metadata = read_metadata(settings.bundle_root)
+        output = next(iter(metadata["network_data_format"]["outputs"].values()))
+        labels = {name: int(k) for k, name in output["channel_def"].items() if name.lower() != "background"}
+        super().__init__(
+            read_config(settings.bundle_root, CONFIGS, settings.overrides),
+            settings.model_paths,
+            labels=labels,
+            description="Tumour segmentation with the joint registration/segmentation model's segmentation head",
+            **kwargs,
+        )
+        self.version = metadata.get("version")
+
+    def info(self):
+        return {**super().info(), "version": self.version}
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return [
+            *super().post_transforms(data),
+            SqueezeDimd(keys="pred", dim=0),  # (1, *spatial) -> (*spatial): MONAI Label writes one label volume
+            CastToTyped(keys="pred", dtype=np.uint8),
+        ]

@@ -1,0 +1,72 @@
+"""MONAI Label app for the brain registration / joint tumour segmentation bundle.
+
+    python -m monailabel.main start_server --app monailabel_app --studies STUDIES [--conf KEY VALUE ...]
+
+Tasks (see docs/monailabel.md): infer ``tumour_segmentation`` (the joint model's segmentation head on one
+image), infer ``atlas_registration`` (an atlas registered onto the image, its labels propagated), train
+``joint_model``. The ``--conf`` keys are described in ``lib/bundle_config.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lib.compat import ensure_torchvision
+
+ensure_torchvision()  # before any monailabel task module: they import torchvision.utils
+
+import monailabel  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+
+from lib.bundle_config import AppSettings  # noqa: E402
+from lib.infers import AtlasRegistration, TumourSegmentation  # noqa: E402
+from lib.infers.atlas_registration import ATLAS_KEY  # noqa: E402
+from lib.trainers import JointTraining  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class BrainRegistrationApp(MONAILabelApp):
+    """Infer tasks ``tumour_segmentation`` and ``atlas_registration``, train task ``joint_model``."""
+
+    def __init__(self, app_dir, studies, conf):
+        self.settings = AppSettings.from_conf(app_dir, conf)
+        logger.info(f"bundle {self.settings.bundle_root}; weights {self.settings.model_paths}")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Brain MRI registration and tumour segmentation (MONAI bundle)",
+            description="Tumour segmentation, atlas-based segmentation by registration, and training of the joint model",
+            version=monailabel.__version__,
+        )
+
+    def init_infers(self):
+        return {
+            "tumour_segmentation": TumourSegmentation(self.settings),
+            "atlas_registration": AtlasRegistration(self.settings),
+        }
+
+    def init_trainers(self):
+        return {"joint_model": JointTraining(self.settings)}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request, datastore=None):
+        """``atlas_registration`` accepts ``atlas``: the id of a datastore image with a final label to use as the atlas."""
+        request = {k: v for k, v in request.items() if k != ATLAS_KEY}  # only set here, never by a client
+        atlas_id = request.get("atlas")
+        if atlas_id:
+            datastore = datastore or self.datastore()
+            label = datastore.get_label_uri(atlas_id, DefaultLabelTag.FINAL)
+            if not label:
+                raise MONAILabelException(
+                    MONAILabelError.INVALID_INPUT, f"atlas {atlas_id!r} has no final label in the datastore"
+                )
+            request[ATLAS_KEY] = (datastore.get_image_uri(atlas_id), label)
+        return super().infer(request, datastore)
