@@ -1,0 +1,164 @@
+"""The MONAI Label app's parts that need no MONAI Label: the stock ``monaibundle`` layout, the MONAI Label
+config overlays, the subject split and the torchvision stand-in (the real server: test_monailabel_server.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+
+from conftest import CONFIGS, REPO_ROOT, write_zero_checkpoint
+
+from bundle.engines import load_weights
+from bundle.io import SaveNiftid
+from bundle.networks import TumourSegmentationNet
+from monailabel_app.lib.compat import FALLBACK_DIR
+from monailabel_app.lib.stock_bundle import export_stock_bundle
+from monailabel_app.lib.subjects import split_subjects
+
+# the config ids MONAI Label 0.8.5's BundleInferTask reads and BundleTrainTask overrides
+INFER_IDS = ("network_def", "preprocessing", "inferer", "postprocessing")
+TRAIN_IDS = ("bundle_root", "device", "network", "train#trainer#max_epochs", "train#dataset#data", "train#handlers",
+             "validate#dataset#data")
+SUBJECTS = [{"image": f"/d/s{i}.nii.gz", "label": f"/d/s{i}_seg.nii.gz"} for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def stock_bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stock")
+    ckpt = write_zero_checkpoint(tmp / "joint.pt")
+    return export_stock_bundle(REPO_ROOT, tmp / "app" / "model" / "brain", ckpt, {"pixdim": [4.0, 4.0, 4.0]})
+
+
+def _parser(path: Path) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    return parser
+
+
+def test_stock_layout_has_the_files_monailabel_reads(stock_bundle):
+    files = sorted(str(p.relative_to(stock_bundle)) for p in stock_bundle.rglob("*") if p.is_file())
+    assert files == ["configs/inference.json", "configs/logging.conf", "configs/metadata.json", "configs/train.json",
+                     "models/model.pt"]
+
+
+def test_stock_metadata_is_valid_and_describes_the_segmentation_head(stock_bundle):
+    meta_file = stock_bundle / "configs" / "metadata.json"
+    verify_metadata(meta_file=str(meta_file), filepath=str(CONFIGS / "metadata_schema.json"))  # offline schema
+    meta = json.loads(meta_file.read_text())
+    # BundleInferTask takes the FIRST input and output, and the output's channel_def as its labels
+    (in_key, image), = meta["network_data_format"]["inputs"].items()
+    (out_key, pred), = meta["network_data_format"]["outputs"].items()
+    assert (in_key, out_key) == ("image", "pred")
+    assert pred["channel_def"] == {"0": "background", "1": "tumour"}
+    assert image["num_channels"] == 1
+    assert meta["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+
+
+def test_stock_inference_config_is_the_segmentation_without_writer(stock_bundle):
+    parser = _parser(stock_bundle / "configs" / "inference.json")
+    assert all(k in parser for k in INFER_IDS)
+    assert parser["pixdim"] == [4.0, 4.0, 4.0] and parser["bundle_root"] == "."
+    parser["bundle_root"] = str(stock_bundle)  # what BundleInferTask sets
+    network = parser.get_parsed_content("network_def")
+    assert type(network) is TumourSegmentationNet
+    for key in ("preprocessing", "postprocessing"):
+        transforms = parser.get_parsed_content(key).transforms
+        assert not any(isinstance(t, SaveNiftid) for t in transforms), key
+    # the shipped weights load strictly; the network's shapes match the metadata
+    load_weights(network, stock_bundle / "models" / "model.pt")
+    verify_net_in_out(net_id="network_def", meta_file=str(stock_bundle / "configs" / "metadata.json"),
+                      config_file=str(stock_bundle / "configs" / "inference.json"), n=2, device="cpu")
+
+
+def test_stock_train_config_pairs_the_datastore_subjects(stock_bundle):
+    parser = _parser(stock_bundle / "configs" / "train.json")
+    assert all(k in parser for k in TRAIN_IDS)
+    assert parser["resume"] is False and parser["val_interval"] == 1
+    # BundleTrainTask's overrides: the datastore's {"image", "label"} subjects
+    parser["train#dataset#data"] = SUBJECTS[:2]
+    parser["validate#dataset#data"] = SUBJECTS[2:]
+    train = parser.get_parsed_content("train#data")
+    assert [(p["moving"], p["fixed"]) for p in train] == [("/d/s0.nii.gz", "/d/s1.nii.gz"), ("/d/s1.nii.gz", "/d/s0.nii.gz")]
+    assert train[0]["moving_tumour"] == "/d/s0_seg.nii.gz" and train[0]["fixed_tumour"] == "/d/s1_seg.nii.gz"
+    val = parser.get_parsed_content("validate#data")
+    assert [(p["moving"], p["fixed"]) for p in val] == [("/d/s0.nii.gz", "/d/s2.nii.gz"), ("/d/s1.nii.gz", "/d/s2.nii.gz")]
+    assert parser.get_parsed_content("train#dataloader#dataset#data") == train  # what the trainer iterates
+    # no validation subject (val_split 0): validate on the training pairs
+    parser["validate#dataset#data"] = []
+    parser.parse()
+    assert len(parser.get_parsed_content("validate#data")) == 2
+
+
+def test_stock_export_refuses_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        export_stock_bundle(REPO_ROOT, tmp_path / "brain", tmp_path / "missing.pt")
+    assert not (tmp_path / "brain").exists()
+
+
+def test_split_subjects_keeps_a_training_pair():
+    subjects = [{"image": str(i)} for i in range(5)]
+    train, val = split_subjects(subjects, 0.2)
+    assert [s["image"] for s in train] == ["0", "1", "2", "3"] and [s["image"] for s in val] == ["4"]
+    train, val = split_subjects(subjects[:2], 0.5)
+    assert len(train) == 2 and val == []
+    with pytest.raises(ValueError, match="at least 2 labelled images"):
+        split_subjects(subjects[:1], 0.2)
+    with pytest.raises(ValueError, match="val_split"):
+        split_subjects(subjects, 1.0)
+
+
+def _run_python(code: str, pythonpath: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=120)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_torchvision_stand_in_is_used_only_when_torchvision_is_missing(tmp_path):
+    result = _run_python(
+        """
+        import os, sys
+        from monailabel_app.lib.compat import ensure_torchvision, FALLBACK_DIR
+        assert ensure_torchvision(export_env=True) == "fallback"
+        assert sys.path[-1] == str(FALLBACK_DIR) and os.environ["PYTHONPATH"].endswith(str(FALLBACK_DIR))
+        from torchvision.utils import make_grid, save_image   # what monailabel.transform.post imports
+        try:
+            make_grid(None)
+        except ModuleNotFoundError as e:
+            assert "torchvision is not installed" in str(e)
+        else:
+            raise AssertionError("make_grid of the stand-in returned")
+        import torchvision
+        assert not hasattr(torchvision, "models")
+        print("ok")
+        """,
+        pythonpath=str(REPO_ROOT),
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    # a real torchvision (here a stand-in for one, first on the path) is used unchanged
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("REAL = True\n")
+    result = _run_python(
+        """
+        import sys
+        from monailabel_app.lib.compat import ensure_torchvision, FALLBACK_DIR
+        assert ensure_torchvision() == "torchvision"
+        assert str(FALLBACK_DIR) not in sys.path
+        import torchvision
+        assert torchvision.REAL
+        print("ok")
+        """,
+        pythonpath=os.pathsep.join([str(tmp_path), str(REPO_ROOT)]),
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert FALLBACK_DIR.is_dir()
