@@ -10,8 +10,10 @@ CSV (or writes the CSV to ``--csv``):
   (window 9) of their own warped image + diffusion of their DDF; the joint model uses the bundle's
   ``JointRegSegLoss`` (tumour-masked LNCC, diffusion, weighted cross-entropy + Dice of both segmentations).
 
-Per case: ``ms/pair`` is the median over ``--repeats`` steps after ``--warmup`` steps (``first call ms`` is
-the very first step: allocation, cuDNN autotuning, compilation); ``pairs/s`` is ``1000 / ms``; ``peak MB``
+Per case: ``ms/pair`` is the median wall-clock time over ``--repeats`` steps after ``--warmup`` steps
+(``first call ms`` is the very first step: allocation, cuDNN autotuning, compilation); ``pairs/s`` is
+``1000 / ms``; ``CPU ms/pair`` is the median process CPU time of a step, all threads (on a CPU shared with
+other jobs it is steadier than the wall clock, notably with ``--threads 1``); ``peak MB``
 is the peak memory of the case above what was allocated before it (weights, inputs, activations,
 gradients and optimizer state): on a GPU ``torch.cuda.max_memory_allocated``, on the CPU the peak
 resident set size (Linux ``VmHWM``, reset per case; each CPU case runs in a forked process so that freed
@@ -201,6 +203,7 @@ class Row:
     repeats: int
     first_ms: float | None
     ms_per_pair: float | None
+    cpu_ms_per_pair: float | None
     pairs_per_s: float | None
     peak_mb: float | None
     status: str
@@ -262,7 +265,7 @@ def _empty_row(case: Case, status: str = "ok") -> Row:
         device=case.device, model=case.model, size="x".join(map(str, case.size)), mode=case.mode, params=None,
         dtype="fp32", channels_last=case.channels_last, compile=case.compile,
         threads=case.threads or torch.get_num_threads(), warmup=case.warmup, repeats=case.repeats, first_ms=None,
-        ms_per_pair=None, pairs_per_s=None, peak_mb=None, status=status,
+        ms_per_pair=None, cpu_ms_per_pair=None, pairs_per_s=None, peak_mb=None, status=status,
     )
 
 
@@ -295,9 +298,10 @@ def run_case(case: Case) -> Row:
                 step = _train_step(run, case.model, moving, fixed, tumours, dtype)
             else:
                 step = _infer_step(run, moving, fixed, dtype)
-            times = _time(step, case.warmup + case.repeats, device)
+            times, cpu_times = _time(step, case.warmup + case.repeats, device)
         row.first_ms = times[0]
         row.ms_per_pair = statistics.median(times[case.warmup :])
+        row.cpu_ms_per_pair = statistics.median(cpu_times[case.warmup :])
         row.pairs_per_s = 1000.0 / row.ms_per_pair
         row.peak_mb = memory.peak_mb()
         compile_notes = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
@@ -346,18 +350,19 @@ def _train_step(model: nn.Module, name: str, moving, fixed, tumours, dtype: torc
     return step
 
 
-def _time(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
-    """Wall-clock ms of ``n`` calls of ``step``, each synchronised with the device."""
-    times = []
+def _time(step: Callable[[], None], n: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU ms (all threads) of ``n`` calls of ``step``, each synchronised with the device."""
+    times, cpu_times = [], []
     for _ in range(n):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1000.0)
-    return times
+        cpu_times.append((time.process_time() - cpu_start) * 1000.0)
+    return times, cpu_times
 
 
 def _case_in_child(case: Case, conn) -> None:
@@ -428,14 +433,15 @@ def _fmt(value, digits: int = 1) -> str:
 def markdown(rows: list[Row], header: list[str]) -> str:
     lines = [f"<!-- {line} -->" for line in header]
     lines += [
-        "| device | model | size | mode | params | ms/pair | pairs/s | peak MB | first call ms | status |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| device | model | size | mode | params | ms/pair | pairs/s | CPU ms/pair | peak MB | first call ms | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         pairs = None if r.pairs_per_s is None else float(f"{r.pairs_per_s:.3g}")
         lines.append(
             f"| {r.device} | {r.model} | {r.size} | {r.mode} | {_fmt(r.params)} | {_fmt(r.ms_per_pair)} | "
-            f"{'–' if pairs is None else f'{pairs:g}'} | {_fmt(r.peak_mb, 0)} | {_fmt(r.first_ms)} | {r.status} |"
+            f"{'–' if pairs is None else f'{pairs:g}'} | {_fmt(r.cpu_ms_per_pair)} | {_fmt(r.peak_mb, 0)} | "
+            f"{_fmt(r.first_ms)} | {r.status} |"
         )
     return "\n".join(lines)
 

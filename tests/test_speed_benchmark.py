@@ -36,7 +36,7 @@ def test_tiny_run_prints_table_and_writes_csv(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| cpu |")]
     assert len(table) == 2 * len(MODELS)
-    assert "| device | model | size | mode | params | ms/pair | pairs/s | peak MB |" in result.stdout
+    assert "| device | model | size | mode | params | ms/pair | pairs/s | CPU ms/pair | peak MB |" in result.stdout
     assert "<!-- 1-min load average:" in result.stdout and "<!-- torch " in result.stdout
 
     rows = list(csv.DictReader(out_csv.open()))
@@ -48,7 +48,7 @@ def test_tiny_run_prints_table_and_writes_csv(tmp_path):
             continue
         assert r["status"] == "ok", r
         ms, rate, peak = float(r["ms_per_pair"]), float(r["pairs_per_s"]), float(r["peak_mb"])
-        assert ms > 0 and peak > 0 and int(r["params"]) > 100_000
+        assert ms > 0 and float(r["cpu_ms_per_pair"]) > 0 and peak > 0 and int(r["params"]) > 100_000
         assert rate == pytest.approx(1000.0 / ms, rel=1e-2)
     by_case = {(r["model"], r["mode"]): r for r in rows}
     assert int(by_case["joint", "train"]["params"]) > int(by_case["reg", "train"]["params"])  # two decoders
