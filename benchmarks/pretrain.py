@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ibsr"
 SPLIT = json.loads((Path(__file__).with_name("ibsr_split.json")).read_text())
 RUNS = REPO / "runs" / "pretrain"
-SHIPPED = {False: "joint_t1_ibsr_3mm.pt", True: "registration_t1_ibsr_3mm.pt"}
+SHIPPED = {False: "joint_t1_ibsr_4mm.pt", True: "registration_t1_ibsr_4mm.pt"}
 
 
 def ibsr_files(subject: str) -> tuple[Path, Path | None]:
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--registration-only", action="store_true")
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--val-interval", type=int, default=2)
-    parser.add_argument("--pixdim", type=float, default=3.0)
+    parser.add_argument("--pixdim", type=float, default=4.0)
     a = parser.parse_args()
     if a.command == "prepare":
         prepare(a.out)

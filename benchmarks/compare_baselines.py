@@ -1,0 +1,344 @@
+"""Side-by-side evaluation on the IBSR test split: the bundle's models vs identity, affine, ANTs SyN, elastix.
+
+    python benchmarks/compare_baselines.py run [--methods identity,affine,ours,ants_syn,elastix] \
+        [--io-steps 0,50] [--ckpt models/pretrained/joint_t1_ibsr_3mm.pt] [--pairs N] [--out runs/compare]
+    python benchmarks/compare_baselines.py report [--out runs/compare]    # table + figures into docs/
+
+``run`` registers every ordered pair of the test subjects of ``ibsr_split.json`` (never trained on) with each
+method and scores, in the **fixed image's native grid**: Dice per label (CSF, GM, WM) of the warped moving
+labels (nearest neighbour), HD95 in mm (MONAI), % of voxels with det J <= 0 and SDlogJ of the full
+transform, and wall time per pair on this machine. Rows are appended to ``OUT/results.csv`` as they come,
+so an interrupted run is resumed (pairs already scored for a method are skipped).
+
+Methods:
+- ``identity``: the moving labels resampled onto the fixed grid by world coordinates.
+- ``affine``: the bundle's ITK pre-alignment alone (``bundle.alignment.itk_affine_register``).
+- ``ours`` / ``ours_io<N>``: the bundle's inference command (``configs/inference.json``: affine
+  pre-alignment + network, composed; ``--io-steps`` adds instance-specific optimisation runs).
+- ``ants_syn``: ``ants.registration(type_of_transform="SyN")`` of antspyx (affine + SyN, its defaults).
+- ``elastix``: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import permutations
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "ibsr"
+SPLIT = json.loads(Path(__file__).with_name("ibsr_split.json").read_text())
+LABELS = {1: "CSF", 2: "GM", 3: "WM"}
+DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_3mm.pt"
+FIELDS = ["method", "pair", "moving", "fixed", *[f"dice_{n}" for n in LABELS.values()], "dice_mean", "hd95_mm",
+          "folding_pct", "sd_log_jacobian", "seconds", "hardware"]
+
+
+def hardware() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(path)
+    return np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine  # IBSR is stored (X, Y, Z, 1)
+
+
+def subject_files(subject: str, tmp: Path) -> dict:
+    """Paths of a subject's image and labels, rewritten as plain 3D NIfTI (ANTs/elastix read 4D otherwise)."""
+    out = {}
+    for kind, suffix, dtype in (("image", "", np.float32), ("label", "_seg", np.int16)):
+        array, affine = load(DATA / subject / f"{subject}{suffix}.nii.gz")
+        path = tmp / f"{subject}_{kind}.nii.gz"
+        if not path.exists():
+            nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
+        out[kind], out[f"{kind}_array"], out["affine"] = path, array.astype(dtype), affine
+    return out
+
+
+def score(warped_label: np.ndarray, fixed: dict, jacobian: np.ndarray | None) -> dict:
+    """Dice per label, HD95 (mm) and Jacobian statistics on the fixed native grid."""
+    from monai.metrics import compute_hausdorff_distance
+
+    fixed_label = fixed["label_array"]
+    row = {}
+    for value, name in LABELS.items():
+        a, b = warped_label == value, fixed_label == value
+        row[f"dice_{name}"] = 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+    row["dice_mean"] = float(np.mean([row[f"dice_{n}"] for n in LABELS.values()]))
+    spacing = np.linalg.norm(fixed["affine"][:3, :3], axis=0)
+    one_hot = lambda x: torch.stack([torch.as_tensor(x == v) for v in LABELS])[None]  # noqa: E731
+    hd = compute_hausdorff_distance(one_hot(warped_label), one_hot(fixed_label), percentile=95, spacing=spacing.tolist())
+    row["hd95_mm"] = float(hd.nanmean())
+    if jacobian is None:  # a global affine (or identity): det J constant and positive
+        row["folding_pct"], row["sd_log_jacobian"] = 0.0, 0.0
+    else:
+        row["folding_pct"] = float((jacobian <= 0).mean() * 100)
+        row["sd_log_jacobian"] = float(np.log(np.clip(jacobian, 1e-9, None)).std())
+    return row
+
+
+def jacobian_of_itk_field(field) -> np.ndarray:
+    from bundle.io.itk_export import itk_field_to_ddf
+    from bundle.metrics import jacobian_determinant
+
+    ddf, _ = itk_field_to_ddf(field)
+    return jacobian_determinant(torch.as_tensor(ddf)[None])[0, 0].numpy()
+
+
+def run_identity(moving: dict, fixed: dict, work: Path):
+    from bundle.spatial import resample_to_grid
+
+    start = time.perf_counter()
+    warped = resample_to_grid(torch.as_tensor(moving["label_array"])[None], torch.as_tensor(moving["affine"]),
+                              torch.as_tensor(fixed["affine"]), fixed["label_array"].shape, mode="nearest")[0]
+    return warped.numpy(), None, time.perf_counter() - start
+
+
+def run_affine(moving: dict, fixed: dict, work: Path):
+    from bundle.alignment import itk_affine_register
+    from bundle.spatial import resample_to_grid
+
+    start = time.perf_counter()
+    matrix = itk_affine_register(moving["image_array"], moving["affine"], fixed["image_array"], fixed["affine"])
+    warped = resample_to_grid(torch.as_tensor(moving["label_array"])[None], torch.as_tensor(moving["affine"]),
+                              torch.as_tensor(matrix @ fixed["affine"]), fixed["label_array"].shape, mode="nearest")[0]
+    return warped.numpy(), None, time.perf_counter() - start
+
+
+def run_ants(moving: dict, fixed: dict, work: Path):
+    import ants
+    import itk
+
+    start = time.perf_counter()
+    f, m = ants.image_read(str(fixed["image"])), ants.image_read(str(moving["image"]))
+    reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=0)
+    labels = ants.apply_transforms(f, ants.image_read(str(moving["label"])), reg["fwdtransforms"], interpolator="genericLabel")
+    seconds = time.perf_counter() - start
+    composite = ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_"))
+    jacobian = jacobian_of_itk_field(itk.imread(composite, itk.F))
+    return labels.numpy().astype(np.int16), jacobian, seconds
+
+
+def run_elastix(moving: dict, fixed: dict, work: Path):
+    import itk
+
+    start = time.perf_counter()
+    f, m = itk.imread(str(fixed["image"]), itk.F), itk.imread(str(moving["image"]), itk.F)
+    params = itk.ParameterObject.New()
+    for name in ("affine", "bspline"):
+        params.AddParameterMap(params.GetDefaultParameterMap(name))
+    _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False, output_directory=str(work))
+    for i in range(result.GetNumberOfParameterMaps()):
+        result.SetParameter(i, "FinalBSplineInterpolationOrder", "0")  # nearest neighbour for labels
+    labels = itk.transformix_filter(itk.imread(str(moving["label"]), itk.F), result, log_to_console=False)
+    seconds = time.perf_counter() - start
+    field = itk.transformix_deformation_field(m, result, log_to_console=False)
+    return np.round(itk.array_from_image(labels).transpose(2, 1, 0)).astype(np.int16), jacobian_of_itk_field(field), seconds
+
+
+def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: int, configs: list[str]) -> dict:
+    """The bundle's inference command, in-process, timed per pair (loading to writing, pre-alignment included)."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    datalist = {"testing": [{"moving": str(m["image"]), "fixed": str(f["image"]), "moving_label": str(m["label"]),
+                             "name": f"{m['name']}_to_{f['name']}"} for m, f in pairs]}
+    (work / "datalist.json").write_text(json.dumps(datalist))
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(REPO), "datalist": str(work / "datalist.json"), "ckpt_path": str(ckpt),
+                   "output_dir": str(work / "out"), "instance_optimisation_steps": io_steps})
+    evaluator = parser.get_parsed_content("evaluator")
+    times, started = [], {}
+    evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda e: started.update(t=time.perf_counter()))
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter() - started["t"]))
+    evaluator.run()
+    results = {}
+    for (m, f), seconds in zip(pairs, times):
+        folder = work / "out" / f"{m['name']}_to_{f['name']}"
+        warped = np.asarray(nib.load(folder / "warped_label.nii.gz").dataobj).astype(np.int16)
+        jacobian = np.asarray(nib.load(folder / "jacobian_det.nii.gz").dataobj)
+        results[(m["name"], f["name"])] = (warped.reshape(f["label_array"].shape), jacobian.reshape(f["label_array"].shape), seconds)
+    return results
+
+
+RUNNERS = {"identity": run_identity, "affine": run_affine, "ants_syn": run_ants, "elastix": run_elastix}
+
+
+def _done(results_csv: Path) -> set:
+    if not results_csv.is_file():
+        return set()
+    with open(results_csv) as f:
+        return {(r["method"], r["pair"]) for r in csv.DictReader(f)}
+
+
+def _append(results_csv: Path, row: dict) -> None:
+    new = not results_csv.is_file()
+    with open(results_csv, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        f.flush()
+
+
+def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jacobian: np.ndarray | None) -> None:
+    folder = out / "figure" / pair
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / f"{method}.npz", label=warped, jacobian=np.zeros(0) if jacobian is None else jacobian)
+
+
+def run(out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None, configs: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "inputs"
+    tmp.mkdir(exist_ok=True)
+    subjects = {s: {"name": s, **subject_files(s, tmp)} for s in SPLIT["testing"]}
+    pairs = [(subjects[m], subjects[f]) for m, f in permutations(SPLIT["testing"], 2)][:pairs_limit]
+    results_csv, hw = out / "results.csv", hardware()
+    done = _done(results_csv)
+    for method in methods:
+        if method == "ours":
+            for steps in io_steps:
+                label = "ours" if steps == 0 else f"ours_io{steps}"
+                todo = [(m, f) for m, f in pairs if (label, f"{m['name']}_to_{f['name']}") not in done]
+                if not todo:
+                    continue
+                with tempfile.TemporaryDirectory(dir=out) as work:
+                    for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs).items():
+                        row = {"method": label, "pair": f"{mn}_to_{fn}", "moving": mn, "fixed": fn, "seconds": seconds, "hardware": hw}
+                        row.update(score(warped, subjects[fn], jac))
+                        _append(results_csv, row)
+                        if (mn, fn) == (pairs[0][0]["name"], pairs[0][1]["name"]):
+                            _keep_for_figure(out, label, row["pair"], warped, jac)
+                        print(f"{label:10s} {mn}->{fn}: Dice {row['dice_mean']:.3f} ({seconds:.1f} s)", flush=True)
+            continue
+        for m, f in pairs:
+            pair = f"{m['name']}_to_{f['name']}"
+            if (method, pair) in done:
+                continue
+            with tempfile.TemporaryDirectory(dir=out) as work:
+                warped, jac, seconds = RUNNERS[method](m, f, Path(work))
+            row = {"method": method, "pair": pair, "moving": m["name"], "fixed": f["name"], "seconds": seconds, "hardware": hw}
+            row.update(score(warped, f, jac))
+            _append(results_csv, row)
+            if (m, f) == pairs[0]:
+                _keep_for_figure(out, method, pair, warped, jac)
+            print(f"{method:10s} {pair}: Dice {row['dice_mean']:.3f} folding {row['folding_pct']:.3f}% ({seconds:.1f} s)", flush=True)
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ants = [float(r["seconds"]) for r in rows if r["method"] == "ants_syn"]
+    out = []
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        col = lambda k: np.array([float(r[k]) for r in sel])  # noqa: E731
+        summary = {"method": method, "pairs": len(sel)}
+        for k in ("dice_mean", *[f"dice_{n}" for n in LABELS.values()], "hd95_mm", "folding_pct", "sd_log_jacobian"):
+            summary[k] = f"{col(k).mean():.3f} ± {col(k).std():.3f}"
+        summary["seconds (median)"] = f"{np.median(col('seconds')):.1f}"
+        summary["× faster than ANTs SyN"] = f"{np.median(ants) / np.median(col('seconds')):.1f}" if ants else "–"
+        out.append(summary)
+    return out
+
+
+def report(out: Path) -> None:
+    """Markdown table, per-pair CSV and figures (box plots, overlays, deformation grid, Jacobian) into docs/."""
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    results, figures = REPO / "docs" / "results", REPO / "docs" / "figures"
+    results.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "results.csv", results / "baselines.csv")
+    summary = _summary(rows)
+    keys = list(summary[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(s[k]) for k in keys) + " |" for s in summary]
+    text = (f"Test split of `benchmarks/ibsr_split.json` ({', '.join(SPLIT['testing'])}; every ordered pair), scored on "
+            f"the fixed image's native grid. Hardware: {rows[0]['hardware']}.\n\n" + "\n".join(lines) + "\n")
+    (results / "baselines.md").write_text(text)
+    print(text)
+
+    methods = [s["method"] for s in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes, ("dice_mean", "hd95_mm", "seconds"), ("mean Dice (CSF, GM, WM)", "HD95 (mm)", "seconds per pair")):
+        ax.boxplot([[float(r[key]) for r in rows if r["method"] == m] for m in methods], tick_labels=methods)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(figures / "baselines_boxplots.png", dpi=110)
+    plt.close(fig)
+
+    for folder in sorted((out / "figure").glob("*_to_*")):
+        moving_name, fixed_name = folder.name.split("_to_")
+        fixed_image, _ = load(DATA / fixed_name / f"{fixed_name}.nii.gz")
+        fixed_label, _ = load(DATA / fixed_name / f"{fixed_name}_seg.nii.gz")
+        kept = {m: np.load(folder / f"{m}.npz") for m in methods if (folder / f"{m}.npz").is_file()}
+        z = fixed_image.shape[1] // 2  # IBSR's second array axis is the slice axis
+        cut = lambda a: np.rot90(a[:, z, :])  # noqa: E731
+        fig, axes = plt.subplots(2, len(kept) + 1, figsize=(3.2 * (len(kept) + 1), 6.6))
+        axes[0, 0].imshow(cut(fixed_image), cmap="gray")
+        axes[0, 0].contour(cut(fixed_label), levels=[1.5, 2.5], colors="lime", linewidths=0.6)
+        axes[0, 0].set_title(f"fixed {fixed_name}")
+        axes[1, 0].axis("off")
+        for i, (m, arrays) in enumerate(kept.items(), start=1):
+            axes[0, i].imshow(cut(fixed_image), cmap="gray")
+            axes[0, i].contour(cut(fixed_label), levels=[1.5, 2.5], colors="lime", linewidths=0.6)
+            axes[0, i].contour(cut(arrays["label"]), levels=[1.5, 2.5], colors="red", linewidths=0.6)
+            axes[0, i].set_title(m)
+            if arrays["jacobian"].size:
+                im = axes[1, i].imshow(cut(arrays["jacobian"]), cmap="RdBu_r", vmin=0, vmax=2)
+                axes[1, i].set_title("det J")
+            else:
+                axes[1, i].text(0.5, 0.5, "global affine:\nconstant det J", ha="center", va="center")
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.6, label="Jacobian determinant")
+        fig.suptitle(f"{moving_name} → {fixed_name}: fixed GM/WM borders (green) and warped moving ones (red)")
+        fig.savefig(figures / f"baselines_{folder.name}.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
+    parser.add_argument("--methods", default="identity,affine,ours,ants_syn,elastix")
+    parser.add_argument("--io-steps", default="0", help="instance-optimisation steps for 'ours', comma separated")
+    parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
+    parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
+    parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
+    a = parser.parse_args()
+    if a.command == "run":
+        run(a.out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","))
+    else:
+        report(a.out)
+
+
+if __name__ == "__main__":
+    main()
