@@ -10,7 +10,8 @@ CSV (or writes the CSV to ``--csv``):
   (window 9) of their own warped image + diffusion of their DDF; the joint model uses the bundle's
   ``JointRegSegLoss`` (tumour-masked LNCC, diffusion, weighted cross-entropy + Dice of both segmentations).
 
-Per case: ``ms/pair`` is the median wall-clock time over ``--repeats`` steps after ``--warmup`` steps
+Per case: ``conv GFLOP`` counts the network's convolutions in one inference forward pass (2 x
+multiply-adds; a training step is about three times that); ``ms/pair`` is the median wall-clock time over ``--repeats`` steps after ``--warmup`` steps
 (``first call ms`` is the very first step: allocation, cuDNN autotuning, compilation); ``pairs/s`` is
 ``1000 / ms``; ``CPU ms/pair`` is the median process CPU time of a step, all threads (on a CPU shared with
 other jobs it is steadier than the wall clock, notably with ``--threads 1``); ``peak MB``
@@ -37,6 +38,7 @@ import csv
 import gc
 import importlib.metadata
 import io
+import math
 import multiprocessing
 import os
 import platform
@@ -195,6 +197,7 @@ class Row:
     size: str
     mode: str
     params: int | None
+    conv_gflop: float | None
     dtype: str
     channels_last: bool
     compile: bool
@@ -260,10 +263,31 @@ class PeakMemory:
         return (self._status_mb("VmHWM") if self.use_hwm else self._maxrss_mb()) - self.base
 
 
+def conv_gflop(name: str, size: tuple[int, int, int], integration_steps: int) -> float:
+    """GFLOP (2 x multiply-adds) of the network's convolutions in one inference forward pass.
+
+    Counted with forward hooks on meta-device inputs: no memory, no compute.
+    """
+    model = build_model(name, integration_steps).eval()
+    macs = 0
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal macs
+        macs += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            module.register_forward_hook(count)
+    x = torch.empty(1, 1, *size, device="meta")
+    with torch.no_grad():
+        model(x, x)
+    return 2 * macs / 1e9
+
+
 def _empty_row(case: Case, status: str = "ok") -> Row:
     return Row(
         device=case.device, model=case.model, size="x".join(map(str, case.size)), mode=case.mode, params=None,
-        dtype="fp32", channels_last=case.channels_last, compile=case.compile,
+        conv_gflop=None, dtype="fp32", channels_last=case.channels_last, compile=case.compile,
         threads=case.threads or torch.get_num_threads(), warmup=case.warmup, repeats=case.repeats, first_ms=None,
         ms_per_pair=None, cpu_ms_per_pair=None, pairs_per_s=None, peak_mb=None, status=status,
     )
@@ -281,6 +305,7 @@ def run_case(case: Case) -> Row:
     memory = PeakMemory(device)
     memory.start()
     try:
+        row.conv_gflop = conv_gflop(case.model, case.size, case.integration_steps)
         model = build_model(case.model, case.integration_steps).to(device)
         row.params = sum(p.numel() for p in model.parameters())
         fmt = torch.channels_last_3d if case.channels_last else torch.contiguous_format
@@ -433,13 +458,13 @@ def _fmt(value, digits: int = 1) -> str:
 def markdown(rows: list[Row], header: list[str]) -> str:
     lines = [f"<!-- {line} -->" for line in header]
     lines += [
-        "| device | model | size | mode | params | ms/pair | pairs/s | CPU ms/pair | peak MB | first call ms | status |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| device | model | size | mode | params | conv GFLOP | ms/pair | pairs/s | CPU ms/pair | peak MB | first call ms | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         pairs = None if r.pairs_per_s is None else float(f"{r.pairs_per_s:.3g}")
         lines.append(
-            f"| {r.device} | {r.model} | {r.size} | {r.mode} | {_fmt(r.params)} | {_fmt(r.ms_per_pair)} | "
+            f"| {r.device} | {r.model} | {r.size} | {r.mode} | {_fmt(r.params)} | {_fmt(r.conv_gflop)} | {_fmt(r.ms_per_pair)} | "
             f"{'–' if pairs is None else f'{pairs:g}'} | {_fmt(r.cpu_ms_per_pair)} | {_fmt(r.peak_mb, 0)} | "
             f"{_fmt(r.first_ms)} | {r.status} |"
         )

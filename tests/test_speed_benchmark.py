@@ -36,7 +36,7 @@ def test_tiny_run_prints_table_and_writes_csv(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| cpu |")]
     assert len(table) == 2 * len(MODELS)
-    assert "| device | model | size | mode | params | ms/pair | pairs/s | CPU ms/pair | peak MB |" in result.stdout
+    assert "| device | model | size | mode | params | conv GFLOP | ms/pair | pairs/s | CPU ms/pair | peak MB |" in result.stdout
     assert "<!-- 1-min load average:" in result.stdout and "<!-- torch " in result.stdout
 
     rows = list(csv.DictReader(out_csv.open()))
@@ -52,6 +52,11 @@ def test_tiny_run_prints_table_and_writes_csv(tmp_path):
         assert rate == pytest.approx(1000.0 / ms, rel=1e-2)
     by_case = {(r["model"], r["mode"]): r for r in rows}
     assert int(by_case["joint", "train"]["params"]) > int(by_case["reg", "train"]["params"])  # two decoders
+    # our VM-2 U-Net at 16^3, multiply-adds by hand: encoder 2->16 @8^3, 16->32 @4^3, 32->32 @2^3, 32->32 @1^3;
+    # decoder 32->32 @1^3, 64->32 @2^3, 64->32 @4^3, 48->32 @8^3, 34->32, 32->16, 16->16, flow 16->3 @16^3; k = 27
+    macs = 27 * (512 * 16 * 2 + 64 * 32 * 16 + 8 * 32 * 32 + 32 * 32 + 32 * 32 + 8 * 32 * 64 + 64 * 32 * 64
+                 + 512 * 32 * 48 + 4096 * (32 * 34 + 16 * 32 + 16 * 16 + 3 * 16))
+    assert float(by_case["reg", "infer"]["conv_gflop"]) == pytest.approx(2 * macs / 1e9, rel=1e-3)
 
 
 def test_bad_arguments_are_rejected_with_a_clear_message(capsys):
