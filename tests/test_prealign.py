@@ -154,3 +154,25 @@ def test_affine_improves_ibsr_overlap():
         )
         scores[transform] = dice(out["moving_label"][0].numpy(), fl[0].numpy())
     assert scores["affine"] > scores["none"] + 0.04, scores
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tumor_progression" / "PGBM-001").is_dir(), reason="needs ../shared/data/tumor_progression")
+def test_rigid_aligns_longitudinal_tumour_scans():
+    """Two time points of one glioblastoma patient (6.5 mm slices, not skull-stripped, different grids):
+    the rigid pre-alignment raises the global correlation of the T1 post-contrast images."""
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+    patient = SHARED_DATA / "tumor_progression" / "PGBM-001"
+    paths = {"moving": next(patient.glob("tp0_*")) / "T1post.nii.gz", "fixed": next(patient.glob("tp1_*")) / "T1post.nii.gz"}
+    data = EnsureChannelFirstd(["moving", "fixed"])(LoadImaged(["moving", "fixed"])({k: str(v) for k, v in paths.items()}))
+
+    def correlation(a, b):
+        a, b = a.flatten().double(), b.flatten().double()
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    scores = {}
+    for transform in ("none", "rigid"):
+        out = PreAlignd("moving", transform=transform)(dict(data))
+        scores[transform] = correlation(out["moving"], out["fixed"])
+        assert out["moving"].shape == data["fixed"].shape
+    assert scores["rigid"] > scores["none"] + 0.05, scores
