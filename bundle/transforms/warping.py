@@ -122,7 +122,7 @@ class ResampleDDFToOriginald(MapTransform):
     The reference (the preprocessed fixed image, a MetaTensor) gives the network grid (its ``affine``) and
     its original grid (``original_affine`` and ``spatial_shape`` meta that MONAI's loaders record). The
     moving image must have been resampled onto the fixed image's original grid before the network
-    preprocessing (``ResampleToMatchd``), so the result is a DDF on the fixed native grid in its voxel units.
+    preprocessing (``PreAlignd`` or ``ResampleToMatchd``), so the result is a DDF on the fixed native grid in its voxel units.
 
     Args:
         keys: DDF keys (``(ndim, *spatial)``, network grid, voxel units).
