@@ -41,7 +41,7 @@ class BrainRegistrationApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="Brain MRI registration and tumour segmentation (MONAI bundle)",
-            description="Tumour segmentation, atlas-based segmentation by registration, and training of the joint model",
+            description="Tumour segmentation, atlas segmentation by registration, training of the joint model",
             version=monailabel.__version__,
         )
 
@@ -58,7 +58,7 @@ class BrainRegistrationApp(MONAILabelApp):
         return {"random": Random(), "first": First()}
 
     def infer(self, request, datastore=None):
-        """``atlas_registration`` accepts ``atlas``: the id of a datastore image with a final label to use as the atlas."""
+        """``atlas_registration`` takes ``atlas``: the id of a datastore image whose final label is propagated."""
         request = {k: v for k, v in request.items() if k != ATLAS_KEY}  # only set here, never by a client
         atlas_id = request.get("atlas")
         if atlas_id:

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _load_compat():
-    """``lib/compat.py`` loaded by path: this folder must not stay on ``sys.path`` (its ``lib`` would shadow an app's)."""
+    """``lib/compat.py`` loaded by path: this folder must not stay on ``sys.path`` (its ``lib`` shadows an app's)."""
     spec = importlib.util.spec_from_file_location("monailabel_app_compat", HERE / "lib" / "compat.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

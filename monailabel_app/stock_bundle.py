@@ -10,23 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from lib.bundle_config import REPO_ROOT
+from lib.bundle_config import REPO_ROOT, read_config
 from lib.stock_bundle import export_stock_bundle
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dest", help="the bundle folder to write, e.g. <monaibundle app>/model/brain_tumour_segmentation")
+    parser.add_argument("dest", help="bundle folder to write, e.g. <monaibundle app>/model/brain_tumour_segmentation")
     parser.add_argument("--bundle-root", default=str(REPO_ROOT), help="this bundle (default: this repository)")
-    parser.add_argument("--model", default=None, help="checkpoint to ship (default: <bundle-root>/models/model.pt)")
+    parser.add_argument("--model", default=None, help="checkpoint to ship (default: the configs' ckpt_path)")
     parser.add_argument("--overrides", default="{}", help='config ids to set, JSON, e.g. \'{"pixdim": [4, 4, 4]}\'')
     args = parser.parse_args(argv)
     overrides = json.loads(args.overrides)
     if not isinstance(overrides, dict):
         parser.error(f"--overrides must be a JSON object, got {args.overrides!r}")
-    model = args.model or str(Path(args.bundle_root) / "models" / "model.pt")
+    model = args.model or read_config(args.bundle_root, ("inference_segmentation.json",), overrides).get_parsed_content(
+        "ckpt_path"
+    )
     dest = export_stock_bundle(args.bundle_root, args.dest, model, overrides)
     print(f"wrote {dest} (configs/inference.json, metadata.json, train.json, logging.conf; models/model.pt)")
     return 0

@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
 from conftest import CONFIGS, REPO_ROOT, write_zero_checkpoint
@@ -87,10 +86,12 @@ def test_stock_train_config_pairs_the_datastore_subjects(stock_bundle):
     parser["train#dataset#data"] = SUBJECTS[:2]
     parser["validate#dataset#data"] = SUBJECTS[2:]
     train = parser.get_parsed_content("train#data")
-    assert [(p["moving"], p["fixed"]) for p in train] == [("/d/s0.nii.gz", "/d/s1.nii.gz"), ("/d/s1.nii.gz", "/d/s0.nii.gz")]
+    assert [(p["moving"], p["fixed"]) for p in train] == [("/d/s0.nii.gz", "/d/s1.nii.gz"),
+                                                         ("/d/s1.nii.gz", "/d/s0.nii.gz")]
     assert train[0]["moving_tumour"] == "/d/s0_seg.nii.gz" and train[0]["fixed_tumour"] == "/d/s1_seg.nii.gz"
     val = parser.get_parsed_content("validate#data")
-    assert [(p["moving"], p["fixed"]) for p in val] == [("/d/s0.nii.gz", "/d/s2.nii.gz"), ("/d/s1.nii.gz", "/d/s2.nii.gz")]
+    assert [(p["moving"], p["fixed"]) for p in val] == [("/d/s0.nii.gz", "/d/s2.nii.gz"),
+                                                       ("/d/s1.nii.gz", "/d/s2.nii.gz")]
     assert parser.get_parsed_content("train#dataloader#dataset#data") == train  # what the trainer iterates
     # no validation subject (val_split 0): validate on the training pairs
     parser["validate#dataset#data"] = []

@@ -3,7 +3,7 @@
 The app's ``--conf`` options (``monailabel start_server ... --conf KEY VALUE``):
 
 - ``bundle_root``: the bundle (a folder with ``configs/``); default: the repository that holds this app.
-- ``model``: the checkpoint the infer tasks start from; default ``<bundle_root>/models/model.pt``.
+- ``model``: the checkpoint the infer tasks start from; default: the bundle configs' ``ckpt_path``.
 - ``overrides``: JSON object of config ids set in every config the app reads, e.g. ``'{"pixdim": [4, 4, 4]}'``
   for a checkpoint trained at 4 mm (the network grid must match the one the weights were trained on).
 - ``atlas_image`` / ``atlas_label``: the atlas of the registration task (default: the embedded demo's).
@@ -63,7 +63,11 @@ class AppSettings:
         root = Path(os.path.expanduser(conf.get("bundle_root", str(REPO_ROOT)))).resolve()
         if not (root / "configs" / "inference.json").is_file():
             raise FileNotFoundError(f"bundle_root {root} has no configs/inference.json (set --conf bundle_root).")
-        model = Path(os.path.expanduser(conf.get("model", str(root / "models" / "model.pt")))).resolve()
+        overrides = _json_object(conf, "overrides") or {}
+        model = conf.get("model") or read_config(root, ("inference_segmentation.json",), overrides).get_parsed_content(
+            "ckpt_path"
+        )
+        model = Path(os.path.expanduser(str(model))).resolve()
         atlas = [conf.get("atlas_image"), conf.get("atlas_label")]
         if any(atlas) and not all(atlas):
             raise ValueError("give both --conf atlas_image and --conf atlas_label, or neither (the demo atlas).")
@@ -74,7 +78,7 @@ class AppSettings:
             app_dir=Path(app_dir).resolve(),
             bundle_root=root,
             model=model,
-            overrides=_json_object(conf, "overrides") or {},
+            overrides=overrides,
             atlas_image=atlas[0],
             atlas_label=atlas[1],
             atlas_label_names=_json_object(conf, "atlas_label_names"),
@@ -95,7 +99,7 @@ def _json_object(conf: dict, key: str) -> dict | None:
 
 
 def read_config(bundle_root: str | os.PathLike, files: tuple[str, ...], overrides: dict | None = None) -> ConfigParser:
-    """Parser of ``configs/<files>`` merged in order (later files override ids), with ``bundle_root`` and ``overrides`` set."""
+    """Parser of ``configs/<files>`` merged in order (later files override ids); ``bundle_root``, ``overrides`` set."""
     configs = Path(bundle_root) / "configs"
     missing = [f for f in files if not (configs / f).is_file()]
     if missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class AtlasRegistration(BundleConfigInferTask):
         parser = read_config(settings.bundle_root, ("inference.json",), settings.overrides)
         self.demo_dir = Path(parser.get_parsed_content("demo_dir"))
         self.atlas = (settings.atlas_image, settings.atlas_label) if settings.atlas_image else None
+        self._atlas_lock = threading.Lock()  # MONAI Label may run requests in threads: build the demo once
         labels = settings.atlas_label_names or (
             _label_names(settings.atlas_label) if self.atlas else dict(DEMO_ATLAS_LABELS)
         )
@@ -83,10 +85,11 @@ class AtlasRegistration(BundleConfigInferTask):
 
     def default_atlas(self) -> tuple[str, str]:
         """The configured atlas, or the embedded demo's (built once in the bundle's ``demo_dir``)."""
-        if self.atlas is None:
-            folder = Path(build_demo_dataset(str(self.demo_dir))).parent
-            self.atlas = tuple(str(folder / name) for name in DEMO_ATLAS)
-        return self.atlas
+        with self._atlas_lock:
+            if self.atlas is None:
+                folder = Path(build_demo_dataset(str(self.demo_dir))).parent
+                self.atlas = tuple(str(folder / name) for name in DEMO_ATLAS)
+            return self.atlas
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return [AtlasPaird(self.default_atlas), *super().pre_transforms(data)]

@@ -30,10 +30,11 @@ CONFIGS = ("train.json", "monailabel_train.json")
 class JointTraining(TrainTask):
     """Run the bundle's training (``configs/train.json`` + ``configs/monailabel_train.json``) on the datastore.
 
-    Every labelled image is a subject (its final label is its tumour mask); training pairs are every ordered
-    pair of training subjects, validation pairs every training subject registered to each validation subject
-    (or, with no validation subject, the training pairs). Each run writes to ``<app>/model/train_runs/<time>/``
-    (checkpoints, TensorBoard logs); the best model (the bundle's key metric) is then published atomically to
+    Every labelled image is a subject (its final label is its tumour mask); sorted by path, the last
+    ``val_split`` of them validate. Training pairs are every ordered pair of training subjects, validation pairs
+    every training subject registered to each validation subject (or, with no validation subject, the
+    training pairs). Each run writes to ``<app>/model/train_runs/<time>/`` (checkpoints, TensorBoard logs);
+    the best model (highest validation tumour Dice, ``val_tumour_dice``) is then published atomically to
     ``<app>/model/trained_model.pt``, which the infer tasks pick up. With ``pretrained`` the network starts
     from the infer tasks' current checkpoint.
     """
@@ -46,7 +47,8 @@ class JointTraining(TrainTask):
         return {"max_epochs": 10, "val_split": 0.2, "pretrained": True, "device": device_list()}
 
     def __call__(self, request, datastore: Datastore):
-        subjects = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d.get("label")]
+        labelled = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d.get("label")]
+        subjects = sorted(labelled, key=lambda d: d["image"])  # the same split whatever the datastore's order
         train, val = split_subjects(subjects, float(request.get("val_split", 0.2)))
         run_dir = self.settings.app_dir / "model" / "train_runs" / time.strftime("%Y%m%d_%H%M%S")
         device = name_to_device(request.get("device"))
@@ -77,7 +79,7 @@ class JointTraining(TrainTask):
         workflow.finalize()
         best = run_dir / "models" / "model.pt"
         if not best.is_file():
-            raise RuntimeError(f"training wrote no best model ({best}): no validation ran (max_epochs < val_interval?).")
+            raise RuntimeError(f"training wrote no best model ({best}): no validation ran (see {run_dir}).")
         published = self._publish(best)
         return {
             "model": str(published),
