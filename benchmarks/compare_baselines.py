@@ -131,7 +131,7 @@ def run_ants(moving: dict, fixed: dict, work: Path):
     labels = ants.apply_transforms(f, ants.image_read(str(moving["label"])), reg["fwdtransforms"], interpolator="genericLabel")
     seconds = time.perf_counter() - start
     composite = ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_"))
-    jacobian = jacobian_of_itk_field(itk.imread(composite, itk.F))
+    jacobian = jacobian_of_itk_field(itk.imread(composite))
     return labels.numpy().astype(np.int16), jacobian, seconds
 
 
@@ -146,9 +146,9 @@ def run_elastix(moving: dict, fixed: dict, work: Path):
     _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False, output_directory=str(work))
     for i in range(result.GetNumberOfParameterMaps()):
         result.SetParameter(i, "FinalBSplineInterpolationOrder", "0")  # nearest neighbour for labels
-    labels = itk.transformix_filter(itk.imread(str(moving["label"]), itk.F), result, log_to_console=False)
+    labels = itk.transformix_filter(itk.imread(str(moving["label"]), itk.F), result, log_to_console=False, output_directory=str(work))
     seconds = time.perf_counter() - start
-    field = itk.transformix_deformation_field(m, result, log_to_console=False)
+    field = itk.transformix_deformation_field(m, result, log_to_console=False, output_directory=str(work))
     return np.round(itk.array_from_image(labels).transpose(2, 1, 0)).astype(np.int16), jacobian_of_itk_field(field), seconds
 
 
@@ -273,16 +273,23 @@ def report(out: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "results.csv", results / "baselines.csv")
-    summary = _summary(rows)
-    keys = list(summary[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(s[k]) for k in keys) + " |" for s in summary]
-    text = (f"Test split of `benchmarks/ibsr_split.json` ({', '.join(SPLIT['testing'])}; every ordered pair), scored on "
-            f"the fixed image's native grid. Hardware: {rows[0]['hardware']}.\n\n" + "\n".join(lines) + "\n")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    common = set.intersection(*[{r["pair"] for r in rows if r["method"] == m} for m in methods])
+
+    def table(selected: list[dict]) -> str:
+        summary = _summary(selected)
+        keys = list(summary[0])
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        return "\n".join(lines + ["| " + " | ".join(str(s[k]) for k in keys) + " |" for s in summary]) + "\n"
+
+    text = (f"Test split of `benchmarks/ibsr_split.json` ({', '.join(SPLIT['testing'])}), scored on the fixed image's "
+            f"native grid; mean ± standard deviation over pairs. Hardware: {rows[0]['hardware']}.\n\n"
+            f"Pairs every method ran ({len(common)}: {', '.join(sorted(common))}):\n\n" + table([r for r in rows if r["pair"] in common]))
+    if any(sum(r["method"] == m for r in rows) > len(common) for m in methods):
+        text += "\nAll pairs each method ran:\n\n" + table(rows)
     (results / "baselines.md").write_text(text)
     print(text)
 
-    methods = [s["method"] for s in summary]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("dice_mean", "hd95_mm", "seconds"), ("mean Dice (CSF, GM, WM)", "HD95 (mm)", "seconds per pair")):
         ax.boxplot([[float(r[key]) for r in rows if r["method"] == m] for m in methods], tick_labels=methods)

@@ -115,6 +115,7 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(registration_only),
         "--bundle_root", str(root), "--datalist", str(datalist), "--max_epochs", str(max_epochs),
         "--val_interval", str(val_interval), "--pixdim", str([pixdim] * 3), "--progress_bar", "False",
+        "--num_classes", "4",  # IBSR labels: background, CSF, GM, WM
     ]
     start = time.perf_counter()
     with open(root / "train.log", "a") as log:
@@ -128,7 +129,7 @@ def ship(out: Path, registration_only: bool) -> Path:
 
     best = out / ("registration" if registration_only else "joint") / "models" / "model.pt"
     state = load_checkpoint(best)
-    state = {k: v for k, v in state.items() if k != "checkpointer"}
+    state = state.get("network", {k: v for k, v in state.items() if k != "checkpointer"})  # a plain state dict
     target = REPO / "models" / "pretrained" / SHIPPED[registration_only]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
