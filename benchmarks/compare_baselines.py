@@ -123,15 +123,20 @@ def run_affine(moving: dict, fixed: dict, work: Path):
 
 def run_ants(moving: dict, fixed: dict, work: Path):
     import ants
-    import itk
+
+    from bundle.metrics import jacobian_determinant
 
     start = time.perf_counter()
     f, m = ants.image_read(str(fixed["image"])), ants.image_read(str(moving["image"]))
     reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=0)
     labels = ants.apply_transforms(f, ants.image_read(str(moving["label"])), reg["fwdtransforms"], interpolator="genericLabel")
     seconds = time.perf_counter() - start
-    composite = ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_"))
-    jacobian = jacobian_of_itk_field(itk.imread(composite))
+    composite = nib.load(ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_")))
+    # ITK writes (X, Y, Z, 1, 3) vectors in physical LPS mm; to voxel units of the fixed grid
+    lps = np.asarray(composite.dataobj, dtype=np.float64).reshape(*composite.shape[:3], 3)
+    linear = np.diag([-1.0, -1.0, 1.0]) @ composite.affine[:3, :3]
+    ddf = np.einsum("kl,...l->k...", np.linalg.inv(linear), lps)
+    jacobian = jacobian_determinant(torch.as_tensor(ddf, dtype=torch.float32)[None])[0, 0].numpy()
     return labels.numpy().astype(np.int16), jacobian, seconds
 
 
@@ -175,6 +180,9 @@ def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: i
         warped = np.asarray(nib.load(folder / "warped_label.nii.gz").dataobj).astype(np.int16)
         jacobian = np.asarray(nib.load(folder / "jacobian_det.nii.gz").dataobj)
         results[(m["name"], f["name"])] = (warped.reshape(f["label_array"].shape), jacobian.reshape(f["label_array"].shape), seconds)
+        if (m, f) == pairs[0]:  # the whole transform, for the deformation-grid figure
+            ddf = np.asarray(nib.load(folder / "ddf.nii.gz").dataobj)[..., 0, :]
+            np.save(work.parent / f"ddf_{m['name']}_to_{f['name']}_io{io_steps}.npy", np.moveaxis(ddf, -1, 0).astype(np.float32))
     return results
 
 
@@ -322,6 +330,17 @@ def report(out: Path) -> None:
                 axes[1, i].set_title("det J")
             else:
                 axes[1, i].text(0.5, 0.5, "global affine:\nconstant det J", ha="center", va="center")
+        ddf_file = out / f"ddf_{folder.name}_io0.npy"
+        if ddf_file.is_file() and "ours" in kept:  # deformation grid of the whole transform, in the last free panel
+            ddf = np.load(ddf_file)
+            grid = np.stack(np.meshgrid(*[np.arange(n) for n in ddf.shape[1:]], indexing="ij")) + ddf
+            u, w = np.rot90(grid[0][:, z, :]), np.rot90(grid[2][:, z, :])
+            ax = axes[1, 0]
+            ax.axis("on")
+            ax.contour(u, levels=np.arange(0, ddf.shape[1], 8), colors="k", linewidths=0.4)
+            ax.contour(w, levels=np.arange(0, ddf.shape[3], 8), colors="k", linewidths=0.4)
+            ax.set_aspect("equal")
+            ax.set_title("ours: deformation grid")
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])

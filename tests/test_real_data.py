@@ -106,7 +106,7 @@ def _zero_inference(graph, root, logs, name, pairs, ckpt_key="zero"):
         result = run(
             ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", root,
              "--datalist", datalist, "--ckpt_path", files[ckpt_key], "--output_dir", root / name,
-             "--pixdim", PIXDIM],
+             "--pixdim", PIXDIM, "--prealign", "none"],  # the network's own DDF, in world coordinates
             log=logs / f"{name}.log", timeout=300,
         )
         return result, root / name
@@ -161,7 +161,8 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> JobGraph | None:
         ckpt = bundle_root / "models" / f"checkpoint_epoch={OASIS_EPOCHS}.pt"
         result = run(
             ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", bundle_root,
-             "--datalist", datalist, "--output_dir", out, "--ckpt_path", ckpt, "--pixdim", PIXDIM],
+             "--datalist", datalist, "--output_dir", out, "--ckpt_path", ckpt, "--pixdim", PIXDIM,
+             "--prealign", "none"],  # as trained (the pair is already aligned) and as the zero network ran
             log=logs / "oasis_trained.log", timeout=300,
         )
         return result, out
