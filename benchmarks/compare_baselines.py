@@ -1,7 +1,7 @@
 """Side-by-side evaluation on the IBSR test split: the bundle's models vs identity, affine, ANTs SyN, elastix.
 
     python benchmarks/compare_baselines.py run [--methods identity,affine,ours,ants_syn,elastix] \
-        [--io-steps 0,50] [--ckpt models/pretrained/joint_t1_ibsr_3mm.pt] [--pairs N] [--out runs/compare]
+        [--io-steps 0,50] [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare]
     python benchmarks/compare_baselines.py report [--out runs/compare]    # table + figures into docs/
 
 ``run`` registers every ordered pair of the test subjects of ``ibsr_split.json`` (never trained on) with each
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ibsr"
 SPLIT = json.loads(Path(__file__).with_name("ibsr_split.json").read_text())
 LABELS = {1: "CSF", 2: "GM", 3: "WM"}
-DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_3mm.pt"
+DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_4mm.pt"
 FIELDS = ["method", "pair", "moving", "fixed", *[f"dice_{n}" for n in LABELS.values()], "dice_mean", "hd95_mm",
           "folding_pct", "sd_log_jacobian", "seconds", "hardware"]
 
@@ -360,6 +360,7 @@ def main() -> None:
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
     a = parser.parse_args()
+    a.out = a.out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
         run(a.out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","))
     else:
