@@ -126,15 +126,13 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
 def ship(out: Path, registration_only: bool) -> Path:
     """Copy the best model's weights (a plain state dict) to ``models/pretrained/``."""
     from bundle.engines.checkpoints import load_checkpoint
+    from bundle.io.writers import write_atomic
 
     best = out / ("registration" if registration_only else "joint") / "models" / "model.pt"
     state = load_checkpoint(best)
     state = state.get("network", {k: v for k, v in state.items() if k != "checkpointer"})  # a plain state dict
     target = REPO / "models" / "pretrained" / SHIPPED[registration_only]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(target)
+    write_atomic(target, ".pt", lambda tmp: torch.save(state, tmp))
     print(f"{best} -> {target} ({target.stat().st_size / 1e6:.1f} MB)")
     return target
 

@@ -15,14 +15,14 @@ This is the only module that deals with LPS coordinates.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import itk
 import nibabel as nib
 import numpy as np
 import torch
+
+from bundle.io.writers import write_atomic
 
 __all__ = [
     "FIELD_SUFFIXES",
@@ -200,24 +200,6 @@ def _suffix(path: Path, allowed: tuple[str, ...], what: str) -> str:
     raise ValueError(f"{what} file {path} must end with one of {allowed}.")
 
 
-def _write_atomic(path: str | os.PathLike, suffix: str, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path`` (same suffix, so ITK picks the format), then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; outputs follow the umask like any file
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_itk_displacement_field(ddf, affine, path: str | os.PathLike) -> Path:
     """Write our DDF as an ITK/ANTs displacement field image (physical LPS mm vectors), atomically.
 
@@ -237,7 +219,7 @@ def write_itk_displacement_field(ddf, affine, path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = _suffix(path, FIELD_SUFFIXES, "displacement field")
     field = ddf_to_itk_field(ddf, affine)
-    return _write_atomic(path, suffix, lambda tmp: itk.imwrite(field, tmp, compression=suffix != ".nii"))
+    return write_atomic(path, suffix, lambda tmp: itk.imwrite(field, tmp, compression=suffix != ".nii"))
 
 
 def write_itk_transform(ddf, affine, path: str | os.PathLike) -> Path:
@@ -256,7 +238,7 @@ def write_itk_transform(ddf, affine, path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = _suffix(path, TRANSFORM_SUFFIXES, "transform")
     transform = ddf_to_itk_transform(ddf, affine)
-    return _write_atomic(path, suffix, lambda tmp: itk.transformwrite([transform], tmp, compression=True))
+    return write_atomic(path, suffix, lambda tmp: itk.transformwrite([transform], tmp, compression=True))
 
 
 def _field_of_transform(transform, path: Path) -> itk.Image:

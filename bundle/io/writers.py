@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +14,30 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["write_nifti", "SaveNiftid"]
+__all__ = ["write_atomic", "write_nifti", "SaveNiftid"]
+
+
+def write_atomic(path: str | os.PathLike, suffix: str, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path`` (with ``suffix``, so writers pick the format), then
+    rename it to ``path``: a failure leaves no half-written file.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; outputs follow the umask like any file
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, vector: bool = False) -> None:
@@ -45,19 +68,8 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     if vector:
         image.header.set_intent("vector")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; outputs follow the umask like any file
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, suffix, lambda tmp: nib.save(image, tmp))
 
 
 class SaveNiftid(MapTransform):
