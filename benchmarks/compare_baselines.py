@@ -124,6 +124,7 @@ def run_affine(moving: dict, fixed: dict, work: Path):
 def run_ants(moving: dict, fixed: dict, work: Path):
     import ants
 
+    from bundle.io.itk_export import read_itk_displacement_field
     from bundle.metrics import jacobian_determinant
 
     start = time.perf_counter()
@@ -131,12 +132,8 @@ def run_ants(moving: dict, fixed: dict, work: Path):
     reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=0)
     labels = ants.apply_transforms(f, ants.image_read(str(moving["label"])), reg["fwdtransforms"], interpolator="genericLabel")
     seconds = time.perf_counter() - start
-    composite = nib.load(ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_")))
-    # ITK writes (X, Y, Z, 1, 3) vectors in physical LPS mm; to voxel units of the fixed grid
-    lps = np.asarray(composite.dataobj, dtype=np.float64).reshape(*composite.shape[:3], 3)
-    linear = np.diag([-1.0, -1.0, 1.0]) @ composite.affine[:3, :3]
-    ddf = np.einsum("kl,...l->k...", np.linalg.inv(linear), lps)
-    jacobian = jacobian_determinant(torch.as_tensor(ddf, dtype=torch.float32)[None])[0, 0].numpy()
+    ddf, _ = read_itk_displacement_field(ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_")))
+    jacobian = jacobian_determinant(torch.as_tensor(ddf)[None])[0, 0].numpy()
     return labels.numpy().astype(np.int16), jacobian, seconds
 
 

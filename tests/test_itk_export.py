@@ -168,6 +168,22 @@ def test_written_files_read_back_exactly(tmp_path, suffix):
     np.testing.assert_allclose(affine, FIXED_AFFINE, atol=1e-5)
 
 
+def test_double_precision_field_reads(tmp_path):
+    """ANTs writes float64 vectors (no ITK Python reader is wrapped for them): they read all the same."""
+    ddf = _smooth_ddf(FIXED_SHAPE, amplitude=3.0)
+    single = nib.load(write_itk_displacement_field(ddf, FIXED_AFFINE, tmp_path / "field.nii.gz"))
+    double = nib.Nifti1Image(np.asarray(single.dataobj, dtype=np.float64), single.affine, single.header)
+    double.set_data_dtype(np.float64)
+    nib.save(double, tmp_path / "double.nii.gz")
+    back, affine = read_itk_displacement_field(tmp_path / "double.nii.gz")
+    np.testing.assert_allclose(back, ddf, atol=1e-5)
+    np.testing.assert_allclose(affine, FIXED_AFFINE, atol=1e-5)
+    scalar = tmp_path / "scalar.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), scalar)
+    with pytest.raises(ValueError, match="one component per dimension"):
+        read_itk_displacement_field(scalar)
+
+
 def test_2d_field_round_trip(tmp_path):
     affine = np.array([[0.0, -1.2, 30.0], [0.7, 0.0, -4.0], [0.0, 0.0, 1.0]])  # axes swapped and flipped
     ddf = np.random.default_rng(0).normal(size=(2, 9, 7)).astype(np.float32)

@@ -284,7 +284,22 @@ def read_itk_displacement_field(path: str | os.PathLike) -> tuple[np.ndarray, np
         if len(transforms) != 1:
             raise ValueError(f"{path}: holds {len(transforms)} transforms, expected one.")
         return itk_field_to_ddf(_field_of_transform(transforms[0], path))
-    return itk_field_to_ddf(itk.imread(str(path)))
+    return itk_field_to_ddf(_read_vector_image(path))
+
+
+def _read_vector_image(path: Path) -> itk.Image:
+    """A vector image as ``itk.Image[itk.Vector[itk.F, ndim], ndim]`` whatever its stored component type: ITK
+    Python wraps no reader for double vectors, which ANTs writes (e.g. ``apply_transforms(compose=...)``)."""
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise ValueError(f"{path}: not an image file ITK can read.")
+    io.SetFileName(str(path))
+    io.ReadImageInformation()
+    ndim, components = io.GetNumberOfDimensions(), io.GetNumberOfComponents()
+    if ndim not in (2, 3) or components != ndim:
+        raise ValueError(f"{path}: a displacement field needs 2 or 3 dimensions with one component per dimension, "
+                         f"got {ndim} dimensions and {components} components.")
+    return itk.imread(str(path), itk.Vector[itk.F, ndim])
 
 
 def read_ddf_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
