@@ -59,7 +59,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def _baseline(pair: dict, transform: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warped image, warped tumour and DDF of a pre-alignment alone, on the fixed native grid."""
     from bundle.alignment import itk_affine_register
-    from bundle.spatial import resample_to_grid
+    from bundle.spatial import ddf_source_points, index_grid, resample_to_grid
 
     moving, m_affine = _load(pair["moving"])
     fixed, f_affine = _load(pair["fixed"])
@@ -67,10 +67,8 @@ def _baseline(pair: dict, transform: str) -> tuple[np.ndarray, np.ndarray, np.nd
     matrix = itk_affine_register(moving, m_affine, fixed, f_affine, transform)
     dst = torch.as_tensor(matrix @ f_affine)
     warp = lambda a, mode: resample_to_grid(torch.as_tensor(a)[None], torch.as_tensor(m_affine), dst, fixed.shape, mode=mode)[0].numpy()  # noqa: E731
-    index_map = np.linalg.solve(f_affine, matrix @ f_affine)  # the affine's DDF in fixed voxels
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in fixed.shape], indexing="ij")).reshape(3, -1)
-    ddf = (index_map[:3, :3] @ grid + index_map[:3, 3:] - grid).reshape(3, *fixed.shape)
-    return warp(moving, "bilinear"), warp(mask, "nearest") > 0, ddf.astype(np.float32)
+    ddf = ddf_source_points(torch.zeros(3, *fixed.shape), dst, torch.as_tensor(f_affine)) - index_grid(fixed.shape, torch.float64)
+    return warp(moving, "bilinear"), warp(mask, "nearest") > 0, ddf.numpy().astype(np.float32)
 
 
 def score(pair: dict, warped: np.ndarray, warped_tumour: np.ndarray, ddf: np.ndarray) -> dict:

@@ -68,9 +68,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="differ in length"):
         itk_affine_register(a, np.eye(4), a, np.eye(4), "rigid", shrink_factors=(2, 1), smoothing_sigmas_mm=(1,))
     with pytest.raises(ValueError, match="singular"):
-        itk_affine_register(a, np.zeros((4, 4)), a, np.eye(4), "rigid")
+        r = np.random.rand(8, 8, 8).astype(np.float32)
+        itk_affine_register(r, np.zeros((4, 4)), r, np.eye(4), "rigid")
     with pytest.raises(ValueError, match="transform must be one of"):
         PreAlignd("moving", transform="elastic")
+    with pytest.raises(ValueError, match="fixed image is constant"):
+        itk_affine_register(np.random.rand(8, 8, 8), np.eye(4), a, np.eye(4), "rigid")
+    constant = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.eye(4), meta={"filename_or_obj": "empty.nii.gz"})
+    with pytest.raises(ValueError, match="pre-alignment of empty.nii.gz to .*constant"):
+        PreAlignd("moving", transform="rigid")({"moving": constant, "fixed": MetaTensor(torch.rand(1, 8, 8, 8))})
     with pytest.raises(ValueError, match="MetaTensor"):
         PreAlignd("moving", transform="none")({"moving": torch.zeros(1, 4, 4, 4), "fixed": torch.zeros(1, 4, 4, 4)})
 

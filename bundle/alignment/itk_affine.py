@@ -82,7 +82,10 @@ def _run_stage(fixed, moving, transform, shrink, sigmas, iterations, sampling, b
     method.SetMetricSamplingStrategy(itk.ImageRegistrationMethodv4Enums.MetricSamplingStrategy_RANDOM)
     method.SetMetricSamplingPercentage(float(sampling))
     method.MetricSamplingReinitializeSeed(int(seed))
-    method.Update()
+    try:
+        method.Update()
+    except RuntimeError as e:  # ITK's exceptions: e.g. too few samples inside the moving image
+        raise ValueError(f"ITK {transform.GetNameOfClass()} registration failed: {str(e).strip().splitlines()[-1]}") from e
     return transform
 
 
@@ -124,7 +127,8 @@ def itk_affine_register(
         world point ``T @ p``.
 
     Raises:
-        ValueError: unknown ``transform``, mismatched pyramid settings, bad arrays or affines.
+        ValueError: unknown ``transform``, mismatched pyramid settings, bad arrays or affines, a constant
+            image, or an ITK failure (e.g. images that do not overlap after initialisation).
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
@@ -134,6 +138,9 @@ def itk_affine_register(
         raise ValueError(f"sampling must be in (0, 1], got {sampling}.")
     if transform == "none":
         return np.eye(4)
+    for name, array in (("moving", moving), ("fixed", fixed)):
+        if not np.ptp(np.asarray(array)) > 0:
+            raise ValueError(f"the {name} image is constant: nothing to align.")
     fixed_image = _shrunk(to_itk_image(fixed, fixed_affine), working_spacing_mm)
     moving_image = _shrunk(to_itk_image(moving, moving_affine), working_spacing_mm)
     pyramid = dict(shrink=shrink_factors, sigmas=smoothing_sigmas_mm, iterations=[iterations], sampling=sampling)

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from bundle.alignment import TRANSFORMS, itk_affine_register
-from bundle.spatial import index_grid, resample_to_grid
+from bundle.spatial import ddf_source_points, index_grid, resample_to_grid
 
 __all__ = ["PreAlignd", "ComposePreAlignmentd"]
 
@@ -75,10 +75,14 @@ class PreAlignd(MapTransform):
         fixed_affine, moving_affine = _affine_of(fixed, self.fixed_key), _affine_of(moving, image_key)
         if fixed.ndim != 4 or moving.ndim != 4:
             raise ValueError(f"pre-alignment is 3D: got {self.fixed_key} {tuple(fixed.shape)}, {image_key} {tuple(moving.shape)}.")
-        matrix = itk_affine_register(
-            moving[0].numpy(), moving_affine.numpy(), fixed[0].numpy(), fixed_affine.numpy(),
-            transform=self.transform, **self.register_kwargs,
-        )
+        try:
+            matrix = itk_affine_register(
+                moving[0].numpy(), moving_affine.numpy(), fixed[0].numpy(), fixed_affine.numpy(),
+                transform=self.transform, **self.register_kwargs,
+            )
+        except ValueError as e:
+            names = [d[k].meta.get("filename_or_obj", k) for k in (image_key, self.fixed_key)]
+            raise ValueError(f"pre-alignment of {names[0]} to {names[1]}: {e}") from e
         matrix = torch.as_tensor(matrix, dtype=torch.float64)
         for key in self.key_iterator(d):
             item = d[key]
@@ -119,10 +123,8 @@ class ComposePreAlignmentd(MapTransform):
         for key in self.key_iterator(d):
             ddf = d[key]
             grid_affine = _affine_of(ddf, key)
-            index_map = torch.linalg.solve(grid_affine, matrix @ grid_affine)  # fixed voxel -> voxel, through T
-            idx = index_grid(ddf.shape[1:], dtype=torch.float64, device=ddf.device)
-            points = idx + ddf.as_tensor().to(torch.float64)
-            mapped = torch.einsum("kl,l...->k...", index_map[:3, :3].to(ddf.device), points)
-            mapped = mapped + index_map[:3, 3].to(ddf.device).view(3, 1, 1, 1)
-            d[key] = MetaTensor((mapped - idx).to(torch.float32), affine=ddf.affine.clone(), meta=dict(ddf.meta))
+            # the points the composite samples, in the DDF grid's voxels: A^-1 T A (x + u(x))
+            points = ddf_source_points(ddf.as_tensor(), matrix @ grid_affine, grid_affine)
+            composite = points - index_grid(ddf.shape[1:], dtype=torch.float64, device=ddf.device)
+            d[key] = MetaTensor(composite.to(torch.float32), affine=ddf.affine.clone(), meta=dict(ddf.meta))
         return d
