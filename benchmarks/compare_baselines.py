@@ -1,14 +1,17 @@
-"""Side-by-side evaluation on the IBSR test split: the bundle's models vs identity, affine, ANTs SyN, elastix.
+"""Side-by-side evaluation on held-out test subjects: the bundle's models vs identity, affine, ANTs SyN, elastix.
 
-    python benchmarks/compare_baselines.py run [--methods identity,affine,ours,ants_syn,elastix] \
-        [--io-steps 0,50] [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare]
-    python benchmarks/compare_baselines.py report [--out runs/compare]    # table + figures into docs/
+    python benchmarks/compare_baselines.py run [--dataset ibsr|synthseg|oasis] \
+        [--methods identity,affine,ours,ants_syn,elastix] [--io-steps 0,50] \
+        [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare]
+    python benchmarks/compare_baselines.py report [--dataset ...] [--out ...]   # table + figures into docs/
 
-``run`` registers every ordered pair of the test subjects of ``ibsr_split.json`` (never trained on) with each
-method and scores, in the **fixed image's native grid**: Dice per label (CSF, GM, WM) of the warped moving
-labels (nearest neighbour), HD95 in mm (MONAI), % of voxels with det J <= 0 and SDlogJ of the full
-transform, and wall time per pair on this machine. Rows are appended to ``OUT/results.csv`` as they come,
-so an interrupted run is resumed (pairs already scored for a method are skipped).
+``run`` registers every ordered pair of the dataset's test subjects (never trained on; see
+``eval_datasets.py``: IBSR CSF/GM/WM, SynthSeg-synthesised images with 30 FreeSurfer structures, the
+labelled OASIS-derived pair) with each method and scores, in the **fixed image's native grid**: Dice per
+label of the warped moving labels (nearest neighbour; the mean is over the labels present in the fixed
+map), HD95 in mm (MONAI), % of voxels with det J <= 0 and SDlogJ of the full transform, and wall time per
+pair on this machine. Rows are appended to ``OUT/results.csv`` as they come, so an interrupted run is
+resumed (pairs already scored for a method are skipped).
 
 Methods:
 - ``identity``: the moving labels resampled onto the fixed grid by world coordinates.
@@ -26,10 +29,10 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from itertools import permutations
 from pathlib import Path
 
@@ -37,13 +40,17 @@ import nibabel as nib
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_datasets import DATASETS, load
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "ibsr"
-SPLIT = json.loads(Path(__file__).with_name("ibsr_split.json").read_text())
-LABELS = {1: "CSF", 2: "GM", 3: "WM"}
 DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_4mm.pt"
-FIELDS = ["method", "pair", "moving", "fixed", *[f"dice_{n}" for n in LABELS.values()], "dice_mean", "hd95_mm",
-          "folding_pct", "sd_log_jacobian", "seconds", "hardware"]
+BASE_FIELDS = ["method", "pair", "moving", "fixed", "dice_mean", "hd95_mm", "folding_pct", "sd_log_jacobian",
+               "seconds", "hardware"]
+
+
+def fields(labels: dict) -> list[str]:
+    return BASE_FIELDS[:4] + [f"dice_{n}" for n in labels.values()] + BASE_FIELDS[4:]
 
 
 def hardware() -> str:
@@ -54,35 +61,23 @@ def hardware() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(path)
-    return np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine  # IBSR is stored (X, Y, Z, 1)
+def score(warped_label: np.ndarray, fixed: dict, jacobian: np.ndarray | None, labels: dict) -> dict:
+    """Dice per label, HD95 (mm) and Jacobian statistics on the fixed native grid.
 
-
-def subject_files(subject: str, tmp: Path) -> dict:
-    """Paths of a subject's image and labels, rewritten as plain 3D NIfTI (ANTs/elastix read 4D otherwise)."""
-    out = {}
-    for kind, suffix, dtype in (("image", "", np.float32), ("label", "_seg", np.int16)):
-        array, affine = load(DATA / subject / f"{subject}{suffix}.nii.gz")
-        path = tmp / f"{subject}_{kind}.nii.gz"
-        if not path.exists():
-            nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
-        out[kind], out[f"{kind}_array"], out["affine"] = path, array.astype(dtype), affine
-    return out
-
-
-def score(warped_label: np.ndarray, fixed: dict, jacobian: np.ndarray | None) -> dict:
-    """Dice per label, HD95 (mm) and Jacobian statistics on the fixed native grid."""
+    A label absent from the fixed map scores NaN (left out of the means); HD95 is averaged over the labels
+    present in both maps."""
     from monai.metrics import compute_hausdorff_distance
 
     fixed_label = fixed["label_array"]
-    row = {}
-    for value, name in LABELS.items():
+    row, both = {}, []
+    for value, name in labels.items():
         a, b = warped_label == value, fixed_label == value
-        row[f"dice_{name}"] = 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
-    row["dice_mean"] = float(np.mean([row[f"dice_{n}"] for n in LABELS.values()]))
+        row[f"dice_{name}"] = 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()) if b.any() else float("nan")
+        if a.any() and b.any():
+            both.append(value)
+    row["dice_mean"] = float(np.nanmean([row[f"dice_{n}"] for n in labels.values()]))
     spacing = np.linalg.norm(fixed["affine"][:3, :3], axis=0)
-    one_hot = lambda x: torch.stack([torch.as_tensor(x == v) for v in LABELS])[None]  # noqa: E731
+    one_hot = lambda x: torch.stack([torch.as_tensor(x == v) for v in both])[None]
     hd = compute_hausdorff_distance(one_hot(warped_label), one_hot(fixed_label), percentile=95, spacing=spacing.tolist())
     row["hd95_mm"] = float(hd.nanmean())
     if jacobian is None:  # a global affine (or identity): det J constant and positive
@@ -193,10 +188,10 @@ def _done(results_csv: Path) -> set:
         return {(r["method"], r["pair"]) for r in csv.DictReader(f)}
 
 
-def _append(results_csv: Path, row: dict) -> None:
+def _append(results_csv: Path, row: dict, labels: dict) -> None:
     new = not results_csv.is_file()
     with open(results_csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields(labels))
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -209,12 +204,14 @@ def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jaco
     np.savez_compressed(folder / f"{method}.npz", label=warped, jacobian=np.zeros(0) if jacobian is None else jacobian)
 
 
-def run(out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None, configs: list[str]) -> None:
+def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None,
+        configs: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "inputs"
     tmp.mkdir(exist_ok=True)
-    subjects = {s: {"name": s, **subject_files(s, tmp)} for s in SPLIT["testing"]}
-    pairs = [(subjects[m], subjects[f]) for m, f in permutations(SPLIT["testing"], 2)][:pairs_limit]
+    subjects = {s: dataset.subject(s, tmp) for s in dataset.testing}
+    pairs = [(subjects[m], subjects[f]) for m, f in permutations(dataset.testing, 2)][:pairs_limit]
+    labels = dataset.labels
     results_csv, hw = out / "results.csv", hardware()
     done = _done(results_csv)
     for method in methods:
@@ -227,8 +224,8 @@ def run(out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_li
                 with tempfile.TemporaryDirectory(dir=out) as work:
                     for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs).items():
                         row = {"method": label, "pair": f"{mn}_to_{fn}", "moving": mn, "fixed": fn, "seconds": seconds, "hardware": hw}
-                        row.update(score(warped, subjects[fn], jac))
-                        _append(results_csv, row)
+                        row.update(score(warped, subjects[fn], jac, labels))
+                        _append(results_csv, row, labels)
                         if (mn, fn) == (pairs[0][0]["name"], pairs[0][1]["name"]):
                             _keep_for_figure(out, label, row["pair"], warped, jac)
                         print(f"{label:10s} {mn}->{fn}: Dice {row['dice_mean']:.3f} ({seconds:.1f} s)", flush=True)
@@ -240,30 +237,53 @@ def run(out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_li
             with tempfile.TemporaryDirectory(dir=out) as work:
                 warped, jac, seconds = RUNNERS[method](m, f, Path(work))
             row = {"method": method, "pair": pair, "moving": m["name"], "fixed": f["name"], "seconds": seconds, "hardware": hw}
-            row.update(score(warped, f, jac))
-            _append(results_csv, row)
+            row.update(score(warped, f, jac, labels))
+            _append(results_csv, row, labels)
             if (m, f) == pairs[0]:
                 _keep_for_figure(out, method, pair, warped, jac)
             print(f"{method:10s} {pair}: Dice {row['dice_mean']:.3f} folding {row['folding_pct']:.3f}% ({seconds:.1f} s)", flush=True)
 
 
-def _summary(rows: list[dict]) -> list[dict]:
+def _summary(rows: list[dict], labels: dict) -> list[dict]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ants = [float(r["seconds"]) for r in rows if r["method"] == "ants_syn"]
+    per_label = [f"dice_{n}" for n in labels.values()] if len(labels) <= 4 else []  # many labels: own table
     out = []
     for method in methods:
         sel = [r for r in rows if r["method"] == method]
-        col = lambda k: np.array([float(r[k]) for r in sel])  # noqa: E731
+        col = lambda k: np.array([float(r[k]) for r in sel])
         summary = {"method": method, "pairs": len(sel)}
-        for k in ("dice_mean", *[f"dice_{n}" for n in LABELS.values()], "hd95_mm", "folding_pct", "sd_log_jacobian"):
-            summary[k] = f"{col(k).mean():.3f} ± {col(k).std():.3f}"
+        for k in ("dice_mean", *per_label, "hd95_mm", "folding_pct", "sd_log_jacobian"):
+            summary[k] = f"{np.nanmean(col(k)):.3f} ± {np.nanstd(col(k)):.3f}"
         summary["seconds (median)"] = f"{np.median(col('seconds')):.1f}"
         summary["× faster than ANTs SyN"] = f"{np.median(ants) / np.median(col('seconds')):.1f}" if ants else "–"
         out.append(summary)
     return out
 
 
-def report(out: Path) -> None:
+def _markdown(summary: list[dict]) -> str:
+    keys = list(summary[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(s[k]) for k in keys) + " |" for s in summary]) + "\n"
+
+
+def _per_structure(rows: list[dict], labels: dict, methods: list[str]) -> list[dict]:
+    """Mean Dice of each structure (rows) per method (columns)."""
+    table = []
+    for name in labels.values():
+        entry = {"structure": name}
+        for m in methods:
+            values = [float(r[f"dice_{name}"]) for r in rows if r["method"] == m]
+            entry[m] = f"{np.nanmean(values):.3f}" if values and not np.all(np.isnan(values)) else "–"
+        table.append(entry)
+    return table
+
+
+def _coronal_axis(affine: np.ndarray) -> int:
+    return int(np.argmax(np.abs(affine[1, :3])))  # the array axis closest to world anterior-posterior
+
+
+def report(dataset, out: Path) -> None:
     """Markdown table, per-pair CSV and figures (box plots, overlays, deformation grid, Jacobian) into docs/."""
     import shutil
 
@@ -277,50 +297,74 @@ def report(out: Path) -> None:
     results, figures = REPO / "docs" / "results", REPO / "docs" / "figures"
     results.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "results.csv", results / "baselines.csv")
+    stem = "baselines" if dataset.name == "ibsr" else f"baselines_{dataset.name}"
+    shutil.copyfile(out / "results.csv", results / f"{stem}.csv")
+    labels = dataset.labels
     methods = list(dict.fromkeys(r["method"] for r in rows))
     common = set.intersection(*[{r["pair"] for r in rows if r["method"] == m} for m in methods])
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
 
-    def table(selected: list[dict]) -> str:
-        summary = _summary(selected)
-        keys = list(summary[0])
-        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        return "\n".join(lines + ["| " + " | ".join(str(s[k]) for k in keys) + " |" for s in summary]) + "\n"
-
-    text = (f"Test split of `benchmarks/ibsr_split.json` ({', '.join(SPLIT['testing'])}), scored on the fixed image's "
-            f"native grid; mean ± standard deviation over pairs. Hardware: {rows[0]['hardware']}.\n\n"
-            f"Pairs every method ran ({len(common)}: {', '.join(sorted(common))}):\n\n" + table([r for r in rows if r["pair"] in common]))
+    text = (f"{dataset.describe()}; scored on the fixed image's native grid; mean ± standard deviation over pairs. "
+            f"Hardware: {rows[0]['hardware']}.\n\n"
+            f"Pairs every method ran ({len(common)}: {', '.join(sorted(common))}):\n\n"
+            + _markdown(_summary([r for r in rows if r["pair"] in common], labels)))
     if any(sum(r["method"] == m for r in rows) > len(common) for m in methods):
-        text += "\nAll pairs each method ran:\n\n" + table(rows)
-    (results / "baselines.md").write_text(text)
+        text += "\nAll pairs each method ran:\n\n" + _markdown(_summary(rows, labels))
+    if len(labels) > 4:
+        text += "\nMean Dice per structure (all pairs each method ran):\n\n" + _markdown(_per_structure(rows, labels, methods))
+    (results / f"{stem}.md").write_text(text)
     print(text)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(axes, ("dice_mean", "hd95_mm", "seconds"), ("mean Dice (CSF, GM, WM)", "HD95 (mm)", "seconds per pair")):
+    for ax, key, title in zip(axes, ("dice_mean", "hd95_mm", "seconds"), (f"mean Dice ({len(labels)} labels)", "HD95 (mm)", "seconds per pair")):
         ax.boxplot([[float(r[key]) for r in rows if r["method"] == m] for m in methods], tick_labels=methods)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
     axes[2].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(figures / "baselines_boxplots.png", dpi=110)
+    fig.savefig(figures / f"{stem}_boxplots.png", dpi=110)
     plt.close(fig)
+
+    if len(labels) > 4:  # per-structure box plots, left and right hemispheres pooled (as in VoxelMorph's figure)
+        pooled = list(dict.fromkeys(n.removeprefix("L_").removeprefix("R_") for n in labels.values()))
+        fig, ax = plt.subplots(figsize=(max(12, 0.9 * len(pooled) * len(methods) / 3), 4.5))
+        for j, m in enumerate(methods):
+            data = []
+            for name in pooled:
+                keys = [k for k in (name, f"L_{name}", f"R_{name}") if k in labels.values()]
+                values = [float(r[f"dice_{k}"]) for r in rows if r["method"] == m for k in keys]
+                data.append([v for v in values if not np.isnan(v)] or [np.nan])
+            positions = np.arange(len(pooled)) * (len(methods) + 1) + j
+            bp = ax.boxplot(data, positions=positions, widths=0.8, patch_artist=True, showfliers=False)
+            for box in bp["boxes"]:
+                box.set_facecolor(plt.cm.tab10(j))
+            ax.plot([], [], color=plt.cm.tab10(j), lw=6, label=m)
+        ax.set_xticks(np.arange(len(pooled)) * (len(methods) + 1) + (len(methods) - 1) / 2, pooled, rotation=45, ha="right")
+        ax.set_ylabel("Dice")
+        ax.legend(ncol=len(methods), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(figures / f"{stem}_structures.png", dpi=110)
+        plt.close(fig)
 
     for folder in sorted((out / "figure").glob("*_to_*")):
         moving_name, fixed_name = folder.name.split("_to_")
-        fixed_image, _ = load(DATA / fixed_name / f"{fixed_name}.nii.gz")
-        fixed_label, _ = load(DATA / fixed_name / f"{fixed_name}_seg.nii.gz")
+        fixed_image, affine = load(out / "inputs" / f"{fixed_name}_image.nii.gz")
+        fixed_label, _ = load(out / "inputs" / f"{fixed_name}_label.nii.gz")
         kept = {m: np.load(folder / f"{m}.npz") for m in methods if (folder / f"{m}.npz").is_file()}
-        z = fixed_image.shape[1] // 2  # IBSR's second array axis is the slice axis
-        cut = lambda a: np.rot90(a[:, z, :])  # noqa: E731
-        fig, axes = plt.subplots(2, len(kept) + 1, figsize=(3.2 * (len(kept) + 1), 6.6))
+        axis = _coronal_axis(affine)
+        index = fixed_image.shape[axis] // 2
+        cut = lambda a: np.rot90(np.take(a, index, axis=axis))
+        levels = [v - 0.5 for v in sorted(labels)[1 if len(labels) <= 4 else 0:]]  # borders between label values
+        fig, axes = plt.subplots(2, len(kept) + 1, figsize=(3.2 * (len(kept) + 1), 6.6), squeeze=False)
         axes[0, 0].imshow(cut(fixed_image), cmap="gray")
-        axes[0, 0].contour(cut(fixed_label), levels=[1.5, 2.5], colors="lime", linewidths=0.6)
+        axes[0, 0].contour(cut(fixed_label), levels=levels, colors="lime", linewidths=0.5)
         axes[0, 0].set_title(f"fixed {fixed_name}")
         axes[1, 0].axis("off")
+        im = None
         for i, (m, arrays) in enumerate(kept.items(), start=1):
             axes[0, i].imshow(cut(fixed_image), cmap="gray")
-            axes[0, i].contour(cut(fixed_label), levels=[1.5, 2.5], colors="lime", linewidths=0.6)
-            axes[0, i].contour(cut(arrays["label"]), levels=[1.5, 2.5], colors="red", linewidths=0.6)
+            axes[0, i].contour(cut(fixed_label), levels=levels, colors="lime", linewidths=0.5)
+            axes[0, i].contour(cut(arrays["label"]), levels=levels, colors="red", linewidths=0.5)
             axes[0, i].set_title(m)
             if arrays["jacobian"].size:
                 im = axes[1, i].imshow(cut(arrays["jacobian"]), cmap="RdBu_r", vmin=0, vmax=2)
@@ -331,37 +375,42 @@ def report(out: Path) -> None:
         if ddf_file.is_file() and "ours" in kept:  # deformation grid of the whole transform, in the last free panel
             ddf = np.load(ddf_file)
             grid = np.stack(np.meshgrid(*[np.arange(n) for n in ddf.shape[1:]], indexing="ij")) + ddf
-            u, w = np.rot90(grid[0][:, z, :]), np.rot90(grid[2][:, z, :])
+            in_plane = [a for a in range(3) if a != axis]
+            u, w = (np.rot90(np.take(grid[a], index, axis=axis)) for a in in_plane)
             ax = axes[1, 0]
             ax.axis("on")
-            ax.contour(u, levels=np.arange(0, ddf.shape[1], 8), colors="k", linewidths=0.4)
-            ax.contour(w, levels=np.arange(0, ddf.shape[3], 8), colors="k", linewidths=0.4)
+            ax.contour(u, levels=np.arange(0, ddf.shape[1 + in_plane[0]], 8), colors="k", linewidths=0.4)
+            ax.contour(w, levels=np.arange(0, ddf.shape[1 + in_plane[1]], 8), colors="k", linewidths=0.4)
             ax.set_aspect("equal")
             ax.set_title("ours: deformation grid")
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.6, label="Jacobian determinant")
-        fig.suptitle(f"{moving_name} → {fixed_name}: fixed GM/WM borders (green) and warped moving ones (red)")
-        fig.savefig(figures / f"baselines_{folder.name}.png", dpi=100)
+        if im is not None:
+            fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.6, label="Jacobian determinant")
+        fig.suptitle(f"{moving_name} → {fixed_name}: fixed label borders (green) and warped moving ones (red)")
+        fig.savefig(figures / f"{stem}_{folder.name}.png", dpi=100)
         plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "report"])
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="ibsr")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/compare (IBSR) or runs/compare_<dataset>")
     parser.add_argument("--methods", default="identity,affine,ours,ants_syn,elastix")
     parser.add_argument("--io-steps", default="0", help="instance-optimisation steps for 'ours', comma separated")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
     a = parser.parse_args()
-    a.out = a.out.resolve()  # the datalist written for the bundle names files relative to its own folder
+    dataset = DATASETS[a.dataset]()
+    out = a.out or REPO / "runs" / ("compare" if a.dataset == "ibsr" else f"compare_{a.dataset}")
+    out = out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
-        run(a.out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","))
+        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","))
     else:
-        report(a.out)
+        report(dataset, out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Train the shipped weights on real T1 MRI (IBSR), with the fixed subject split of ``ibsr_split.json``.
 
     python benchmarks/pretrain.py prepare          # affine-align train/validation subjects to the reference
-    python benchmarks/pretrain.py train [--registration-only] [--max-epochs N] [--pixdim MM]
-    python benchmarks/pretrain.py ship  [--registration-only]   # copy the best model into models/pretrained/
+    python benchmarks/pretrain.py train [--registration-only] [--label-weight W] [--max-epochs N] [--pixdim MM]
+    python benchmarks/pretrain.py ship  [--registration-only] [--label-weight W]   # best model -> models/pretrained/
 
 ``prepare`` registers every training and validation subject to the reference subject with the bundle's own
 ITK affine stage (``bundle.alignment``) and writes them on the reference grid, so that training pairs differ
@@ -10,7 +10,8 @@ by the deformable residual only (as in VoxelMorph, whose data are affinely align
 bundle aligns each new pair itself (``prealign: affine``). ``train`` runs the bundle's training command
 (``configs/train.json``, the joint model with synthetic lesions; ``--registration-only`` adds
 ``configs/registration_only.json``) on every ordered pair of training subjects, unsupervised (no label
-loss), with validation Dice on the pairs between the validation subject and the labelled training
+loss; ``--label-weight W > 0``: semi-supervised as in VoxelMorph TMI, on the pairs of labelled training subjects
+with the auxiliary Dice loss on CSF/GM/WM weighted W), with validation Dice on the pairs between the validation subject and the labelled training
 subjects. Interrupted training resumes from its last checkpoint when started again. Test subjects are
 never read here.
 """
@@ -104,18 +105,41 @@ def _configs(registration_only: bool) -> str:
     return "[" + ",".join(f"'{REPO / 'configs' / n}'" for n in names) + "]"
 
 
-def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, val_interval: int) -> None:
+def run_dir(out: Path, registration_only: bool, label_weight: float) -> Path:
+    return out / (("registration" if registration_only else "joint") + ("_labels" if label_weight > 0 else ""))
+
+
+def labelled_datalist(datalist: Path) -> Path:
+    """The training pairs whose subjects both have labels, with their label maps (semi-supervised training)."""
+    data = json.loads(datalist.read_text())
+    pairs = []
+    for item in data["training"]:
+        labels = [item[k].replace("_image.nii.gz", "_label.nii.gz") for k in ("moving", "fixed")]
+        if all(Path(p).is_file() for p in labels):
+            pairs.append({**item, "moving_label": labels[0], "fixed_label": labels[1]})
+    if not pairs:
+        raise ValueError(f"no training pair of {datalist} has labels for both subjects.")
+    target = datalist.with_name("datalist_labelled.json")
+    target.write_text(json.dumps({"training": pairs, "validation": data["validation"]}, indent=1))
+    return target
+
+
+def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, val_interval: int,
+          label_weight: float = 0.0) -> None:
     """Run the bundle's training command; resumes from the newest checkpoint in ``out``."""
     datalist = out / "datalist.json"
     if not datalist.is_file():
         raise FileNotFoundError(f"{datalist} not found: run `python benchmarks/pretrain.py prepare` first.")
-    root = out / ("registration" if registration_only else "joint")
+    if label_weight > 0:
+        datalist = labelled_datalist(datalist)
+    root = run_dir(out, registration_only, label_weight)
     root.mkdir(parents=True, exist_ok=True)
     args = [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(registration_only),
         "--bundle_root", str(root), "--datalist", str(datalist), "--max_epochs", str(max_epochs),
         "--val_interval", str(val_interval), "--pixdim", str([pixdim] * 3), "--progress_bar", "False",
         "--num_classes", "4",  # IBSR labels: background, CSF, GM, WM
+        "--label_weight", str(label_weight),
     ]
     start = time.perf_counter()
     with open(root / "train.log", "a") as log:
@@ -123,12 +147,12 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
     print(f"training finished in {time.perf_counter() - start:.0f} s; log: {root / 'train.log'}")
 
 
-def ship(out: Path, registration_only: bool) -> Path:
+def ship(out: Path, registration_only: bool, label_weight: float = 0.0) -> Path:
     """Copy the best model's weights (a plain state dict) to ``models/pretrained/``."""
     from bundle.engines.checkpoints import load_checkpoint
     from bundle.io.writers import write_atomic
 
-    best = out / ("registration" if registration_only else "joint") / "models" / "model.pt"
+    best = run_dir(out, registration_only, label_weight) / "models" / "model.pt"
     state = load_checkpoint(best)
     state = state.get("network", {k: v for k, v in state.items() if k != "checkpointer"})  # a plain state dict
     target = REPO / "models" / "pretrained" / SHIPPED[registration_only]
@@ -145,13 +169,14 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--val-interval", type=int, default=2)
     parser.add_argument("--pixdim", type=float, default=4.0)
+    parser.add_argument("--label-weight", type=float, default=0.0, help="auxiliary Dice loss weight (0: unsupervised)")
     a = parser.parse_args()
     if a.command == "prepare":
         prepare(a.out)
     elif a.command == "train":
-        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval)
+        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval, a.label_weight)
     else:
-        ship(a.out, a.registration_only)
+        ship(a.out, a.registration_only, a.label_weight)
 
 
 if __name__ == "__main__":

@@ -4,3 +4,4 @@ from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
 from .joint_output import SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
+from .synthesis import RandSynthesiseImaged

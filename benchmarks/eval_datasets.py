@@ -1,0 +1,132 @@
+"""Test sets of the side-by-side evaluation (``compare_baselines.py``): IBSR, SynthSeg-synthesised, OASIS.
+
+Each dataset names its held-out test subjects (fixed splits in ``*_split.json``), the labels scored, and
+writes every test subject as a plain 3D NIfTI image + label map into a work folder (ANTs and elastix read
+them from there). All of them read ``../shared/data`` and raise ``FileNotFoundError`` when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+
+# The 30 FreeSurfer structures scored in the VoxelMorph papers (``oasis/labels.npz``), short names.
+FREESURFER_30 = {
+    2: "L_WM", 3: "L_Cortex", 4: "L_LatVent", 7: "L_CbWM", 8: "L_CbCortex", 10: "L_Thalamus", 11: "L_Caudate",
+    12: "L_Putamen", 13: "L_Pallidum", 14: "3rdVent", 15: "4thVent", 16: "BrainStem", 17: "L_Hippocampus",
+    18: "L_Amygdala", 24: "CSF", 28: "L_VentralDC", 31: "L_ChoroidPlexus", 41: "R_WM", 42: "R_Cortex",
+    43: "R_LatVent", 46: "R_CbWM", 47: "R_CbCortex", 49: "R_Thalamus", 50: "R_Caudate", 51: "R_Putamen",
+    52: "R_Pallidum", 53: "R_Hippocampus", 54: "R_Amygdala", 60: "R_VentralDC", 63: "R_ChoroidPlexus",
+}
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Array (a trailing singleton axis dropped, as IBSR stores (X, Y, Z, 1)) and affine of a NIfTI file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    img = nib.load(path)
+    return np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine
+
+
+def _write(subject: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, work: Path) -> dict:
+    out = {"name": subject, "affine": affine, "image_array": image.astype(np.float32), "label_array": label.astype(np.int16)}
+    for kind in ("image", "label"):
+        path = work / f"{subject}_{kind}.nii.gz"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}")  # atomic: a half-written input is never reused
+            nib.save(nib.Nifti1Image(out[f"{kind}_array"], affine), tmp)
+            tmp.rename(path)
+        out[kind] = path
+    return out
+
+
+class IBSR:
+    """IBSR T1 (skull-stripped, native spaces differ): CSF / GM / WM, test split of ``ibsr_split.json``."""
+
+    name = "ibsr"
+    labels = {1: "CSF", 2: "GM", 3: "WM"}
+    split_file = HERE / "ibsr_split.json"
+
+    def __init__(self) -> None:
+        self.split = json.loads(self.split_file.read_text())
+        self.testing = self.split["testing"]
+
+    def subject(self, subject: str, work: Path) -> dict:
+        image, affine = load(DATA / "ibsr" / subject / f"{subject}.nii.gz")
+        label, _ = load(DATA / "ibsr" / subject / f"{subject}_seg.nii.gz")
+        return _write(subject, image, label, affine, work)
+
+    def describe(self) -> str:
+        return f"IBSR test split of `benchmarks/ibsr_split.json` ({', '.join(self.testing)}), CSF/GM/WM Dice"
+
+
+class SynthSeg:
+    """Images synthesised from the SynthSeg label maps (real anatomy, FreeSurfer labels): the 30 VoxelMorph
+    structures. Each subject's image is drawn once with a fixed seed (``RandSynthesiseImaged``, T1-like
+    contrast, skull-stripped), then cropped to the brain with a 4-voxel margin (1 mm grid, world affine kept).
+    """
+
+    name = "synthseg"
+    labels = FREESURFER_30
+    split_file = HERE / "synthseg_split.json"
+
+    def __init__(self, contrast: str = "t1") -> None:
+        self.split = json.loads(self.split_file.read_text())
+        self.testing = self.split["testing"]
+        self.contrast = contrast
+
+    def subject(self, subject: str, work: Path) -> dict:
+        import torch
+        from monai.transforms import CropForeground
+
+        from bundle.transforms import RandSynthesiseImaged
+
+        path = work / f"{subject}_image.nii.gz"
+        if path.exists():  # synthesised before: reuse the same draw
+            image, affine = load(path)
+            label, _ = load(work / f"{subject}_label.nii.gz")
+            return _write(subject, image, label, affine, work)
+        label, affine = load(DATA / "synthseg_label_maps" / f"training_seg_{subject}.nii.gz")
+        synth = RandSynthesiseImaged("label", "image", contrast=self.contrast).set_random_state(int(subject))
+        image, label = synth.synthesise(torch.as_tensor(label)[None], f"training_seg_{subject}")
+        crop = CropForeground(select_fn=lambda x: x > 0, margin=4, allow_smaller=True)
+        start, end = crop.compute_bounding_box(label)
+        image, label = (a[0, start[0]:end[0], start[1]:end[1], start[2]:end[2]].numpy() for a in (image, label))
+        shifted = affine.copy()
+        shifted[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=float) + affine[:3, 3]
+        return _write(subject, image, label, shifted, work)
+
+    def describe(self) -> str:
+        return (f"SynthSeg label maps {', '.join(self.testing)} (test split of `benchmarks/synthseg_split.json`), "
+                f"images synthesised with `RandSynthesiseImaged` ({self.contrast} contrast, seed = subject number), "
+                f"Dice on the {len(self.labels)} VoxelMorph structures (mean over those present in the fixed map)")
+
+
+class OASIS:
+    """The two labelled OASIS-derived T1 of ``oasis/lapirn`` (160x192x144, 1 mm, intensities in [0, 1]) and
+    their two foreground labels. The label maps share the images' voxel grid; the image header is used for
+    both because subject A's label header carries a different (0.98 x 0.97 mm, shifted) affine."""
+
+    name = "oasis"
+    labels = {1: "label1", 2: "label2"}
+    testing = ["A", "B"]
+
+    def subject(self, subject: str, work: Path) -> dict:
+        folder = DATA / "oasis" / "lapirn" / "Data"
+        image, affine = load(folder / f"image_{subject}_160x192x144.nii.gz")
+        label, _ = load(folder / f"image_{subject}_160x192x144_seg.nii.gz")
+        if label.shape != image.shape:
+            raise ValueError(f"OASIS {subject}: label shape {label.shape} != image shape {image.shape}.")
+        return _write(subject, image, label, affine, work)
+
+    def describe(self) -> str:
+        return "OASIS-derived `oasis/lapirn` volumes A and B (both ordered pairs), Dice of their labels 1 and 2"
+
+
+DATASETS = {"ibsr": IBSR, "synthseg": SynthSeg, "oasis": OASIS}

@@ -1,0 +1,139 @@
+"""Synthesise an MR-like image from a label map (SynthSeg / SynthMorph style), for evaluation and training.
+
+MONAI has no label-to-image generator; the intensity steps after the per-label draw reuse MONAI's own
+``GaussianSmooth``, ``RandBiasField``, ``RandAdjustContrast`` and ``RandGaussianNoise``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    GaussianSmooth,
+    MapTransform,
+    RandAdjustContrast,
+    RandBiasField,
+    RandomizableTransform,
+)
+
+from .checks import source_name
+
+__all__ = ["FREESURFER_BRAIN_LABELS", "T1_MEANS", "RandSynthesiseImaged"]
+
+# Mean T1-weighted intensity per FreeSurfer label (white matter 0.8, cortex 0.5, CSF 0.15), from the
+# usual T1 ordering of tissues; deep grey nuclei sit between cortex and white matter.
+T1_MEANS = {
+    2: 0.80, 41: 0.80, 7: 0.75, 46: 0.75, 16: 0.72, 28: 0.70, 60: 0.70, 85: 0.70,  # white-matter-like
+    3: 0.50, 42: 0.50, 8: 0.52, 47: 0.52, 17: 0.48, 53: 0.48, 18: 0.50, 54: 0.50,  # cortex, hippocampus, amygdala
+    10: 0.62, 49: 0.62, 11: 0.56, 50: 0.56, 12: 0.60, 51: 0.60, 13: 0.68, 52: 0.68, 26: 0.55, 58: 0.55,  # nuclei
+    4: 0.15, 43: 0.15, 5: 0.15, 44: 0.15, 14: 0.15, 15: 0.15, 24: 0.18, 72: 0.15, 30: 0.30, 62: 0.30,  # CSF, vessel
+    31: 0.40, 63: 0.40, 77: 0.70, 80: 0.45,  # choroid plexus, hypointensities
+}
+# FreeSurfer's brain structures are the labels 1..99 (aseg); SynthSeg's maps add extra-cerebral tissue above.
+FREESURFER_BRAIN_LABELS = tuple(range(1, 100))
+
+
+class RandSynthesiseImaged(RandomizableTransform, MapTransform):
+    """Draw an MR-like image from a channel-first label map: one random intensity per label, then texture,
+    partial-volume blur, a smooth multiplicative bias field, gamma and Gaussian noise; output in [0, 1].
+
+    ``contrast="t1"`` draws each label's mean around ``T1_MEANS`` (standard deviation ``mean_jitter``;
+    labels without a prior are drawn uniformly), so images look like skull-stripped T1 scans with a
+    different contrast each draw. ``contrast="random"`` draws every label's mean uniformly in [0, 1]
+    (SynthMorph: contrast-agnostic). Labels outside ``brain_labels`` are set to 0 in the image *and* in
+    the label map (a skull-stripped image); pass ``brain_labels=None`` to keep the whole head.
+
+    Args:
+        keys: label-map keys (channel-first integer maps, e.g. FreeSurfer labels).
+        image_keys: output image key per label key.
+        contrast: ``"t1"`` or ``"random"``.
+        mean_jitter: standard deviation of a label's mean around its T1 prior (``contrast="t1"``).
+        texture_std: range of the within-label standard deviation.
+        blur_sigma: range of the partial-volume Gaussian blur, in voxels.
+        bias_coeff: range of the bias field's polynomial coefficients (``RandBiasField``).
+        gamma: range of the gamma exponent (``RandAdjustContrast``).
+        noise_std: range of the Gaussian noise standard deviation (``RandGaussianNoise``).
+        brain_labels: labels kept as brain (default FreeSurfer's 1..99); ``None`` keeps all.
+
+    Raises:
+        ValueError: unknown ``contrast``, ``image_keys`` not one per key, or a label map that is not integral.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_keys: KeysCollection,
+        contrast: str = "t1",
+        mean_jitter: float = 0.05,
+        texture_std: Sequence[float] = (0.0, 0.03),
+        blur_sigma: Sequence[float] = (0.4, 0.9),
+        bias_coeff: Sequence[float] = (0.0, 0.3),
+        gamma: Sequence[float] = (0.8, 1.25),
+        noise_std: Sequence[float] = (0.0, 0.03),
+        brain_labels: Sequence[int] | None = FREESURFER_BRAIN_LABELS,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        if contrast not in ("t1", "random"):
+            raise ValueError(f"contrast must be 't1' or 'random', got {contrast!r}.")
+        self.image_keys = tuple([image_keys] if isinstance(image_keys, str) else image_keys)
+        if len(self.image_keys) != len(self.keys):
+            raise ValueError(f"image_keys must give one output per key: {self.keys} vs {self.image_keys}.")
+        self.contrast, self.mean_jitter = contrast, mean_jitter
+        self.texture_std, self.blur_sigma = tuple(texture_std), tuple(blur_sigma)
+        self.brain_labels = None if brain_labels is None else torch.as_tensor(list(brain_labels))
+        self.bias = RandBiasField(coeff_range=tuple(bias_coeff), prob=1.0)
+        self.gamma = RandAdjustContrast(prob=1.0, gamma=tuple(gamma))
+        self.noise_std = tuple(noise_std)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.bias.set_random_state(state=self.R)
+        self.gamma.set_random_state(state=self.R)
+        return self
+
+    def _means(self, labels: np.ndarray) -> np.ndarray:
+        if self.contrast == "random":
+            return self.R.uniform(0.0, 1.0, len(labels))
+        prior = np.array([T1_MEANS.get(int(v), np.nan) for v in labels])
+        drawn = prior + self.R.normal(0.0, self.mean_jitter, len(labels))
+        return np.clip(np.where(np.isnan(prior), self.R.uniform(0.0, 1.0, len(labels)), drawn), 0.02, 1.0)
+
+    def synthesise(self, label: torch.Tensor, name: str = "label map") -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and (skull-stripped) label map from one channel-first label map."""
+        values = torch.as_tensor(label).as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+        if values.is_floating_point() and (not torch.isfinite(values).all() or (values != values.round()).any()):
+            raise ValueError(f"{name} must hold integer labels (found non-integer or non-finite values).")
+        values = values.round().long()
+        if self.brain_labels is not None:
+            values = torch.where(torch.isin(values, self.brain_labels), values, torch.zeros_like(values))
+        uniques, inverse = torch.unique(values, return_inverse=True)
+        means = torch.as_tensor(self._means(uniques.numpy()), dtype=torch.float32)
+        stds = torch.as_tensor(self.R.uniform(*self.texture_std, len(uniques)), dtype=torch.float32)
+        means[uniques == 0], stds[uniques == 0] = 0.0, 0.0  # background stays black
+        noise = torch.as_tensor(self.R.standard_normal(values.shape), dtype=torch.float32)
+        image = means[inverse] + stds[inverse] * noise
+        image = GaussianSmooth(sigma=float(self.R.uniform(*self.blur_sigma)))(image)
+        image = self.bias(image, randomize=True)
+        image = torch.as_tensor(self.gamma(image.clamp_min(0.0) / max(float(image.max()), 1e-6)))
+        std = float(self.R.uniform(*self.noise_std))
+        image = image + std * torch.as_tensor(self.R.standard_normal(values.shape), dtype=torch.float32)
+        image = torch.where(values > 0, image, torch.zeros_like(image))
+        scale = torch.quantile(image[values > 0][:: max(1, int((values > 0).sum()) // 1_000_000)], 0.995) if (values > 0).any() else 1.0
+        image = (image / max(float(scale), 1e-6)).clamp(0.0, 1.0)
+        return image, values.to(torch.int16)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        for key, image_key in zip(self.key_iterator(d), self.image_keys):
+            image, label = self.synthesise(d[key], source_name(d, key))
+            if isinstance(d[key], MetaTensor):
+                image, label = MetaTensor(image, meta=dict(d[key].meta)), MetaTensor(label, meta=dict(d[key].meta))
+            d[image_key], d[key] = image, label
+        return d

@@ -1,0 +1,88 @@
+"""RandSynthesiseImaged (images from label maps) and the evaluation datasets built on it."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from bundle.transforms import RandSynthesiseImaged
+from conftest import REPO_ROOT, SHARED_DATA
+
+
+def _label_map() -> torch.Tensor:
+    """Nested boxes: white matter (2) inside cortex (3), a ventricle (4), right WM (41), skull (515)."""
+    label = torch.zeros(1, 32, 32, 32, dtype=torch.int16)
+    label[:, 2:30, 2:30, 2:30] = 515
+    label[:, 4:28, 4:28, 4:28] = 3
+    label[:, 8:24, 8:16, 8:24] = 2
+    label[:, 8:24, 16:24, 8:24] = 41
+    label[:, 14:18, 14:18, 14:18] = 4
+    return label
+
+
+def test_t1_contrast_orders_tissues_and_strips_skull():
+    out = RandSynthesiseImaged("label", "image").set_random_state(3)({"label": _label_map()})
+    image, label = out["image"], out["label"]
+    assert image.shape == (1, 32, 32, 32) and image.dtype == torch.float32
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert not (label == 515).any() and (label == 0).sum() == (_label_map() == 0).sum() + (_label_map() == 515).sum()
+    assert float(image[label == 0].abs().max()) == 0.0  # background (and the stripped skull) black
+    core = lambda v: float(image[0, 10:22, 10:14, 10:22][label[0, 10:22, 10:14, 10:22] == v].mean())  # noqa: E731
+    wm, gm, csf = core(2), float(image[0, 5, 5:27, 5:27].mean()), float(image[label == 4].mean())
+    assert wm > gm > csf, (wm, gm, csf)
+
+
+def test_seeded_draws_repeat_and_differ_between_seeds():
+    draw = lambda seed, contrast="t1": RandSynthesiseImaged("label", "image", contrast=contrast).set_random_state(seed)(  # noqa: E731
+        {"label": _label_map()})["image"]
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+    assert not torch.allclose(draw(1, "random"), draw(1, "t1"))
+
+
+def test_whole_head_kept_and_meta_preserved():
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    out = RandSynthesiseImaged("label", "image", brain_labels=None).set_random_state(0)(
+        {"label": MetaTensor(_label_map(), affine=affine)})
+    assert (out["label"] == 515).any() and float(out["image"][out["label"] == 515].mean()) > 0
+    assert isinstance(out["image"], MetaTensor) and torch.equal(out["image"].affine, affine)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="contrast"):
+        RandSynthesiseImaged("label", "image", contrast="t2")
+    with pytest.raises(ValueError, match="image_keys"):
+        RandSynthesiseImaged(["a", "b"], "image")
+    with pytest.raises(ValueError, match="integer labels"):
+        RandSynthesiseImaged("label", "image")({"label": _label_map().float() + 0.5})
+    nan = _label_map().float()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="integer labels"):
+        RandSynthesiseImaged("label", "image")({"label": nan})
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "synthseg_label_maps").is_dir(), reason="../shared/data/synthseg_label_maps absent")
+def test_synthseg_test_subject_cropped_in_world_space(tmp_path):
+    """The evaluation's synthesised subject keeps each label at its world position after the brain crop."""
+    import nibabel as nib
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from eval_datasets import FREESURFER_30, SynthSeg
+
+    subject = SynthSeg().subject("17", tmp_path)
+    original = nib.load(SHARED_DATA / "synthseg_label_maps" / "training_seg_17.nii.gz")
+    label, image = subject["label_array"], subject["image_array"]
+    assert label.shape == image.shape and label.shape[0] < 256
+    assert set(np.unique(label)) - {0} <= set(range(1, 100)) and len(set(FREESURFER_30) & set(np.unique(label))) >= 28
+    # a voxel of the crop maps through both affines to the same label in the original map
+    ijk = np.argwhere(label == 17)[0]
+    world = subject["affine"] @ np.r_[ijk, 1.0]
+    src = np.round(np.linalg.inv(original.affine) @ world).astype(int)[:3]
+    assert int(np.asarray(original.dataobj)[tuple(src)]) == 17
+    assert 0.35 < float(image[label == 2].mean()) and float(image[label == 2].mean()) > float(image[label == 4].mean())
+    again = SynthSeg().subject("17", tmp_path)  # reused from the work folder, not drawn again
+    assert np.array_equal(again["image_array"], image)
