@@ -98,8 +98,9 @@ def itk_affine_register(
     working_spacing_mm: float | None = 2.0,
     shrink_factors: Sequence[int] = (4, 2, 1),
     smoothing_sigmas_mm: Sequence[float] = (4.0, 2.0, 1.0),
-    iterations: int = 200,
+    iterations: int = 100,
     sampling: float = 0.2,
+    max_samples: int | None = 50_000,
     bins: int = 32,
     seed: int = 0,
 ) -> np.ndarray:
@@ -119,6 +120,8 @@ def itk_affine_register(
         shrink_factors, smoothing_sigmas_mm: the resolution pyramid, coarse to fine.
         iterations: maximum optimiser iterations per level.
         sampling: fraction of fixed voxels sampled by the metric.
+        max_samples: at most this many samples at the finest level (lowers ``sampling`` on large images,
+            where the cost grows with the voxel count but the accuracy does not); ``None``: no cap.
         bins: histogram bins of the metric.
         seed: seed of the metric sampling.
 
@@ -143,6 +146,10 @@ def itk_affine_register(
             raise ValueError(f"the {name} image is constant: nothing to align.")
     fixed_image = _shrunk(to_itk_image(fixed, fixed_affine), working_spacing_mm)
     moving_image = _shrunk(to_itk_image(moving, moving_affine), working_spacing_mm)
+    if max_samples is not None:
+        if max_samples < 1000:
+            raise ValueError(f"max_samples must be >= 1000 (or None), got {max_samples}.")
+        sampling = min(sampling, max_samples / np.prod(fixed_image.GetLargestPossibleRegion().GetSize()))
     pyramid = dict(shrink=shrink_factors, sigmas=smoothing_sigmas_mm, iterations=[iterations], sampling=sampling)
 
     rigid = itk.VersorRigid3DTransform[itk.D].New()
