@@ -17,7 +17,8 @@ Methods:
 - ``identity``: the moving labels resampled onto the fixed grid by world coordinates.
 - ``affine``: the bundle's ITK pre-alignment alone (``bundle.alignment.itk_affine_register``).
 - ``ours`` / ``ours_io<N>``: the bundle's inference command (``configs/inference.json``: affine
-  pre-alignment + network, composed; ``--io-steps`` adds instance-specific optimisation runs).
+  pre-alignment + network, composed; ``--io-steps`` adds instance-specific optimisation runs). Another
+  model: ``--ckpt``, ``--configs inference.json,registration_only.json`` and ``--name ours_reg``.
 - ``ants_syn``: ``ants.registration(type_of_transform="SyN")`` of antspyx (affine + SyN, its defaults).
 - ``elastix``: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
 """
@@ -149,7 +150,7 @@ def run_elastix(moving: dict, fixed: dict, work: Path):
     return np.round(itk.array_from_image(labels).transpose(2, 1, 0)).astype(np.int16), jacobian_of_itk_field(field), seconds
 
 
-def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: int, configs: list[str]) -> dict:
+def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: int, configs: list[str], label: str = "ours") -> dict:
     """The bundle's inference command, in-process, timed per pair (loading to writing, pre-alignment included)."""
     from ignite.engine import Events
     from monai.bundle import ConfigParser
@@ -174,7 +175,7 @@ def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: i
         results[(m["name"], f["name"])] = (warped.reshape(f["label_array"].shape), jacobian.reshape(f["label_array"].shape), seconds)
         if (m, f) == pairs[0]:  # the whole transform, for the deformation-grid figure
             ddf = np.asarray(nib.load(folder / "ddf.nii.gz").dataobj)[..., 0, :]
-            np.save(work.parent / f"ddf_{m['name']}_to_{f['name']}_io{io_steps}.npy", np.moveaxis(ddf, -1, 0).astype(np.float32))
+            np.save(work.parent / f"ddf_{m['name']}_to_{f['name']}_{label}.npy", np.moveaxis(ddf, -1, 0).astype(np.float32))
     return results
 
 
@@ -205,7 +206,7 @@ def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jaco
 
 
 def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None,
-        configs: list[str]) -> None:
+        configs: list[str], name: str = "ours") -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "inputs"
     tmp.mkdir(exist_ok=True)
@@ -217,12 +218,12 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
     for method in methods:
         if method == "ours":
             for steps in io_steps:
-                label = "ours" if steps == 0 else f"ours_io{steps}"
+                label = name if steps == 0 else f"{name}_io{steps}"
                 todo = [(m, f) for m, f in pairs if (label, f"{m['name']}_to_{f['name']}") not in done]
                 if not todo:
                     continue
                 with tempfile.TemporaryDirectory(dir=out) as work:
-                    for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs).items():
+                    for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs, label).items():
                         row = {"method": label, "pair": f"{mn}_to_{fn}", "moving": mn, "fixed": fn, "seconds": seconds, "hardware": hw}
                         row.update(score(warped, subjects[fn], jac, labels))
                         _append(results_csv, row, labels)
@@ -371,7 +372,7 @@ def report(dataset, out: Path) -> None:
                 axes[1, i].set_title("det J")
             else:
                 axes[1, i].text(0.5, 0.5, "global affine:\nconstant det J", ha="center", va="center")
-        ddf_file = out / f"ddf_{folder.name}_io0.npy"
+        ddf_file = out / f"ddf_{folder.name}_ours.npy"
         if ddf_file.is_file() and "ours" in kept:  # deformation grid of the whole transform, in the last free panel
             ddf = np.load(ddf_file)
             grid = np.stack(np.meshgrid(*[np.arange(n) for n in ddf.shape[1:]], indexing="ij")) + ddf
@@ -403,12 +404,13 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
+    parser.add_argument("--name", default="ours", help="method name of the bundle's rows (e.g. ours_reg for another model)")
     a = parser.parse_args()
     dataset = DATASETS[a.dataset]()
     out = a.out or REPO / "runs" / ("compare" if a.dataset == "ibsr" else f"compare_{a.dataset}")
     out = out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
-        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","))
+        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","), a.name)
     else:
         report(dataset, out)
 
