@@ -9,7 +9,8 @@ ITK affine stage (``bundle.alignment``) and writes them on the reference grid, s
 by the deformable residual only (as in VoxelMorph, whose data are affinely aligned). At inference the
 bundle aligns each new pair itself (``prealign: affine``). ``train`` runs the bundle's training command
 (``configs/train.json``, the joint model with synthetic lesions; ``--registration-only`` adds
-``configs/registration_only.json``) on every ordered pair of training subjects, unsupervised (no label
+``configs/registration_only.json``; ``--voxelmorph-package`` also ``configs/voxelmorph_package.json``: the
+``voxelmorph`` package's own model trained identically, as a baseline) on every ordered pair of training subjects, unsupervised (no label
 loss; ``--label-weight W > 0``: semi-supervised as in VoxelMorph TMI, on the pairs of labelled training subjects
 with the auxiliary Dice loss on CSF/GM/WM weighted W), with validation Dice on the pairs between the validation subject and the labelled training
 subjects. Interrupted training resumes from its last checkpoint when started again. Test subjects are
@@ -100,13 +101,15 @@ def prepare(out: Path) -> Path:
     return datalist_path
 
 
-def _configs(registration_only: bool) -> str:
-    names = ["train.json"] + (["registration_only.json"] if registration_only else [])
+def _configs(registration_only: bool, voxelmorph_package: bool = False) -> str:
+    names = ["train.json"] + (["registration_only.json"] if registration_only or voxelmorph_package else [])
+    names += ["voxelmorph_package.json"] if voxelmorph_package else []
     return "[" + ",".join(f"'{REPO / 'configs' / n}'" for n in names) + "]"
 
 
-def run_dir(out: Path, registration_only: bool, label_weight: float) -> Path:
-    return out / (("registration" if registration_only else "joint") + ("_labels" if label_weight > 0 else ""))
+def run_dir(out: Path, registration_only: bool, label_weight: float, voxelmorph_package: bool = False) -> Path:
+    model = "voxelmorph_package" if voxelmorph_package else "registration" if registration_only else "joint"
+    return out / (model + ("_labels" if label_weight > 0 else ""))
 
 
 def labelled_datalist(datalist: Path) -> Path:
@@ -125,17 +128,17 @@ def labelled_datalist(datalist: Path) -> Path:
 
 
 def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, val_interval: int,
-          label_weight: float = 0.0) -> None:
+          label_weight: float = 0.0, voxelmorph_package: bool = False) -> None:
     """Run the bundle's training command; resumes from the newest checkpoint in ``out``."""
     datalist = out / "datalist.json"
     if not datalist.is_file():
         raise FileNotFoundError(f"{datalist} not found: run `python benchmarks/pretrain.py prepare` first.")
     if label_weight > 0:
         datalist = labelled_datalist(datalist)
-    root = run_dir(out, registration_only, label_weight)
+    root = run_dir(out, registration_only, label_weight, voxelmorph_package)
     root.mkdir(parents=True, exist_ok=True)
     args = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(registration_only),
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(registration_only, voxelmorph_package),
         "--bundle_root", str(root), "--datalist", str(datalist), "--max_epochs", str(max_epochs),
         "--val_interval", str(val_interval), "--pixdim", str([pixdim] * 3), "--progress_bar", "False",
         "--num_classes", "4",  # IBSR labels: background, CSF, GM, WM
@@ -166,6 +169,8 @@ def main() -> None:
     parser.add_argument("command", choices=["prepare", "train", "ship"])
     parser.add_argument("--out", type=Path, default=RUNS)
     parser.add_argument("--registration-only", action="store_true")
+    parser.add_argument("--voxelmorph-package", action="store_true",
+                        help="train the voxelmorph package's VxmPairwise instead (baseline; configs/voxelmorph_package.json)")
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--val-interval", type=int, default=2)
     parser.add_argument("--pixdim", type=float, default=4.0)
@@ -174,7 +179,7 @@ def main() -> None:
     if a.command == "prepare":
         prepare(a.out)
     elif a.command == "train":
-        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval, a.label_weight)
+        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval, a.label_weight, a.voxelmorph_package)
     else:
         ship(a.out, a.registration_only, a.label_weight)
 
