@@ -276,7 +276,8 @@ def _per_structure(rows: list[dict], labels: dict, methods: list[str]) -> list[d
         for m in methods:
             values = [float(r[f"dice_{name}"]) for r in rows if r["method"] == m]
             entry[m] = f"{np.nanmean(values):.3f}" if values and not np.all(np.isnan(values)) else "–"
-        table.append(entry)
+        if any(v != "–" for k, v in entry.items() if k != "structure"):  # absent from every fixed map: no row
+            table.append(entry)
     return table
 
 
@@ -312,7 +313,9 @@ def report(dataset, out: Path) -> None:
     if any(sum(r["method"] == m for r in rows) > len(common) for m in methods):
         text += "\nAll pairs each method ran:\n\n" + _markdown(_summary(rows, labels))
     if len(labels) > 4:
-        text += "\nMean Dice per structure (all pairs each method ran):\n\n" + _markdown(_per_structure(rows, labels, methods))
+        per_structure = _per_structure(rows, labels, methods)
+        text += (f"\nMean Dice per structure (all pairs each method ran; {len(per_structure)} of the {len(labels)} "
+                 "structures occur in these maps):\n\n" + _markdown(per_structure))
     (results / f"{stem}.md").write_text(text)
     print(text)
 
