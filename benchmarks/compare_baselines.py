@@ -2,7 +2,7 @@
 
     python benchmarks/compare_baselines.py run [--dataset ibsr|synthseg|oasis] \
         [--methods identity,affine,ours,ants_syn,elastix] [--io-steps 0,50] \
-        [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare]
+        [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare] [--name ours] [--set ID=VALUE]
     python benchmarks/compare_baselines.py report [--dataset ...] [--out ...]   # table + figures into docs/
 
 ``run`` registers every ordered pair of the dataset's test subjects (never trained on; see
@@ -26,6 +26,7 @@ Methods:
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
@@ -150,7 +151,8 @@ def run_elastix(moving: dict, fixed: dict, work: Path):
     return np.round(itk.array_from_image(labels).transpose(2, 1, 0)).astype(np.int16), jacobian_of_itk_field(field), seconds
 
 
-def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: int, configs: list[str], label: str = "ours") -> dict:
+def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: int, configs: list[str], label: str = "ours",
+             overrides: dict | None = None) -> dict:
     """The bundle's inference command, in-process, timed per pair (loading to writing, pre-alignment included)."""
     from ignite.engine import Events
     from monai.bundle import ConfigParser
@@ -161,7 +163,7 @@ def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: i
     parser = ConfigParser()
     parser.read_config([str(REPO / "configs" / c) for c in configs])
     parser.update({"bundle_root": str(REPO), "datalist": str(work / "datalist.json"), "ckpt_path": str(ckpt),
-                   "output_dir": str(work / "out"), "instance_optimisation_steps": io_steps})
+                   "output_dir": str(work / "out"), "instance_optimisation_steps": io_steps, **(overrides or {})})
     evaluator = parser.get_parsed_content("evaluator")
     times, started = [], {}
     evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda e: started.update(t=time.perf_counter()))
@@ -206,7 +208,7 @@ def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jaco
 
 
 def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None,
-        configs: list[str], name: str = "ours") -> None:
+        configs: list[str], name: str = "ours", overrides: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "inputs"
     tmp.mkdir(exist_ok=True)
@@ -223,7 +225,7 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
                 if not todo:
                     continue
                 with tempfile.TemporaryDirectory(dir=out) as work:
-                    for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs, label).items():
+                    for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs, label, overrides).items():
                         row = {"method": label, "pair": f"{mn}_to_{fn}", "moving": mn, "fixed": fn, "seconds": seconds, "hardware": hw}
                         row.update(score(warped, subjects[fn], jac, labels))
                         _append(results_csv, row, labels)
@@ -397,6 +399,17 @@ def report(dataset, out: Path) -> None:
         plt.close(fig)
 
 
+def _override(item: str) -> tuple[str, object]:
+    """``ID=VALUE`` -> ``(ID, value)``: a Python literal where it parses as one, else the string."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set expects ID=VALUE, got {item!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "report"])
@@ -408,12 +421,15 @@ def main() -> None:
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
     parser.add_argument("--name", default="ours", help="method name of the bundle's rows (e.g. ours_reg for another model)")
+    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
+                        help="override a config id of 'ours' (Python literal or string), e.g. instance_optimisation_residual=svf")
     a = parser.parse_args()
+    overrides = dict(_override(item) for item in a.set)
     dataset = DATASETS[a.dataset]()
     out = a.out or REPO / "runs" / ("compare" if a.dataset == "ibsr" else f"compare_{a.dataset}")
     out = out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
-        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","), a.name)
+        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","), a.name, overrides)
     else:
         report(dataset, out)
 

@@ -2,6 +2,7 @@
 
     python benchmarks/pretrain.py prepare          # affine-align train/validation subjects to the reference
     python benchmarks/pretrain.py train [--registration-only] [--label-weight W] [--max-epochs N] [--pixdim MM]
+                                        [--init WEIGHTS] [--learning-rate LR]
     python benchmarks/pretrain.py ship  [--registration-only] [--label-weight W]   # best model -> models/pretrained/
 
 ``prepare`` registers every training and validation subject to the reference subject with the bundle's own
@@ -128,7 +129,8 @@ def labelled_datalist(datalist: Path) -> Path:
 
 
 def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, val_interval: int,
-          label_weight: float = 0.0, voxelmorph_package: bool = False) -> None:
+          label_weight: float = 0.0, voxelmorph_package: bool = False, init: Path | None = None,
+          learning_rate: float | None = None) -> None:
     """Run the bundle's training command; resumes from the newest checkpoint in ``out``."""
     datalist = out / "datalist.json"
     if not datalist.is_file():
@@ -144,6 +146,12 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
         "--num_classes", "4",  # IBSR labels: background, CSF, GM, WM
         "--label_weight", str(label_weight),
     ]
+    if init is not None:  # fine-tune from these weights (a resumed run restores its own checkpoint instead)
+        if not init.is_file():
+            raise FileNotFoundError(f"--init weights not found: {init}")
+        args += ["--init_ckpt", str(init)]
+    if learning_rate is not None:
+        args += ["--learning_rate", str(learning_rate)]
     start = time.perf_counter()
     with open(root / "train.log", "a") as log:
         subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -175,11 +183,14 @@ def main() -> None:
     parser.add_argument("--val-interval", type=int, default=2)
     parser.add_argument("--pixdim", type=float, default=4.0)
     parser.add_argument("--label-weight", type=float, default=0.0, help="auxiliary Dice loss weight (0: unsupervised)")
+    parser.add_argument("--init", type=Path, default=None, help="start from these weights (e.g. the shipped ones)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="Adam step size (default: the config's)")
     a = parser.parse_args()
     if a.command == "prepare":
         prepare(a.out)
     elif a.command == "train":
-        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval, a.label_weight, a.voxelmorph_package)
+        train(a.out, a.registration_only, a.max_epochs, a.pixdim, a.val_interval, a.label_weight, a.voxelmorph_package, a.init,
+              a.learning_rate)
     else:
         ship(a.out, a.registration_only, a.label_weight)
 

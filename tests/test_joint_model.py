@@ -375,3 +375,21 @@ def test_torchscript_trace(deformation):
     assert not torch.allclose(traced(x), traced(y))
     # note: the size check of check_pair_input is a Python branch, so the traced module no longer validates sizes
     assert math.isfinite(float(traced(y).abs().sum()))
+
+
+def test_logits_to_labels_matches_monai_argmax_and_keeps_meta():
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscreted
+
+    from bundle.networks import logits_to_labels
+    from bundle.transforms import LogitsToLabelsd
+
+    torch.manual_seed(0)
+    logits = MetaTensor(torch.randn(3, 6, 5, 4), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
+    ours = LogitsToLabelsd("seg")({"seg": logits})["seg"]
+    monai = AsDiscreted("seg", argmax=True)({"seg": logits})["seg"]
+    assert ours.shape == (1, 6, 5, 4) and ours.dtype == monai.dtype
+    torch.testing.assert_close(ours.as_tensor(), monai.as_tensor())
+    torch.testing.assert_close(ours.affine, logits.affine)
+    batch = torch.randn(2, 3, 4, 4, 4)
+    torch.testing.assert_close(logits_to_labels(batch), batch.argmax(dim=1, keepdim=True))

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import torch
 from monai.inferers import Inferer
+from monai.networks.blocks import Warp
+from monai.networks.blocks.warp import DVF2DDF
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["InstanceOptimisationInferer"]
+__all__ = ["InstanceOptimisationInferer", "RESIDUALS"]
+
+RESIDUALS = ("ddf", "svf")
 
 
 class InstanceOptimisationInferer(Inferer):
-    """Run the network, then optimise its DDF for ``steps`` Adam steps on the registration loss of the pair.
+    """Run the network, then refine its DDF for ``steps`` Adam steps on the registration loss of the pair.
 
     The DDF (the first ``spatial_dims`` output channels; for the joint model the segmentation channels that
-    follow are kept as predicted) starts from the network's prediction and is optimised directly on the
-    network grid, trading time for accuracy. With ``steps=0`` this is the plain forward pass. For a
-    diffeomorphic model the refined field is a plain DDF (no longer the exponential of a velocity).
+    follow are kept as predicted) is refined on the network grid, trading time for accuracy. With
+    ``steps=0`` this is the plain forward pass. Two parameterisations of the refinement:
+
+    - ``residual="ddf"``: the DDF itself is optimised voxel-wise, starting from the network's prediction
+      (VoxelMorph TMI). Fast to converge, but nothing keeps the map invertible.
+    - ``residual="svf"``: a stationary velocity field ``v`` (starting at zero) is optimised and the result
+      is the network's map composed with its exponential, ``phi = phi_net o exp(v)``, i.e.
+      ``ddf(x) = u_v(x) + ddf_net(x + u_v(x))`` with ``u_v`` integrated by scaling and squaring. ``exp(v)``
+      is diffeomorphic, so the refinement adds no folding to the network's field.
 
     Args:
         loss: called as ``loss(prediction, {"moving": ..., "fixed": ...})`` like the training loss, e.g.
@@ -25,16 +35,39 @@ class InstanceOptimisationInferer(Inferer):
         learning_rate: Adam step size, in voxels of the network grid.
         num_channels: channels of each image in the network input ``cat([moving, fixed])``.
         spatial_dims: 2 or 3.
+        residual: ``"ddf"`` or ``"svf"`` (see above).
+        integration_steps: scaling-and-squaring steps of ``exp(v)`` for ``residual="svf"``.
+
+    Raises:
+        ValueError: negative ``steps``, non-positive ``learning_rate``, unknown ``residual``.
     """
 
     def __init__(
-        self, loss: _Loss, steps: int = 0, learning_rate: float = 0.1, num_channels: int = 1, spatial_dims: int = 3
+        self,
+        loss: _Loss,
+        steps: int = 0,
+        learning_rate: float = 0.1,
+        num_channels: int = 1,
+        spatial_dims: int = 3,
+        residual: str = "ddf",
+        integration_steps: int = 7,
     ) -> None:
         super().__init__()
         if steps < 0 or learning_rate <= 0:
             raise ValueError(f"steps must be >= 0 and learning_rate > 0, got {steps} and {learning_rate}.")
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}.")
         self.loss, self.steps, self.learning_rate = loss, int(steps), float(learning_rate)
-        self.num_channels, self.spatial_dims = num_channels, spatial_dims
+        self.num_channels, self.spatial_dims, self.residual = num_channels, spatial_dims, residual
+        self.integrate = DVF2DDF(num_steps=integration_steps) if residual == "svf" else None
+        self.compose = Warp(mode="bilinear", padding_mode="border")
+
+    def _refined(self, start: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+        """The DDF given the optimised parameter: the DDF itself, or ``start o exp(parameter)``."""
+        if self.integrate is None:
+            return parameter
+        residual = self.integrate(parameter)
+        return residual + self.compose(start, residual)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         prediction = network(inputs, *args, **kwargs)
@@ -43,12 +76,14 @@ class InstanceOptimisationInferer(Inferer):
         if inputs.shape[1] != 2 * self.num_channels:
             raise ValueError(f"inputs must be cat([moving, fixed]) with {2 * self.num_channels} channels, got {inputs.shape[1]}.")
         target = {"moving": inputs[:, : self.num_channels].detach(), "fixed": inputs[:, self.num_channels :].detach()}
+        start = torch.as_tensor(prediction[:, : self.spatial_dims]).detach().clone()
         rest = prediction[:, self.spatial_dims :].detach()
         with torch.enable_grad():  # evaluators run under no_grad
-            ddf = prediction[:, : self.spatial_dims].detach().clone().requires_grad_(True)
-            optimiser = torch.optim.Adam([ddf], lr=self.learning_rate)
+            parameter = (start.clone() if self.integrate is None else torch.zeros_like(start)).requires_grad_(True)
+            optimiser = torch.optim.Adam([parameter], lr=self.learning_rate)
             for _ in range(self.steps):
                 optimiser.zero_grad()
-                self.loss(torch.cat([ddf, rest], dim=1), target).backward()
+                self.loss(torch.cat([self._refined(start, parameter), rest], dim=1), target).backward()
                 optimiser.step()
-        return torch.cat([ddf.detach(), rest], dim=1)
+            ddf = self._refined(start, parameter).detach()
+        return torch.cat([ddf.to(prediction.dtype), rest], dim=1)

@@ -10,7 +10,7 @@ from monai.losses import DiceLoss
 from monai.networks.blocks import Warp
 from torch.nn.modules.loss import _Loss
 
-from ..networks.joint import split_joint_output
+from ..networks.joint import logits_to_labels, split_joint_output
 from .masked_similarity import MaskedSimilarityLoss
 from .registration import make_smoothness
 
@@ -86,7 +86,7 @@ class JointRegSegLoss(_Loss):
                 raise KeyError(f"mask_source='label' needs {key!r} in the batch.")
             return (target[key] > 0).to(logits.dtype)
         if self.mask_source in ("prediction", "auto"):
-            return (logits.detach().argmax(dim=1, keepdim=True) > 0).to(logits.dtype)
+            return (logits_to_labels(logits.detach()) > 0).to(logits.dtype)
         return None
 
     def valid_mask(self, ddf: torch.Tensor, seg_moving: torch.Tensor, seg_fixed: torch.Tensor, target: Mapping):

@@ -2,6 +2,6 @@ from .checks import CheckFinited, CheckLabeld, CheckPaird
 from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOriginald, Warpd
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
-from .joint_output import SplitJointOutputd
+from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
 from .synthesis import RandSynthesiseImaged

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from bundle.networks.joint import split_joint_output
+from bundle.networks.joint import logits_to_labels, split_joint_output
 
-__all__ = ["SplitJointOutputd"]
+__all__ = ["SplitJointOutputd", "LogitsToLabelsd"]
 
 
 class SplitJointOutputd(MapTransform):
@@ -44,5 +44,22 @@ class SplitJointOutputd(MapTransform):
             d[key] = parts["ddf"][0]
             for name, part in zip(self.names, ("seg_moving", "seg_fixed")):
                 seg = parts[part][0]
-                d[name] = seg.argmax(dim=0, keepdim=True) if self.argmax else seg
+                d[name] = logits_to_labels(seg, dim=0) if self.argmax else seg
+        return d
+
+
+class LogitsToLabelsd(MapTransform):
+    """Channel-first logits ``(C, *spatial)`` -> label map ``(1, *spatial)`` (index of the largest logit).
+
+    What MONAI's ``AsDiscreted(argmax=True)`` computes, ours because its ``torch.argmax`` takes seconds per
+    native-resolution volume on CPU (see :func:`bundle.networks.logits_to_labels`). Metadata and dtype are kept.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = logits_to_labels(d[key], dim=0).to(d[key].dtype)  # float, as AsDiscreted returns
         return d
