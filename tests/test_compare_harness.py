@@ -51,3 +51,11 @@ def test_identity_and_report_on_oasis(tmp_path, monkeypatch):
     text = (tmp_path / "docs" / "results" / "baselines_oasis.md").read_text()
     assert "| identity | 2 |" in text
     assert (tmp_path / "docs" / "figures" / "baselines_oasis_A_to_B.png").is_file()
+
+
+def test_config_overrides_parse_literals_and_strings():
+    assert compare_baselines._override("pixdim=[2.0,2.0,2.0]") == ("pixdim", [2.0, 2.0, 2.0])
+    assert compare_baselines._override("network_downsample=2") == ("network_downsample", 2)
+    assert compare_baselines._override("instance_optimisation_residual=svf") == ("instance_optimisation_residual", "svf")
+    with pytest.raises(SystemExit, match="ID=VALUE"):
+        compare_baselines._override("pixdim")

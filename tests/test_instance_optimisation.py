@@ -22,9 +22,9 @@ def _shifted_pair(shape=(32, 32, 32)):
     return moving[None, None], fixed[None, None]
 
 
-@pytest.mark.parametrize("residual", ["ddf", "svf"])
+@pytest.mark.parametrize("residual, integration_downsample", [("ddf", 1), ("svf", 1), ("svf", 2)])
 @pytest.mark.parametrize("joint", [False, True])
-def test_optimisation_lowers_the_loss_and_keeps_segmentations(joint, residual):
+def test_optimisation_lowers_the_loss_and_keeps_segmentations(joint, residual, integration_downsample):
     torch.manual_seed(0)
     moving, fixed = _shifted_pair()
     if joint:
@@ -36,7 +36,9 @@ def test_optimisation_lowers_the_loss_and_keeps_segmentations(joint, residual):
     target = {"moving": moving, "fixed": fixed}
     with torch.no_grad():  # as in an evaluator
         plain = InstanceOptimisationInferer(loss, steps=0)(inputs, net)
-        refined = InstanceOptimisationInferer(loss, steps=40, learning_rate=0.2, residual=residual)(inputs, net)
+        refined = InstanceOptimisationInferer(
+            loss, steps=40, learning_rate=0.2, residual=residual, integration_downsample=integration_downsample
+        )(inputs, net)
     assert refined.shape == plain.shape and not refined.requires_grad
     with torch.no_grad():
         assert loss(refined, target) < loss(plain, target) - 1e-3
@@ -67,6 +69,11 @@ def test_svf_residual_composes_with_the_network_field_without_folding():
     velocity = 1.5 * noise / noise.std()
     assert jacobian_determinant(velocity).le(0).float().mean() > 0.01
     assert jacobian_determinant(inferer._refined(torch.zeros_like(start), velocity))[..., 2:-2, 2:-2, 2:-2].gt(0).all()
+    # integrated on a 2x coarser grid and upsampled: the composed field has the start field's shape, no folding
+    coarse = InstanceOptimisationInferer(RegistrationLoss(), steps=1, residual="svf", integration_downsample=2)
+    composed = coarse._refined(start, velocity[..., ::2, ::2, ::2])
+    assert composed.shape == start.shape
+    assert jacobian_determinant(composed)[..., 2:-2, 2:-2, 2:-2].gt(0).all()
 
 
 def test_bad_arguments():
@@ -74,6 +81,10 @@ def test_bad_arguments():
         InstanceOptimisationInferer(RegistrationLoss(), steps=-1)
     with pytest.raises(ValueError, match="residual must be"):
         InstanceOptimisationInferer(RegistrationLoss(), residual="bspline")
+    with pytest.raises(ValueError, match="integration_downsample must be"):
+        InstanceOptimisationInferer(RegistrationLoss(), residual="svf", integration_downsample=0)
+    with pytest.raises(ValueError, match="needs residual='svf'"):
+        InstanceOptimisationInferer(RegistrationLoss(), residual="ddf", integration_downsample=2)
     inferer = InstanceOptimisationInferer(RegistrationLoss(), steps=2, num_channels=2)
     net = RegistrationUNet(3, 2, channels=((4, 8, 8, 8), (8, 8, 8, 8, 4, 4)))
     with pytest.raises(ValueError, match="cat\\(\\[moving, fixed\\]\\)"):
