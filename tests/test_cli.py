@@ -63,7 +63,8 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     def register_refined():  # --refine (instance optimisation overlay); the network as in register(), 4 mm, 15 steps
         graph.result("cli_demo").check()
         p = pair()
-        args = ["register", p["moving"], p["fixed"], "--out", root / "refined", "--model", ctx["ckpt"], "--device", "cpu",
+        args = ["register", p["moving"], p["fixed"], "--out", root / "refined", "--moving-label", p["moving_label"],
+                "--model", ctx["ckpt"], "--device", "cpu",
                 "--prealign", "none", "--refine", "--pixdim", PIXDIM, "--network_downsample", "1",
                 "--instance_optimisation_steps", "15"]
         return run(args, module="bundle", timeout=300, log=root / "refine.log"), p
