@@ -147,6 +147,7 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
         "--label_weight", str(label_weight),
     ]
     if init is not None:  # fine-tune from these weights (a resumed run restores its own checkpoint instead)
+        init = init.resolve()  # the training command runs from the repository root
         if not init.is_file():
             raise FileNotFoundError(f"--init weights not found: {init}")
         args += ["--init_ckpt", str(init)]
