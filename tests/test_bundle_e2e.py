@@ -408,3 +408,27 @@ def test_verify_metadata(e2e):
     result = _job(e2e, "verify_meta").check()
     assert "verified" in result.output, result.tail()
     assert (CONFIGS / "metadata_schema.json").is_file()
+
+
+def test_training_starts_from_init_ckpt_weights(tmp_path):
+    """``init_ckpt`` (fine-tuning): the training network starts from those weights; a missing file is named."""
+    from monai.bundle import ConfigParser
+
+    def training_network(init_ckpt):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.json"))
+        parser.update({"init_ckpt": init_ckpt, "device": "$torch.device('cpu')"})
+        return parser.get_parsed_content("initial_network")
+
+    torch.manual_seed(1)
+    source = training_network(None)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    torch.manual_seed(2)
+    fresh, loaded = training_network(None), training_network(str(tmp_path / "weights.pt"))
+    key = next(k for k, v in source.state_dict().items() if v.dtype.is_floating_point and v.abs().sum() > 0)
+    assert not torch.equal(fresh.state_dict()[key], source.state_dict()[key])
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    with pytest.raises(RuntimeError) as error:  # MONAI's config error, caused by ours naming the file
+        training_network(str(tmp_path / "absent.pt"))
+    assert isinstance(error.value.__cause__, FileNotFoundError) and "absent.pt" in str(error.value.__cause__)

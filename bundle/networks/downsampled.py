@@ -15,7 +15,8 @@ class DownsampledNetwork(nn.Module):
     The first ``spatial_dims`` output channels are a DDF in voxel units: they are upsampled and multiplied by
     ``factor`` (voxels of the input grid); any further channels (segmentation logits) are upsampled.
     Pooling and upsampling share one convention (coarse voxel ``i`` is centred on fine position
-    ``factor * i + (factor - 1) / 2``, ``align_corners=False``), so a constant or linear field is preserved.
+    ``factor * i + (factor - 1) / 2``, ``align_corners=False``), so a constant field is preserved, and a
+    linear one away from the borders (where interpolation clamps).
     This lets weights trained at a coarse spacing feed a pipeline whose field, instance optimisation and
     resampling run on a finer grid. The wrapped network's state dict is unchanged (``.network``).
 

@@ -11,7 +11,7 @@ from torch import nn
 from .blocks import ConvDecoder, ConvEncoder, DeformationHead
 from .registration_unet import VM2_CHANNELS, check_pair_input
 
-__all__ = ["JointRegSegNet", "TumourSegmentationNet", "MERGES", "merge_features", "split_joint_output"]
+__all__ = ["JointRegSegNet", "TumourSegmentationNet", "MERGES", "merge_features", "split_joint_output", "logits_to_labels"]
 
 MERGES = ("subtract", "concat", "add")
 
