@@ -147,7 +147,7 @@ def test_label_dice_is_corrected_by_the_right_ddf():
     before = loss.terms(ddf, target)["label_dice"].item()
     ddf[:, 0] = 3.0
     after = loss.terms(ddf, target)["label_dice"].item()
-    assert before == pytest.approx(0.25, abs=0.02)  # class 1 overlaps by half (Dice 0.5), class 2 is absent from both (loss 0)
+    assert before == pytest.approx(0.5, abs=0.02)  # class 1 overlaps by half (Dice 0.5); class 2, absent from both, is not counted
     assert after == pytest.approx(0.0, abs=1e-5)
 
 

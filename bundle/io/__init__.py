@@ -1,4 +1,4 @@
-from .datalist import PAIRINGS, load_pairs, load_subjects
+from .datalist import PAIRINGS, check_label_supervision, load_pairs, load_subjects
 from .writers import SaveNiftid, write_nifti
 from .itk_export import (
     ddf_to_itk_field,

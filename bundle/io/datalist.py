@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from itertools import permutations
 from pathlib import Path
 
-__all__ = ["load_pairs", "load_subjects", "PAIRINGS"]
+__all__ = ["load_pairs", "load_subjects", "check_label_supervision", "PAIRINGS"]
 
 PAIRINGS = ("explicit", "atlas", "all")
 _PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour", "image", "label", "tumour")
@@ -142,3 +142,21 @@ def load_pairs(
     if not pairs:
         raise ValueError(f"datalist {path} section {section!r} gives no pairs (pairing {pairing!r}).")
     return pairs
+
+
+def check_label_supervision(pairs: Sequence[dict], label_weight: float, section: str = "training") -> int:
+    """Number of pairs with both label maps; raise when ``label_weight > 0`` but none has them.
+
+    A label weight with no labelled pair would be accepted and silently ignored: training would run
+    unsupervised while the config says otherwise.
+
+    Raises:
+        ValueError: ``label_weight > 0`` and no pair has ``moving_label`` and ``fixed_label``.
+    """
+    labelled = sum(1 for p in pairs if "moving_label" in p and "fixed_label" in p)
+    if label_weight > 0 and labelled == 0:
+        raise ValueError(
+            f"label_weight={label_weight} but no {section} pair has both moving_label and fixed_label: "
+            "add label maps to the datalist or set label_weight to 0."
+        )
+    return labelled

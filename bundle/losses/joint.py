@@ -12,7 +12,7 @@ from torch.nn.modules.loss import _Loss
 
 from ..networks.joint import logits_to_labels, split_joint_output
 from .masked_similarity import MaskedSimilarityLoss
-from .registration import make_smoothness
+from .registration import make_smoothness, present_class_dice_loss
 
 __all__ = ["JointRegSegLoss", "MASK_SOURCES"]
 
@@ -20,7 +20,7 @@ MASK_SOURCES = ("auto", "label", "prediction", "none")
 
 
 class JointRegSegLoss(_Loss):
-    """``masked similarity + alpha * smoothness + beta * (CE(seg_moving) + CE(seg_fixed)) [+ Dice]``.
+    """``masked similarity + alpha * smoothness + beta * (CE(seg_moving) + CE(seg_fixed)) [+ Dice] [+ gamma * label Dice]``.
 
     The similarity of the warped moving image and the fixed image is computed only where neither the
     fixed-image tumour nor the warped moving-image tumour is (Estienne et al. 2020, L*_reg), normalised by
@@ -42,6 +42,11 @@ class JointRegSegLoss(_Loss):
         class_weights: cross-entropy weight per class (the paper's weighted cross-entropy; tumours are rare).
         mask_source: ``"auto"`` (labels if present, else predictions), ``"label"``, ``"prediction"`` or
             ``"none"`` (plain, unmasked similarity: the ablation baseline).
+        label_weight: gamma, the anatomical supervision of VoxelMorph TMI: Dice of the warped moving label map
+            against the fixed one (``moving_label``/``fixed_label``, :func:`present_class_dice_loss`), used on
+            the batches that have both labels.
+        label_weight_classes: anatomical label classes including background (needed when ``label_weight > 0``).
+        label_downsample: pooling factor of the label Dice term (1: full resolution).
 
     Raises:
         ValueError: bad options.
@@ -59,8 +64,20 @@ class JointRegSegLoss(_Loss):
         dice_weight: float = 0.0,
         mask_source: str = "auto",
         class_weights: Sequence[float] | None = None,
+        label_weight: float = 0.0,
+        label_weight_classes: int | None = None,
+        label_downsample: int = 1,
     ) -> None:
         super().__init__()
+        if label_weight < 0:
+            raise ValueError(f"label_weight must be >= 0, got {label_weight}.")
+        if label_weight > 0 and (label_weight_classes is None or label_weight_classes < 2):
+            raise ValueError(f"label_weight > 0 needs label_weight_classes >= 2 (background included), got {label_weight_classes}.")
+        if label_downsample < 1:
+            raise ValueError(f"label_downsample must be >= 1, got {label_downsample}.")
+        self.label_weight, self.label_weight_classes = float(label_weight), label_weight_classes
+        self.label_downsample = int(label_downsample)
+        self.last_terms: dict[str, float] = {}  # unweighted terms of the last call, for training logs
         if mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}.")
         if min(smoothness_weight, seg_weight, dice_weight) < 0:
@@ -126,11 +143,18 @@ class JointRegSegLoss(_Loss):
         ]
         if seg_terms:
             terms["segmentation"] = sum(seg_terms)
+        if self.label_weight > 0 and "moving_label" in target and "fixed_label" in target:
+            terms["label_dice"] = present_class_dice_loss(
+                target["moving_label"], target["fixed_label"], self.label_weight_classes, ddf, self.warp, self.label_downsample
+            )
         return terms
 
     def forward(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         terms = self.terms(packed, target)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
         if "segmentation" in terms:
             total = total + self.seg_weight * terms["segmentation"]
+        if "label_dice" in terms:
+            total = total + self.label_weight * terms["label_dice"]
         return total

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from monai.losses import (
     BendingEnergyLoss,
-    DiceLoss,
     DiffusionLoss,
     GlobalMutualInformationLoss,
     LocalNormalizedCrossCorrelationLoss,
@@ -16,7 +16,7 @@ from monai.networks.blocks import Warp
 from monai.networks.utils import one_hot
 from torch.nn.modules.loss import MSELoss, _Loss
 
-__all__ = ["RegistrationLoss", "make_similarity", "make_smoothness", "SIMILARITIES", "SMOOTHNESS"]
+__all__ = ["RegistrationLoss", "make_similarity", "make_smoothness", "present_class_dice_loss", "SIMILARITIES", "SMOOTHNESS"]
 
 SIMILARITIES = ("lncc", "mse", "mi")
 SMOOTHNESS = ("diffusion", "bending")
@@ -58,6 +58,57 @@ def make_smoothness(name: str, reduction: str = "mean") -> _Loss:
     raise ValueError(f"smoothness must be one of {SMOOTHNESS}, got {name!r}.")
 
 
+def present_class_dice_loss(
+    warped_moving_label: torch.Tensor, fixed_label: torch.Tensor, num_classes: int, ddf: torch.Tensor,
+    warp: Warp, downsample: int = 1, smooth: float = 1e-5,
+) -> torch.Tensor:
+    """Soft Dice loss of the warped moving labels against the fixed labels, over the foreground classes present.
+
+    The moving label map is one-hot encoded and warped linearly with ``ddf`` (VoxelMorph TMI's auxiliary
+    loss). Only the classes present in either image count, so pairs from data sets with different label
+    sets (e.g. 3 tissues and 56 structures) share one ``num_classes`` without absent classes diluting the mean.
+    With ``downsample > 1`` the one-hot maps and the field are average-pooled by that factor first (the warp
+    of dozens of channels otherwise costs more than the network on a CPU).
+
+    Args:
+        warped_moving_label: the moving label map ``(B, 1, *spatial)`` (warped here).
+        fixed_label: ``(B, 1, *spatial)`` integer label map.
+        num_classes: classes including background; label values must be below it.
+        ddf: ``(B, ndim, *spatial)`` pull-back field in voxel units.
+        warp: the warping block.
+        downsample: integer pooling factor (1: full resolution).
+
+    Returns:
+        The mean over the batch of ``1 - mean Dice`` over present foreground classes (0 when none is present).
+
+    Raises:
+        ValueError: label values outside ``[0, num_classes)``.
+    """
+    moving, fixed = warped_moving_label.long(), fixed_label.long()
+    for name, lab in (("moving", moving), ("fixed", fixed)):
+        if lab.min() < 0 or lab.max() >= num_classes:
+            raise ValueError(
+                f"{name} label values must be in [0, {num_classes - 1}] (num_classes={num_classes}), "
+                f"got [{int(lab.min())}, {int(lab.max())}]; remap them (e.g. the label_map config id)."
+            )
+    moving_oh = one_hot(moving, num_classes).to(ddf.dtype)
+    fixed_oh = one_hot(fixed, num_classes).to(ddf.dtype)
+    if downsample > 1:
+        pool = F.avg_pool3d if ddf.ndim == 5 else F.avg_pool2d
+        moving_oh, fixed_oh = pool(moving_oh, downsample), pool(fixed_oh, downsample)
+        ddf = pool(ddf, downsample) / downsample  # voxel units of the coarser grid
+    warped = warp(moving_oh, ddf)
+    dims = tuple(range(2, ddf.ndim))
+    intersection = (warped * fixed_oh).sum(dims)
+    denominator = warped.sum(dims) + fixed_oh.sum(dims)
+    dice = (2 * intersection + smooth) / (denominator + smooth)  # (B, C)
+    present = ((moving_oh.sum(dims) + fixed_oh.sum(dims)) > 0).to(dice.dtype)
+    present[:, 0] = 0  # background excluded
+    count = present.sum(1)
+    per_pair = ((1 - dice) * present).sum(1) / count.clamp(min=1)
+    return per_pair.mean()
+
+
 class RegistrationLoss(_Loss):
     """VoxelMorph loss: similarity(warped moving, fixed) + lambda * smoothness(ddf) + gamma * Dice(labels).
 
@@ -68,8 +119,10 @@ class RegistrationLoss(_Loss):
         similarity: ``"lncc"``, ``"mse"`` or ``"mi"``.
         smoothness: ``"diffusion"`` or ``"bending"``.
         smoothness_weight: lambda.
-        label_weight: gamma; the Dice term is used only when > 0 and both labels are in the target.
+        label_weight: gamma; the Dice term (:func:`present_class_dice_loss`) is used only when > 0 and both
+            labels are in the target.
         num_classes: label classes including background (needed when ``label_weight > 0``).
+        label_downsample: pooling factor of the label Dice term (1: full resolution).
         spatial_dims: 2 or 3.
         similarity_kwargs: passed to the similarity loss (e.g. ``{"kernel_size": 9}``).
 
@@ -86,8 +139,11 @@ class RegistrationLoss(_Loss):
         num_classes: int | None = None,
         spatial_dims: int = 3,
         similarity_kwargs: Mapping | None = None,
+        label_downsample: int = 1,
     ) -> None:
         super().__init__()
+        if label_downsample < 1:
+            raise ValueError(f"label_downsample must be >= 1, got {label_downsample}.")
         if smoothness_weight < 0 or label_weight < 0:
             raise ValueError(f"weights must be >= 0, got smoothness_weight={smoothness_weight}, label_weight={label_weight}.")
         if label_weight > 0 and (num_classes is None or num_classes < 2):
@@ -97,8 +153,9 @@ class RegistrationLoss(_Loss):
         self.smoothness_weight = float(smoothness_weight)
         self.label_weight = float(label_weight)
         self.num_classes = num_classes
-        self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.label_downsample = int(label_downsample)
         self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.last_terms: dict[str, float] = {}  # unweighted terms of the last call, for training logs
 
     def terms(self, ddf: torch.Tensor, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unweighted loss terms: ``similarity``, ``smoothness`` and, when used, ``label_dice``.
@@ -118,14 +175,15 @@ class RegistrationLoss(_Loss):
             "smoothness": self.smoothness(ddf),
         }
         if self.label_weight > 0 and "moving_label" in target and "fixed_label" in target:
-            moving_oh = one_hot(target["moving_label"].long(), self.num_classes).to(ddf.dtype)
-            fixed_oh = one_hot(target["fixed_label"].long(), self.num_classes).to(ddf.dtype)
-            out["label_dice"] = self.dice(self.warp(moving_oh, ddf), fixed_oh)
+            out["label_dice"] = present_class_dice_loss(
+                target["moving_label"], target["fixed_label"], self.num_classes, ddf, self.warp, self.label_downsample
+            )
         return out
 
     def forward(self, ddf: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Weighted sum of :meth:`terms`, averaged over the batch (the component losses give voxel maps)."""
         terms = self.terms(ddf, target)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
         if "label_dice" in terms:
             total = total + self.label_weight * terms["label_dice"]

@@ -1,0 +1,221 @@
+"""The CPU training campaign of the shipped registration model: resumable, logged, committed as it goes.
+
+    python benchmarks/campaign.py prepare                  # datalists from the fixed splits (IBSR aligned once)
+    python benchmarks/campaign.py train [--minutes M] [--threads T]   # start or continue; stops cleanly after M
+    python benchmarks/campaign.py status                   # iterations, best validation Dice so far
+    python benchmarks/campaign.py plot                     # learning curve -> docs/figures/
+    python benchmarks/campaign.py ship                     # best validated weights -> models/pretrained/
+
+The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
+trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
+(best validation Dice so far) and ``training_log.csv`` (iteration, every loss term, learning rate, gradient
+norm, validation Dice and folding, cumulative wall time, hardware). Commit those three after each session.
+
+Data (fixed subject splits, committed): LPBA40 (``lpba40_split.json``: 10 training subjects, all ordered
+pairs, 56 manual structures as auxiliary Dice) and IBSR (``ibsr_split.json``: 9 training subjects aligned
+affinely to the reference subject by the bundle's own ITK stage, CSF/GM/WM on the 6 labelled ones).
+Validation pairs: LPBA40 validation subjects with each other and IBSR's validation subject with two labelled
+training subjects. Test subjects are never read here.
+
+The recipe is ``configs/train.json`` + ``configs/registration_only.json`` + ``configs/campaign.json`` (2 mm
+grid cropped to the fixed image's foreground, diffeomorphic half-resolution flow, LNCC + diffusion + label
+Dice, Adam with gradient clipping and a plateau schedule, validation every epoch of ``epoch_length``
+iterations); the same command trains on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import permutations
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+DATA = REPO.parent / "shared" / "data"
+RUNS = REPO / "runs" / "campaign"
+CAMPAIGNS = REPO / "models" / "campaign"
+SHIPPED = REPO / "models" / "pretrained" / "registration_t1_2mm.pt"
+RUN = "registration_t1"
+
+
+def _split(name: str) -> dict:
+    return json.loads((HERE / f"{name}_split.json").read_text())
+
+
+def lpba40_pairs(split: dict, section: str) -> list[dict]:
+    """Ordered pairs of one LPBA40 split section (training: all ordered pairs of its subjects)."""
+    def files(s: str) -> dict:
+        image, label = DATA / "lpba40" / s / f"{s}.nii.gz", DATA / "lpba40" / s / f"{s}_label.nii.gz"
+        for path in (image, label):
+            if not path.is_file():
+                raise FileNotFoundError(f"LPBA40 file not found: {path}")
+        return {"image": str(image), "label": str(label)}
+
+    return [
+        {"moving": files(m)["image"], "fixed": files(f)["image"], "moving_label": files(m)["label"],
+         "fixed_label": files(f)["label"], "name": f"lpba40_{m}_to_{f}"}
+        for m, f in permutations(split[section], 2)
+    ]
+
+
+def prepare(out: Path = RUNS) -> Path:
+    """Write ``out/datalist.json`` (training and validation pairs of LPBA40 and IBSR); IBSR is aligned once."""
+    sys.path.insert(0, str(HERE))
+    import pretrain  # the IBSR affine preparation (aligned to the reference subject with the bundle's ITK stage)
+
+    ibsr_dir = out / "ibsr"
+    ibsr_datalist = ibsr_dir / "datalist.json"
+    if not ibsr_datalist.is_file():
+        pretrain.prepare(ibsr_dir)
+    ibsr = json.loads(ibsr_datalist.read_text())
+    ibsr_train = []
+    for item in ibsr["training"]:
+        labels = [item[k].replace("_image.nii.gz", "_label.nii.gz") for k in ("moving", "fixed")]
+        extra = {"moving_label": labels[0], "fixed_label": labels[1]} if all(Path(p).is_file() for p in labels) else {}
+        ibsr_train.append({**item, **extra, "name": "ibsr_" + item["name"]})
+    lpba = _split("lpba40")
+    val_subject = _split("ibsr")["validation"][0]
+    ibsr_val = [p for p in ibsr["validation"] if p["name"].startswith(val_subject)][:2]  # validation subject as moving
+    datalist = {
+        "training": lpba40_pairs(lpba, "training") + ibsr_train,
+        "validation": lpba40_pairs(lpba, "validation") + [{**p, "name": "ibsr_" + p["name"]} for p in ibsr_val],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "datalist.json"
+    tmp = path.with_name(".datalist.json.tmp")
+    tmp.write_text(json.dumps(datalist, indent=1))
+    tmp.replace(path)
+    n_lab = sum("moving_label" in p for p in datalist["training"])
+    print(f"{len(datalist['training'])} training pairs ({n_lab} labelled), {len(datalist['validation'])} validation pairs -> {path}")
+    return path
+
+
+def training_command(datalist: Path, root: Path, threads: int, extra: list[str]) -> list[str]:
+    configs = "[" + ",".join(f"'{REPO / 'configs' / n}'" for n in ("train.json", "registration_only.json", "campaign.json")) + "]"
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(root),
+        "--datalist", str(datalist), "--label_values", json.dumps(_split("lpba40")["label_values"]),
+        "--num_threads", str(threads), *extra,
+    ]
+
+
+def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, root: Path = CAMPAIGNS / RUN) -> int:
+    """Start or resume the campaign; with ``minutes``, stop it (SIGINT, then SIGTERM) after that long.
+
+    The run checkpoints at the end of every epoch, so stopping loses at most the epoch in progress.
+    """
+    datalist = out / "datalist.json"
+    if not datalist.is_file():
+        raise FileNotFoundError(f"{datalist} not found: run `python benchmarks/campaign.py prepare` first.")
+    root.mkdir(parents=True, exist_ok=True)
+    args = training_command(datalist, root, threads, extra)
+    with open(root / "train.log", "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n")
+        log.flush()
+        proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        try:
+            return proc.wait(timeout=None if minutes is None else minutes * 60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+            print(f"stopped after {minutes} min; resume with the same command")
+            return 0
+
+
+def status(root: Path = CAMPAIGNS / RUN) -> dict:
+    """Iterations done, wall time and the best validation Dice (with its iteration) of the run so far."""
+    sys.path.insert(0, str(REPO))
+    from bundle.engines.training import read_training_log
+
+    train_rows, val_rows = read_training_log(root / "training_log.csv")
+    best = max(val_rows, key=lambda r: r["metrics"].get("val_mean_dice", -1), default=None)
+    info = {
+        "iterations": int(train_rows[-1]["iteration"]) if train_rows else 0,
+        "wall_hours": round(float(train_rows[-1]["wall_s"]) / 3600, 2) if train_rows else 0,
+        "validations": len(val_rows),
+        "best_val_mean_dice": best["metrics"].get("val_mean_dice") if best else None,
+        "best_iteration": int(best["iteration"]) if best else None,
+        "last_val": val_rows[-1]["metrics"] if val_rows else None,
+        "hardware": train_rows[-1]["hardware"] if train_rows else None,
+    }
+    print(json.dumps(info, indent=1))
+    return info
+
+
+def plot(root: Path = CAMPAIGNS / RUN, target: Path = REPO / "docs" / "figures" / "campaign_registration_t1.png") -> Path:
+    """Validation Dice and folding, and the training loss terms, against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, str(REPO))
+    from bundle.engines.training import read_training_log
+
+    train_rows, val_rows = read_training_log(root / "training_log.csv")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    it = [int(r["iteration"]) for r in train_rows]
+    for key in ("similarity", "label_dice"):
+        values = [float(r[key]) if r.get(key) else float("nan") for r in train_rows]
+        ax1.plot(it, values, label=key, lw=0.8)
+    ax1.set_xlabel("iteration"), ax1.set_title("training loss terms"), ax1.legend()
+    vit = [int(r["iteration"]) for r in val_rows]
+    ax2.plot(vit, [r["metrics"].get("val_mean_dice") for r in val_rows], "o-", label="validation mean Dice")
+    ax2.set_xlabel("iteration"), ax2.set_title("validation (2 mm network grid)"), ax2.legend(loc="lower right")
+    hw = train_rows[-1]["hardware"] if train_rows else ""
+    fig.suptitle(f"{root.name}: {hw}", fontsize=8)
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    print(f"-> {target}")
+    return target
+
+
+def ship(root: Path = CAMPAIGNS / RUN, target: Path = SHIPPED) -> Path:
+    """Copy the best validated weights (a plain state dict) to ``models/pretrained/``."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from bundle.engines.checkpoints import load_checkpoint
+    from bundle.io.writers import write_atomic
+
+    state = load_checkpoint(root / "models" / "model.pt")
+    state = state.get("network", {k: v for k, v in state.items() if k != "checkpointer"})
+    write_atomic(target, ".pt", lambda tmp: torch.save(state, tmp))
+    print(f"{root / 'models' / 'model.pt'} -> {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prepare", "train", "status", "plot", "ship"])
+    parser.add_argument("--minutes", type=float, default=None, help="stop the training after this long (it resumes)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
+    a, extra = parser.parse_known_args()
+    if extra and a.command != "train":
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if a.command == "prepare":
+        prepare()
+    elif a.command == "train":
+        sys.exit(train(a.minutes, a.threads, extra))
+    elif a.command == "status":
+        status()
+    elif a.command == "plot":
+        plot()
+    else:
+        ship()
+
+
+if __name__ == "__main__":
+    main()

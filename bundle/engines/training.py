@@ -1,0 +1,212 @@
+"""Training-loop pieces MONAI's engines lack: CPU autocast, gradient clipping and a resumable CSV training log."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer, SimpleInferer
+
+__all__ = ["AutocastInferer", "GradientClipping", "TrainingLog", "hardware_description", "set_threads"]
+
+
+def hardware_description(device: torch.device | str | None = None) -> str:
+    """One line naming the device the run computes on (GPU model, or CPU model and torch threads)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:  # the model name is only in /proc on Linux
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def set_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op threads (``None`` or 0: leave torch's default); returns the number in use."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
+
+
+class AutocastInferer(Inferer):
+    """Run an inferer under ``torch.autocast`` on the input's device; the output is cast back to float32.
+
+    MONAI's engines autocast only on CUDA (their ``amp`` flag); this one also covers the CPU (bfloat16), so one
+    config runs either way. Measure before enabling it on a CPU: the speed of bfloat16 3-D convolutions depends
+    on the CPU and the torch build (see docs/speed.md).
+
+    Args:
+        enabled: ``False`` makes this a plain pass-through of ``inferer``.
+        cpu_dtype: autocast dtype on the CPU (``torch.bfloat16``).
+        cuda_dtype: autocast dtype on CUDA (``torch.float16``).
+        inferer: the wrapped inferer (``SimpleInferer`` by default).
+    """
+
+    def __init__(
+        self, enabled: bool = True, cpu_dtype: torch.dtype = torch.bfloat16, cuda_dtype: torch.dtype = torch.float16,
+        inferer: Inferer | None = None,
+    ) -> None:
+        super().__init__()
+        self.enabled, self.cpu_dtype, self.cuda_dtype = bool(enabled), cpu_dtype, cuda_dtype
+        self.inferer = inferer or SimpleInferer()
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs):
+        device_type = inputs.device.type
+        dtype = self.cuda_dtype if device_type == "cuda" else self.cpu_dtype
+        if not self.enabled:
+            return self.inferer(inputs, network, *args, **kwargs)
+        with torch.autocast(device_type, dtype=dtype):
+            out = self.inferer(inputs, network, *args, **kwargs)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+class GradientClipping:
+    """Clip the gradient norm of a trainer's network after each backward pass (before the optimiser step).
+
+    Args:
+        max_norm: largest total gradient norm (``torch.nn.utils.clip_grad_norm_``); ``None`` or 0 disables.
+    """
+
+    def __init__(self, max_norm: float | None = 1.0) -> None:
+        if max_norm is not None and max_norm < 0:
+            raise ValueError(f"max_norm must be >= 0 (0 or None: off), got {max_norm}.")
+        self.max_norm = max_norm
+        self.last_norm: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_norm:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.last_norm = float(torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm))
+
+
+class TrainingLog:
+    """Append training and validation records to a CSV that survives interruption and resumption.
+
+    Every ``interval`` iterations it writes the mean of the loss (and of each unweighted term the loss
+    function records in ``last_terms``) over those iterations, the learning rate, the gradient norm (when a
+    :class:`GradientClipping` is given), the cumulative wall time and the hardware; after each validation, the
+    evaluator's metrics. The cumulative wall time continues from the last row of an existing file, so a
+    resumed run keeps one log. Rows are flushed as they are written.
+
+    Args:
+        path: the CSV file (created with its folder if absent).
+        interval: iterations per training row.
+        loss_function: the loss (its ``last_terms`` dict is read after each iteration, when present).
+        clipping: the gradient-clipping handler, to log the pre-clipping norm.
+        hardware: free text (default: :func:`hardware_description` of the trainer's device).
+    """
+
+    FIELDS = ("kind", "iteration", "epoch", "loss", "similarity", "smoothness", "label_dice", "segmentation",
+              "grad_norm", "lr", "metrics", "wall_s", "hardware")
+
+    def __init__(
+        self, path: str | os.PathLike, interval: int = 10, loss_function=None, clipping: GradientClipping | None = None,
+        hardware: str | None = None,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
+        self.path, self.interval = Path(path), int(interval)
+        self.loss_function, self.clipping, self.hardware = loss_function, clipping, hardware
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._wall_offset = self._previous_wall_time()
+        self._start = time.perf_counter()
+        self._trainer: Engine | None = None
+
+    def _previous_wall_time(self) -> float:
+        if not self.path.is_file():
+            return 0.0
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        try:
+            return float(rows[-1]["wall_s"]) if rows else 0.0
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"training log {self.path} is not a log this handler wrote (no wall_s column).") from e
+
+    def wall_time(self) -> float:
+        return self._wall_offset + time.perf_counter() - self._start
+
+    def _write(self, row: Mapping) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
+        self._trainer = trainer
+        trainer.add_event_handler(Events.STARTED, self._started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        if evaluator is not None:
+            evaluator.add_event_handler(Events.COMPLETED, self._validation)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+        if self.hardware is None:
+            self.hardware = hardware_description(getattr(engine.state, "device", None))
+
+    def _iteration(self, engine: Engine) -> None:
+        output = engine.state.output
+        if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
+            output = output[0]  # decollated: every item carries the batch loss
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        values = {"loss": float(loss)} if loss is not None else {}
+        values.update(getattr(self.loss_function, "last_terms", None) or {})
+        if self.clipping is not None and self.clipping.last_norm is not None:
+            values["grad_norm"] = self.clipping.last_norm
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        if engine.state.iteration % self.interval == 0:
+            row = {k: f"{v / self._count:.6g}" for k, v in self._sums.items()}
+            row.update(kind="train", iteration=engine.state.iteration, epoch=engine.state.epoch,
+                       lr=f"{engine.optimizer.param_groups[0]['lr']:.3g}", wall_s=f"{self.wall_time():.1f}",
+                       hardware=self.hardware)
+            self._write(row)
+            self._sums, self._count = {}, 0
+
+    def _validation(self, evaluator: Engine) -> None:
+        metrics = {k: round(float(v), 6) for k, v in evaluator.state.metrics.items() if _is_number(v)}
+        trainer = self._trainer
+        self._write({
+            "kind": "validation", "iteration": trainer.state.iteration if trainer else "",
+            "epoch": trainer.state.epoch if trainer else "", "metrics": ";".join(f"{k}={v}" for k, v in metrics.items()),
+            "wall_s": f"{self.wall_time():.1f}", "hardware": self.hardware,
+        })
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def read_training_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """Training rows and validation rows (metrics parsed into a dict) of a :class:`TrainingLog` CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["kind"] == "train"]
+    val = []
+    for r in rows:
+        if r["kind"] == "validation":
+            metrics = dict(item.split("=", 1) for item in r["metrics"].split(";") if item)
+            val.append({**r, "metrics": {k: float(v) for k, v in metrics.items()}})
+    return train, val
+
+
+__all__ += ["read_training_log"]
