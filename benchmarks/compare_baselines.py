@@ -1,17 +1,19 @@
-"""Side-by-side evaluation on held-out test subjects: the bundle's models vs identity, affine, ANTs SyN, elastix.
+"""Side-by-side evaluation on held-out test subjects: the bundle's models vs identity, affine, ANTs SyN, elastix, greedy.
 
-    python benchmarks/compare_baselines.py run [--dataset ibsr|synthseg|oasis] \
-        [--methods identity,affine,ours,ants_syn,elastix] [--io-steps 0,50] \
-        [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare] [--name ours] [--set ID=VALUE]
+    python benchmarks/compare_baselines.py run [--dataset ibsr|synthseg|oasis|lpba40] \
+        [--methods identity,affine,ours,ants_syn,ants_syn_full,elastix,greedy] [--io-steps 0,50] \
+        [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--pairs N] [--out runs/compare] [--name ours] [--set ID=VALUE] \
+        [--greedy-threads N]
     python benchmarks/compare_baselines.py report [--dataset ...] [--out ...]   # table + figures into docs/
 
 ``run`` registers every ordered pair of the dataset's test subjects (never trained on; see
 ``eval_datasets.py``: IBSR CSF/GM/WM, SynthSeg-synthesised images with 30 FreeSurfer structures, the
-labelled OASIS-derived pair) with each method and scores, in the **fixed image's native grid**: Dice per
-label of the warped moving labels (nearest neighbour; the mean is over the labels present in the fixed
-map), HD95 in mm (MONAI), % of voxels with det J <= 0 and SDlogJ of the full transform, and wall time per
-pair on this machine. Rows are appended to ``OUT/results.csv`` as they come, so an interrupted run is
-resumed (pairs already scored for a method are skipped).
+labelled OASIS-derived pair, LPBA40 with its 56 manually delineated structures) with each method and scores,
+in the **fixed image's native grid**: Dice per label of the warped moving labels (nearest neighbour, or the
+tool's own label interpolation where noted; the mean is over the labels present in the fixed map), HD95 in mm
+(MONAI), % of voxels with det J <= 0 and SDlogJ of the full transform, and wall time per pair on this machine.
+Rows are appended to ``OUT/results.csv`` as they come, so an interrupted run is resumed (pairs already scored
+for a method are skipped).
 
 Methods:
 - ``identity``: the moving labels resampled onto the fixed grid by world coordinates.
@@ -19,8 +21,21 @@ Methods:
 - ``ours`` / ``ours_io<N>``: the bundle's inference command (``configs/inference.json``: affine
   pre-alignment + network, composed; ``--io-steps`` adds instance-specific optimisation runs). Another
   model: ``--ckpt``, ``--configs inference.json,registration_only.json`` and ``--name ours_reg``.
-- ``ants_syn``: ``ants.registration(type_of_transform="SyN")`` of antspyx (affine + SyN, its defaults).
+- ``ants_syn``: ``ants.registration(type_of_transform="SyN", random_seed=0)`` of antspyx with all its
+  defaults (as of antspyx 0.6.3): an ``Affine[0.25]`` stage (Mattes MI, 2100x1200x1200x0 iterations,
+  shrink 4x2x2x1) then ``SyN[0.2,3,0]`` with Mattes MI and ``reg_iterations=(40, 20, 0)`` at shrink 4x2x1
+  (smoothing 2x1x0 voxels): **no** SyN iterations at full resolution. Labels: ``genericLabel`` interpolation.
+- ``ants_syn_full``: the same call with ``reg_iterations=(100, 70, 50, 20)``, ``syn_metric="CC"``,
+  ``syn_sampling=4`` (CC radius 4, shrink 8x4x2x1, smoothing 3x2x1x0 voxels): the usual
+  antsRegistrationSyN-like brain setting, 20 SyN iterations at full resolution (gradient step 0.2 as
+  antspyx's default, where antsRegistrationSyN.sh uses 0.1; affine stage unchanged).
 - ``elastix``: itk-elastix with its default ``affine`` then ``bspline`` parameter maps.
+- ``greedy``: PICSL greedy (``picsl-greedy``, in-process) with its documented brain MRI usage: 12-dof affine
+  (NCC 2x2x2, 100x50x10, from matched image centres), then greedy diffeomorphic registration (NCC 2x2x2,
+  100x50x10, ``-s 2.0vox 0.5vox``) initialised with it, then the moving labels resliced with
+  ``-ri LABEL 0.2vox``; ``-threads`` from ``--greedy-threads`` (default: all cores; recorded in the
+  ``hardware`` column). The command lines are :func:`greedy_commands`; det J is that of greedy's composed
+  (affine + deformable) field.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from itertools import permutations
 from pathlib import Path
 
@@ -118,7 +134,14 @@ def run_affine(moving: dict, fixed: dict, work: Path):
     return warped.numpy(), None, time.perf_counter() - start
 
 
-def run_ants(moving: dict, fixed: dict, work: Path):
+# ``ants_syn_full``: antsRegistrationSyN-like SyN stage (see the module docstring); ``ants_syn`` passes none of these.
+ANTS_SYN_FULL = {"reg_iterations": (100, 70, 50, 20), "syn_metric": "CC", "syn_sampling": 4}
+
+
+def run_ants(moving: dict, fixed: dict, work: Path, **options):
+    """``ants.registration(type_of_transform="SyN", random_seed=0, **options)`` (no options: antspyx defaults),
+    labels with ``genericLabel``; timed from reading the images to the warped labels. The Jacobian is that of
+    the whole transform (affine + SyN composed into one field on the fixed grid, not timed)."""
     import ants
 
     from bundle.io.itk_export import read_itk_displacement_field
@@ -126,12 +149,17 @@ def run_ants(moving: dict, fixed: dict, work: Path):
 
     start = time.perf_counter()
     f, m = ants.image_read(str(fixed["image"])), ants.image_read(str(moving["image"]))
-    reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=0)
+    reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=0, **options)
     labels = ants.apply_transforms(f, ants.image_read(str(moving["label"])), reg["fwdtransforms"], interpolator="genericLabel")
     seconds = time.perf_counter() - start
     ddf, _ = read_itk_displacement_field(ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(work / "ants_")))
     jacobian = jacobian_determinant(torch.as_tensor(ddf)[None])[0, 0].numpy()
     return labels.numpy().astype(np.int16), jacobian, seconds
+
+
+def run_ants_full(moving: dict, fixed: dict, work: Path):
+    """``ants_syn_full``: :func:`run_ants` with :data:`ANTS_SYN_FULL`."""
+    return run_ants(moving, fixed, work, **ANTS_SYN_FULL)
 
 
 def run_elastix(moving: dict, fixed: dict, work: Path):
@@ -149,6 +177,87 @@ def run_elastix(moving: dict, fixed: dict, work: Path):
     seconds = time.perf_counter() - start
     field = itk.transformix_deformation_field(m, result, log_to_console=False, output_directory=str(work))
     return np.round(itk.array_from_image(labels).transpose(2, 1, 0)).astype(np.int16), jacobian_of_itk_field(field), seconds
+
+
+# Greedy's documented brain MRI settings (greedy.readthedocs.io; picsl-greedy README).
+GREEDY_METRIC = "NCC 2x2x2"
+GREEDY_ITERATIONS = "100x50x10"
+GREEDY_SMOOTHING = "2.0vox 0.5vox"
+GREEDY_LABEL_INTERPOLATION = "LABEL 0.2vox"
+GREEDY_FILES = {"affine": "greedy_affine.mat", "warp": "greedy_warp.nii.gz", "warped_label": "greedy_warped_label.nii.gz",
+                "composed": "greedy_composed.nii.gz", "log": "greedy.log"}
+
+
+def greedy_commands(fixed_image: Path, moving_image: Path, moving_label: Path, work: Path, threads: int) -> dict[str, str]:
+    """The greedy command lines of one pair (arguments of ``Greedy3D.execute``), in the order run.
+
+    ``affine``, ``deformable`` and ``reslice`` are the documented three steps (timed together); ``compose``
+    writes the whole transform (deformable warp then affine) as one displacement field on the fixed grid, for
+    the Jacobian (not timed). Each starts with ``-d 3 -threads N -V 0`` (output files in ``work``, the
+    optimiser's trace silenced); the registrations also get ``-seed 1`` (greedy's default seed 0 means
+    stochastic sampling) and the written fields ``-wp 0`` (full precision instead of greedy's default 0.1-voxel
+    compression, which would add quantisation noise to det J).
+
+    Raises:
+        ValueError: ``threads`` < 1, or a path with whitespace (``execute`` splits the command on it).
+    """
+    if int(threads) != threads or threads < 1:
+        raise ValueError(f"greedy needs a positive whole number of threads, got {threads!r}.")
+    out = {k: Path(work) / name for k, name in GREEDY_FILES.items()}
+    for path in (fixed_image, moving_image, moving_label, *out.values()):
+        if any(c.isspace() for c in str(path)):
+            raise ValueError(f"greedy command lines are split on whitespace; this path has some: {str(path)!r}.")
+    common = f"-d 3 -threads {int(threads)} -V 0"
+    pair = f"-i {fixed_image} {moving_image}"
+    return {
+        "affine": (f"{common} -seed 1 -a -dof 12 -m {GREEDY_METRIC} -n {GREEDY_ITERATIONS} -ia-image-centers {pair} "
+                   f"-o {out['affine']}"),
+        "deformable": (f"{common} -seed 1 -m {GREEDY_METRIC} -n {GREEDY_ITERATIONS} -s {GREEDY_SMOOTHING} -wp 0 {pair} "
+                       f"-it {out['affine']} -o {out['warp']}"),
+        "reslice": (f"{common} -rf {fixed_image} -ri {GREEDY_LABEL_INTERPOLATION} -rm {moving_label} {out['warped_label']} "
+                    f"-r {out['warp']} {out['affine']}"),
+        "compose": f"{common} -wp 0 -rf {fixed_image} -rc {out['composed']} -r {out['warp']} {out['affine']}",
+    }
+
+
+def _greedy(greedy, stage: str, command: str, log) -> None:
+    try:
+        greedy.execute(command, out=log, err=log)
+    except RuntimeError as error:
+        raise RuntimeError(f"greedy {stage} step failed ({error}); command: greedy {command}") from error
+
+
+def run_greedy(moving: dict, fixed: dict, work: Path, threads: int | None = None):
+    """``greedy``: affine + deformable + label reslicing (:func:`greedy_commands`), timed together, in-process.
+
+    The Jacobian is that of the **whole** transform: greedy composes the deformable warp and the affine into
+    one displacement field on the fixed grid (``-rc``), which greedy writes like ITK (physical LPS millimetres,
+    ``T(x) = x + u(x)`` from fixed to moving points, i.e. a pull-back), read with
+    :func:`bundle.io.itk_export.read_itk_displacement_field`. ``threads``: greedy's ``-threads`` (default: all cores).
+    """
+    from picsl_greedy import Greedy3D
+
+    from bundle.io.itk_export import read_itk_displacement_field
+    from bundle.metrics import jacobian_determinant
+
+    commands = greedy_commands(fixed["image"], moving["image"], moving["label"], work,
+                               (os.cpu_count() or 1) if threads is None else threads)
+    with open(work / GREEDY_FILES["log"], "w") as log:
+        start = time.perf_counter()
+        greedy = Greedy3D()
+        for stage in ("affine", "deformable", "reslice"):
+            _greedy(greedy, stage, commands[stage], log)
+        seconds = time.perf_counter() - start
+        _greedy(greedy, "compose", commands["compose"], log)
+    warped, _ = load(work / GREEDY_FILES["warped_label"])
+    composed = work / GREEDY_FILES["composed"]
+    ddf, affine = read_itk_displacement_field(composed)
+    shape = fixed["label_array"].shape
+    if ddf.shape[1:] != shape or warped.shape != shape or not np.allclose(affine, fixed["affine"], atol=1e-3):
+        raise ValueError(f"greedy output {composed} (shape {ddf.shape[1:]}, affine {affine.tolist()}) is not on the fixed "
+                         f"grid of {fixed['image']} (shape {shape}, affine {np.asarray(fixed['affine']).tolist()}).")
+    jacobian = jacobian_determinant(torch.as_tensor(ddf)[None])[0, 0].numpy()
+    return np.rint(warped).astype(np.int16), jacobian, seconds
 
 
 def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: int, configs: list[str], label: str = "ours",
@@ -181,7 +290,8 @@ def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: i
     return results
 
 
-RUNNERS = {"identity": run_identity, "affine": run_affine, "ants_syn": run_ants, "elastix": run_elastix}
+RUNNERS = {"identity": run_identity, "affine": run_affine, "ants_syn": run_ants, "ants_syn_full": run_ants_full,
+           "elastix": run_elastix, "greedy": run_greedy}
 
 
 def _done(results_csv: Path) -> set:
@@ -208,7 +318,16 @@ def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jaco
 
 
 def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None,
-        configs: list[str], name: str = "ours", overrides: dict | None = None) -> None:
+        configs: list[str], name: str = "ours", overrides: dict | None = None, greedy_threads: int | None = None) -> None:
+    """Register and score every ordered test pair with each method (see the module docstring); ``greedy_threads``:
+    greedy's ``-threads`` (default: all cores), appended to the ``hardware`` column of its rows."""
+    unknown = [m for m in methods if m != "ours" and m not in RUNNERS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: ours, {', '.join(RUNNERS)}.")
+    greedy_threads = (os.cpu_count() or 1) if greedy_threads is None else greedy_threads
+    if "greedy" in methods:  # a bad thread count, or an OUT path greedy cannot take, fails before any registration
+        greedy_commands(out / "f", out / "m", out / "l", out, greedy_threads)
+    runners = {**RUNNERS, "greedy": partial(run_greedy, threads=greedy_threads)}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "inputs"
     tmp.mkdir(exist_ok=True)
@@ -238,8 +357,9 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
             if (method, pair) in done:
                 continue
             with tempfile.TemporaryDirectory(dir=out) as work:
-                warped, jac, seconds = RUNNERS[method](m, f, Path(work))
-            row = {"method": method, "pair": pair, "moving": m["name"], "fixed": f["name"], "seconds": seconds, "hardware": hw}
+                warped, jac, seconds = runners[method](m, f, Path(work))
+            row = {"method": method, "pair": pair, "moving": m["name"], "fixed": f["name"], "seconds": seconds,
+                   "hardware": f"{hw}; greedy -threads {greedy_threads}" if method == "greedy" else hw}
             row.update(score(warped, f, jac, labels))
             _append(results_csv, row, labels)
             if (m, f) == pairs[0]:
@@ -415,7 +535,8 @@ def main() -> None:
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="ibsr")
     parser.add_argument("--out", type=Path, default=None, help="default runs/compare (IBSR) or runs/compare_<dataset>")
-    parser.add_argument("--methods", default="identity,affine,ours,ants_syn,elastix")
+    parser.add_argument("--methods", default="identity,affine,ours,ants_syn,elastix",
+                        help="comma separated, from: identity, affine, ours, ants_syn, ants_syn_full, elastix, greedy")
     parser.add_argument("--io-steps", default="0", help="instance-optimisation steps for 'ours', comma separated")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
@@ -423,13 +544,15 @@ def main() -> None:
     parser.add_argument("--name", default="ours", help="method name of the bundle's rows (e.g. ours_reg for another model)")
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
                         help="override a config id of 'ours' (Python literal or string), e.g. instance_optimisation_residual=svf")
+    parser.add_argument("--greedy-threads", type=int, default=None, help="greedy's -threads (default: all cores)")
     a = parser.parse_args()
     overrides = dict(_override(item) for item in a.set)
     dataset = DATASETS[a.dataset]()
     out = a.out or REPO / "runs" / ("compare" if a.dataset == "ibsr" else f"compare_{a.dataset}")
     out = out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
-        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs, a.configs.split(","), a.name, overrides)
+        run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs,
+            a.configs.split(","), a.name, overrides, a.greedy_threads)
     else:
         report(dataset, out)
 

@@ -1,7 +1,7 @@
-"""Test sets of the side-by-side evaluation (``compare_baselines.py``): IBSR, SynthSeg-synthesised, OASIS.
+"""Test sets of the side-by-side evaluation (``compare_baselines.py``): IBSR, SynthSeg-synthesised, OASIS, LPBA40.
 
 Each dataset names its held-out test subjects (fixed splits in ``*_split.json``), the labels scored, and
-writes every test subject as a plain 3D NIfTI image + label map into a work folder (ANTs and elastix read
+writes every test subject as a plain 3D NIfTI image + label map into a work folder (ANTs, elastix and greedy read
 them from there). All of them read ``../shared/data`` and raise ``FileNotFoundError`` when it is absent.
 """
 
@@ -129,4 +129,45 @@ class OASIS:
         return "OASIS-derived `oasis/lapirn` volumes A and B (both ordered pairs), Dice of their labels 1 and 2"
 
 
-DATASETS = {"ibsr": IBSR, "synthseg": SynthSeg, "oasis": OASIS}
+class LPBA40:
+    """LPBA40 T1 (skull-stripped, 160x192x160, 1 mm, all subjects on one affinely aligned grid) and its 56
+    manually delineated structures, test split of ``lpba40_split.json`` (S01 is the set's usual atlas).
+
+    The split's ``label_values`` are the structures scored, named ``L<value>`` (the data folder carries no
+    structure names). Label maps are stored as uint8 and cast to integers; a value outside ``label_values``
+    (and background 0) is an error naming the file."""
+
+    name = "lpba40"
+    split_file = HERE / "lpba40_split.json"
+
+    def __init__(self) -> None:
+        self.split = json.loads(self.split_file.read_text())
+        missing = [k for k in ("testing", "label_values") if k not in self.split]
+        if missing:
+            raise ValueError(f"{self.split_file}: missing field(s) {missing}.")
+        values = [int(v) for v in self.split["label_values"]]
+        if len(set(values)) != len(values) or 0 in values:
+            raise ValueError(f"{self.split_file}: label_values must be distinct and exclude background 0, got {values}.")
+        self.testing = self.split["testing"]
+        self.labels = {v: f"L{v}" for v in values}
+
+    def subject(self, subject: str, work: Path) -> dict:
+        folder = DATA / "lpba40" / subject
+        label_file = folder / f"{subject}_label.nii.gz"
+        image, affine = load(folder / f"{subject}.nii.gz")
+        label, _ = load(label_file)
+        if label.shape != image.shape:
+            raise ValueError(f"{label_file}: label shape {label.shape} != image shape {image.shape}.")
+        label = np.rint(label).astype(np.int16)
+        unknown = sorted(set(np.unique(label).tolist()) - set(self.labels) - {0})
+        if unknown:
+            raise ValueError(f"{label_file}: label values {unknown} not in {self.split_file.name}.")
+        return _write(subject, image, label, affine, work)
+
+    def describe(self) -> str:
+        return (f"LPBA40 test split of `benchmarks/lpba40_split.json` ({', '.join(self.testing)}; one affinely aligned "
+                f"1 mm grid), Dice on the {len(self.labels)} manually delineated structures (LONI LPBA40, Shattuck et al., "
+                "NeuroImage 2008)")
+
+
+DATASETS = {"ibsr": IBSR, "synthseg": SynthSeg, "oasis": OASIS, "lpba40": LPBA40}
