@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.engines.training import read_training_log  # imported at collection: job threads import concurrently later
 from conftest import (
     CONFIGS,
     REPO_ROOT,
@@ -154,6 +155,22 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                 *TRAIN_ARGS]
         return run(args, module="torch.distributed.run", log=logs / "ddp.log"), ddp_root
 
+    def recipe():
+        """The campaign recipe (configs/campaign.json) for 2 + 2 iterations, stopped and resumed."""
+        graph.result("train")
+        recipe_root = root / "recipe"
+        recipe_root.mkdir()
+        shutil.copytree(bundle_root / "demo_data", recipe_root / "demo_data")
+
+        def args(epochs):
+            return ["run", "training", "--config_file", config("train.json", "registration_only.json", "campaign.json"),
+                    "--bundle_root", recipe_root, "--max_epochs", epochs, "--epoch_length", "2", "--log_interval", "1",
+                    "--num_workers", "0", "--cache_rate", "0", "--pixdim", PIXDIM, "--num_threads", "1"]
+
+        first = run(args(1), log=logs / "recipe1.log")
+        second = run(args(2), log=logs / "recipe2.log") if first.returncode == 0 else None
+        return first, second, recipe_root
+
     def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None):
         def job():
             files = graph.result("tiny")
@@ -191,6 +208,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("resume", resume, ["train"], priority=80)
     graph.add("alias", alias, ["resume"], priority=70)
     graph.add("ddp", ddp, ["train"], priority=60)
+    graph.add("recipe", recipe, ["train"], priority=50)
     graph.add("evaluate", evaluate, ["train"], priority=40)
     graph.add("infer", infer, ["train"], priority=40)
     graph.add("verify_net", lambda: run(
@@ -243,6 +261,26 @@ def _key_metric(log: str, epoch: int) -> tuple[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------- training
+
+
+def test_campaign_recipe_trains_logs_and_resumes(e2e):
+    """train.json + registration_only.json + campaign.json: crop, 2 mm-style recipe, label Dice, clipping, CSV log,
+    and a second run that resumes from the first one's checkpoint and continues its log and wall time."""
+    first, second, root = _job(e2e, "recipe")
+    first.check()
+    second.check()
+    assert "resuming from" in second.output
+    train, val = read_training_log(root / "training_log.csv")
+    assert [int(r["iteration"]) for r in train] == [1, 2, 3, 4]
+    assert [int(v["iteration"]) for v in val] == [2, 4]
+    assert all(r["similarity"] and r["smoothness"] and r["label_dice"] and r["grad_norm"] for r in train)
+    assert all(0.0 <= v["metrics"]["val_mean_dice"] <= 1.0 and "val_folding_pct" in v["metrics"] for v in val)
+    walls = [float(r["wall_s"]) for r in train]
+    assert walls == sorted(walls) and "CPU" in train[0]["hardware"]
+    ckpt = torch.load(root / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert {"network", "optimizer", "trainer", "lr_scheduler"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 4
+    assert {k.split(".")[0] for k in ckpt["network"]} == {"encoder", "decoder", "head"}  # the registration U-Net
 
 
 def test_training_writes_loadable_checkpoints(e2e):

@@ -1,0 +1,79 @@
+"""benchmarks/campaign.py: the fixed splits, the LPBA40 pairs, the training command and the log summaries."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import campaign  # noqa: E402
+
+from bundle.engines import TrainingLog  # noqa: E402
+
+
+def _split(name):
+    return json.loads((REPO_ROOT / "benchmarks" / f"{name}_split.json").read_text())
+
+
+@pytest.mark.parametrize("name", ("lpba40", "ibsr", "synthseg"))
+def test_splits_are_disjoint(name):
+    split = _split(name)
+    sections = [set(split[k]) for k in ("training", "validation", "testing")]
+    assert all(sections)
+    assert not (sections[0] & sections[1]) and not (sections[0] & sections[2]) and not (sections[1] & sections[2])
+
+
+def test_lpba40_split_covers_the_16_subjects_and_56_structures():
+    split = _split("lpba40")
+    subjects = split["training"] + split["validation"] + split["testing"]
+    assert sorted(subjects) == sorted(["S01"] + [f"S{i}" for i in range(11, 26)])
+    assert len(split["label_values"]) == 56 and len(set(split["label_values"])) == 56 and 0 not in split["label_values"]
+
+
+def test_lpba40_pairs_are_all_ordered_pairs_with_labels():
+    if not (campaign.DATA / "lpba40" / "S21" / "S21.nii.gz").is_file():
+        pytest.skip("LPBA40 not in ../shared/data")
+    pairs = campaign.lpba40_pairs(_split("lpba40"), "training")
+    assert len(pairs) == 10 * 9
+    assert {p["name"] for p in pairs} >= {"lpba40_S11_to_S12", "lpba40_S12_to_S11"}
+    assert all(p["moving"] != p["fixed"] and p["moving_label"].endswith("_label.nii.gz") for p in pairs)
+    test_subjects = set(_split("lpba40")["testing"])
+    assert not any(s in p["moving"] or s in p["fixed"] for p in pairs for s in test_subjects)
+
+
+def test_lpba40_pairs_name_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "DATA", tmp_path)
+    with pytest.raises(FileNotFoundError, match="S11.nii.gz"):
+        campaign.lpba40_pairs({"training": ["S11", "S12"]}, "training")
+
+
+def test_training_command_uses_the_recipe_overlays_and_the_label_values(tmp_path):
+    args = campaign.training_command(tmp_path / "datalist.json", tmp_path / "run", 2, ["--epoch_length", "5"])
+    assert args[1:5] == ["-m", "monai.bundle", "run", "training"]
+    configs = args[args.index("--config_file") + 1]
+    assert all(n in configs for n in ("train.json", "registration_only.json", "campaign.json"))
+    assert json.loads(args[args.index("--label_values") + 1]) == _split("lpba40")["label_values"]
+    assert args[-2:] == ["--epoch_length", "5"] and args[args.index("--num_threads") + 1] == "2"
+
+
+def test_train_without_prepare_names_the_missing_datalist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="datalist.json"):
+        campaign.train(None, 1, [], out=tmp_path, root=tmp_path / "run")
+
+
+def test_status_and_plot_read_the_training_log(tmp_path):
+    log = TrainingLog(tmp_path / "training_log.csv", hardware="test")
+    for it, dice in ((10, 0.6), (20, 0.7), (30, 0.65)):
+        log._write({"kind": "train", "iteration": it, "epoch": 1, "loss": 0.1, "similarity": -0.2, "label_dice": 0.3,
+                    "wall_s": it, "hardware": "test"})
+        log._write({"kind": "validation", "iteration": it, "epoch": 1, "metrics": f"val_mean_dice={dice};val_folding_pct=0.0",
+                    "wall_s": it, "hardware": "test"})
+    info = campaign.status(tmp_path)
+    assert info["iterations"] == 30 and info["best_val_mean_dice"] == 0.7 and info["best_iteration"] == 20
+    pytest.importorskip("matplotlib")
+    figure = campaign.plot(tmp_path, tmp_path / "curve.png")
+    assert figure.stat().st_size > 1000
