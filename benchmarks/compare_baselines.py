@@ -317,10 +317,48 @@ def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jaco
     np.savez_compressed(folder / f"{method}.npz", label=warped, jacobian=np.zeros(0) if jacobian is None else jacobian)
 
 
+def split_pairs(dataset, section: str, work: Path) -> list[tuple[dict, dict]]:
+    """The ordered pairs of a split section, each subject written once into ``work``.
+
+    ``testing``: every ordered pair of the test subjects. ``validation`` (for choosing settings without touching
+    the test split): every ordered pair of the validation subjects, or, with a single validation subject, that
+    subject with the first two labelled training subjects, both ways.
+
+    Raises:
+        ValueError: unknown section, or a dataset without a validation split.
+    """
+    if section == "testing":
+        names = list(permutations(dataset.testing, 2))
+    elif section == "validation":
+        split = getattr(dataset, "split", None) or {}
+        validation = split.get("validation") or []
+        if not validation:
+            raise ValueError(f"dataset {dataset.name!r} has no validation subjects in its split file.")
+        if len(validation) >= 2:
+            names = list(permutations(validation, 2))
+        else:
+            partners = []
+            for s in split.get("training", []):
+                if len(partners) == 2:
+                    break
+                try:
+                    dataset.subject(s, work)
+                    partners.append(s)
+                except FileNotFoundError:  # an unlabelled training subject
+                    continue
+            names = [pair for s in partners for pair in ((validation[0], s), (s, validation[0]))]
+    else:
+        raise ValueError(f"section must be 'testing' or 'validation', got {section!r}.")
+    subjects = {s: dataset.subject(s, work) for s in dict.fromkeys(n for pair in names for n in pair)}
+    return [(subjects[m], subjects[f]) for m, f in names]
+
+
 def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None,
-        configs: list[str], name: str = "ours", overrides: dict | None = None, greedy_threads: int | None = None) -> None:
-    """Register and score every ordered test pair with each method (see the module docstring); ``greedy_threads``:
-    greedy's ``-threads`` (default: all cores), appended to the ``hardware`` column of its rows."""
+        configs: list[str], name: str = "ours", overrides: dict | None = None, greedy_threads: int | None = None,
+        section: str = "testing") -> None:
+    """Register and score every ordered pair of ``section`` (:func:`split_pairs`) with each method (see the module
+    docstring); ``greedy_threads``: greedy's ``-threads`` (default: all cores), appended to the ``hardware``
+    column of its rows."""
     unknown = [m for m in methods if m != "ours" and m not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: ours, {', '.join(RUNNERS)}.")
@@ -331,8 +369,7 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "inputs"
     tmp.mkdir(exist_ok=True)
-    subjects = {s: dataset.subject(s, tmp) for s in dataset.testing}
-    pairs = [(subjects[m], subjects[f]) for m, f in permutations(dataset.testing, 2)][:pairs_limit]
+    pairs = split_pairs(dataset, section, tmp)[:pairs_limit]
     labels = dataset.labels
     results_csv, hw = out / "results.csv", hardware()
     done = _done(results_csv)
@@ -407,8 +444,9 @@ def _coronal_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(affine[1, :3])))  # the array axis closest to world anterior-posterior
 
 
-def report(dataset, out: Path) -> None:
-    """Markdown table, per-pair CSV and figures (box plots, overlays, deformation grid, Jacobian) into docs/."""
+def report(dataset, out: Path, section: str = "testing") -> None:
+    """Markdown table, per-pair CSV and figures (box plots, overlays, deformation grid, Jacobian) into docs/
+    (validation runs: ``*_validation`` files, so a selection run never overwrites the test results)."""
     import shutil
 
     import matplotlib
@@ -422,6 +460,7 @@ def report(dataset, out: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     stem = "baselines" if dataset.name == "ibsr" else f"baselines_{dataset.name}"
+    stem += "_validation" if section == "validation" else ""
     shutil.copyfile(out / "results.csv", results / f"{stem}.csv")
     labels = dataset.labels
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -545,16 +584,19 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
                         help="override a config id of 'ours' (Python literal or string), e.g. instance_optimisation_residual=svf")
     parser.add_argument("--greedy-threads", type=int, default=None, help="greedy's -threads (default: all cores)")
+    parser.add_argument("--section", choices=["testing", "validation"], default="testing",
+                        help="validation: choose settings on the validation pairs (default out: runs/compare_<dataset>_validation)")
     a = parser.parse_args()
     overrides = dict(_override(item) for item in a.set)
     dataset = DATASETS[a.dataset]()
-    out = a.out or REPO / "runs" / ("compare" if a.dataset == "ibsr" else f"compare_{a.dataset}")
+    default = "compare" if a.dataset == "ibsr" and a.section == "testing" else f"compare_{a.dataset}"
+    out = a.out or REPO / "runs" / (default + ("_validation" if a.section == "validation" else ""))
     out = out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
         run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs,
-            a.configs.split(","), a.name, overrides, a.greedy_threads)
+            a.configs.split(","), a.name, overrides, a.greedy_threads, a.section)
     else:
-        report(dataset, out)
+        report(dataset, out, a.section)
 
 
 if __name__ == "__main__":

@@ -205,3 +205,39 @@ def test_ants_syn_full_passes_its_settings_to_antspyx(tmp_path, monkeypatch):
     np.testing.assert_array_equal(warped, moving["label_array"])
     np.testing.assert_allclose(jacobian, 1.0, atol=1e-5)
     assert warped.dtype == np.int16 and seconds >= 0
+
+
+class _FakeDataset:
+    """Subjects A..E; D has no label map (an unlabelled training subject)."""
+
+    name = "fake"
+
+    def __init__(self, validation):
+        self.split = {"training": ["D", "A", "B", "C"], "validation": validation, "testing": ["E", "F"]}
+        self.testing = self.split["testing"]
+        self.written = []
+
+    def subject(self, subject, work):
+        if subject == "D":
+            raise FileNotFoundError("no label for D")
+        self.written.append(subject)
+        return {"name": subject}
+
+
+def _names(pairs):
+    return [(m["name"], f["name"]) for m, f in pairs]
+
+
+def test_split_pairs_testing_and_validation(tmp_path):
+    data = _FakeDataset(["V", "W"])
+    assert _names(compare_baselines.split_pairs(data, "testing", tmp_path)) == [("E", "F"), ("F", "E")]
+    assert _names(compare_baselines.split_pairs(data, "validation", tmp_path)) == [("V", "W"), ("W", "V")]
+    # one validation subject: paired both ways with the first two labelled training subjects, never a test subject
+    single = _FakeDataset(["V"])
+    pairs = _names(compare_baselines.split_pairs(single, "validation", tmp_path))
+    assert pairs == [("V", "A"), ("A", "V"), ("V", "B"), ("B", "V")]
+    assert not {"E", "F"} & set(single.written)
+    with pytest.raises(ValueError, match="no validation"):
+        compare_baselines.split_pairs(_FakeDataset([]), "validation", tmp_path)
+    with pytest.raises(ValueError, match="section"):
+        compare_baselines.split_pairs(data, "train", tmp_path)
