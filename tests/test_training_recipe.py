@@ -11,7 +11,7 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 from monai.networks.blocks import Warp
 
-from bundle.engines import AutocastInferer, GradientClipping, TrainingLog, read_training_log
+from bundle.engines import AutocastInferer, GradientClipping, NonFiniteLossGuard, TrainingLog, read_training_log
 from bundle.io import check_label_supervision
 from bundle.losses import JointRegSegLoss, RegistrationLoss
 from bundle.losses.registration import present_class_dice_loss
@@ -190,3 +190,41 @@ def test_autocast_inferer_runs_on_cpu_and_returns_float32(enabled):
     out = AutocastInferer(enabled=enabled)(x, net)
     assert out.dtype == torch.float32 and out.shape == (1, 3, 8, 8, 8)
     torch.testing.assert_close(out, net(x), atol=5e-2, rtol=5e-2)  # bfloat16 keeps ~3 significant digits
+
+
+def _nan_trainer(guard, nan_at=(2,)):
+    """A real MONAI SupervisedTrainer on 4 one-sample batches; the loss is NaN at the given iterations."""
+    from monai.engines import SupervisedTrainer
+
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    data = [{"image": torch.ones(1, 3), "label": torch.zeros(1, 1), "name": [f"pair{i}"]} for i in range(4)]
+
+    def loss_fn(pred, target):
+        loss = ((pred - target) ** 2).mean()
+        return loss * float("nan") if trainer.state.iteration in nan_at else loss
+
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                optimizer=opt, loss_function=loss_fn, decollate=False)
+    guard.attach(trainer)
+    return trainer, net
+
+
+def test_nonfinite_loss_guard_raises_naming_the_pair():
+    trainer, _ = _nan_trainer(NonFiniteLossGuard("raise"))
+    with pytest.raises(FloatingPointError, match=r"iteration 2 on name=\['pair1'\]"):
+        trainer.run()
+
+
+def test_nonfinite_loss_guard_skips_the_batch_without_moving_weights():
+    guard = NonFiniteLossGuard("skip")
+    trainer, net = _nan_trainer(guard, nan_at=(2,))
+    snapshots = []
+    trainer.add_event_handler(__import__("ignite").engine.Events.ITERATION_COMPLETED,
+                              lambda e: snapshots.append(torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()))
+    trainer.run()
+    assert guard.skipped == 1 and len(snapshots) == 4
+    assert torch.equal(snapshots[0], snapshots[1])  # the NaN batch (iteration 2) changed nothing, momentum included
+    assert not torch.equal(snapshots[1], snapshots[2]) and all(torch.isfinite(s).all() for s in snapshots)
+    with pytest.raises(ValueError):
+        NonFiniteLossGuard("ignore")

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer
 
-__all__ = ["AutocastInferer", "GradientClipping", "TrainingLog", "hardware_description", "set_threads"]
+__all__ = ["AutocastInferer", "GradientClipping", "NonFiniteLossGuard", "TrainingLog", "hardware_description", "set_threads"]
 
 
 def hardware_description(device: torch.device | str | None = None) -> str:
@@ -88,6 +88,66 @@ class GradientClipping:
 
     def __call__(self, engine: Engine) -> None:
         self.last_norm = float(torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm))
+
+
+def batch_description(batch) -> str:
+    """The pair(s) of a training batch, by name and files, for error messages."""
+    if not isinstance(batch, Mapping):
+        return "an unnamed batch"
+    parts = []
+    for key in ("name", "moving", "fixed"):
+        value = batch.get(key)
+        meta = getattr(value, "meta", None)
+        if meta is not None and "filename_or_obj" in meta:
+            value = meta["filename_or_obj"]
+        if value is not None and not torch.is_tensor(value):
+            parts.append(f"{key}={value}")
+    return ", ".join(parts) or "an unnamed batch"
+
+
+class NonFiniteLossGuard:
+    """Stop, or skip the batch, when the training loss is NaN or infinite (checked before the backward pass).
+
+    ``"raise"`` stops the run with an error naming the pair's files; the checkpoints on disk are the last good
+    ones (they are written at epoch ends). ``"skip"`` replaces the loss by a constant zero and drops the
+    gradients after the backward pass, so that this batch changes no weight (optimisers skip parameters without
+    a gradient, momentum included), logs a warning naming the pair and counts it in ``skipped``.
+
+    Args:
+        mode: ``"raise"`` or ``"skip"``.
+    """
+
+    MODES = ("raise", "skip")
+
+    def __init__(self, mode: str = "raise") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}.")
+        self.mode = mode
+        self.skipped = 0
+        self._skip_step = False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._drop_gradients)
+
+    def _drop_gradients(self, engine: Engine) -> None:
+        if self._skip_step:
+            for param in engine.network.parameters():
+                param.grad = None
+            self._skip_step = False
+
+    def __call__(self, engine: Engine) -> None:
+        loss = engine.state.output["loss"]
+        if bool(torch.isfinite(loss).all()):
+            return
+        where = batch_description(engine.state.batch)
+        message = f"non-finite training loss ({float(loss)}) at iteration {engine.state.iteration} on {where}"
+        if self.mode == "raise":
+            raise FloatingPointError(message + "; the last checkpoint on disk is the last good one.")
+        self.skipped += 1
+        self._skip_step = True
+        engine.logger.warning(message + "; batch skipped.")
+        engine.state.output["loss"] = torch.zeros((), device=loss.device, requires_grad=True)
 
 
 class TrainingLog:
