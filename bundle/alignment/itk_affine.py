@@ -2,7 +2,7 @@
 
 The result is a world-space **pull-back** matrix in RAS millimetres, like the bundle's DDFs: it maps a point
 of the fixed image's world to the corresponding point of the moving image's world. ITK works in LPS; the
-conversion happens here and nowhere else.
+conversion is :mod:`bundle.spatial.world`'s.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import itk
 import numpy as np
 
+from bundle.spatial.world import lps_flip, ras_lps_conjugate
+
 __all__ = ["TRANSFORMS", "to_itk_image", "itk_affine_register"]
 
 TRANSFORMS = ("none", "rigid", "affine")
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def to_itk_image(array: np.ndarray, affine_ras: np.ndarray) -> itk.Image:
@@ -28,7 +29,7 @@ def to_itk_image(array: np.ndarray, affine_ras: np.ndarray) -> itk.Image:
     affine_ras = np.asarray(affine_ras, dtype=np.float64)
     if array.ndim != 3 or affine_ras.shape != (4, 4):
         raise ValueError(f"expected a 3D array and a 4x4 affine, got {array.shape} and {affine_ras.shape}.")
-    lps = _RAS_TO_LPS @ affine_ras
+    lps = lps_flip(3, homogeneous=True) @ affine_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     if np.any(spacing <= 0) or abs(np.linalg.det(lps[:3, :3])) < 1e-12:
         raise ValueError(f"singular voxel-to-world affine:\n{affine_ras}")
@@ -160,11 +161,11 @@ def itk_affine_register(
     initializer.InitializeTransform()
     _run_stage(fixed_image, moving_image, rigid, bins=bins, seed=seed, **pyramid)
     if transform == "rigid":
-        return _RAS_TO_LPS @ _matrix_of(rigid) @ _RAS_TO_LPS
+        return ras_lps_conjugate(_matrix_of(rigid))
 
     affine = itk.AffineTransform[itk.D, 3].New()
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     _run_stage(fixed_image, moving_image, affine, bins=bins, seed=seed, **pyramid)
-    return _RAS_TO_LPS @ _matrix_of(affine) @ _RAS_TO_LPS
+    return ras_lps_conjugate(_matrix_of(affine))

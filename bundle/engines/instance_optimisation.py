@@ -8,7 +8,7 @@ from monai.networks.blocks import Warp
 from monai.networks.blocks.warp import DVF2DDF
 from torch.nn.modules.loss import _Loss
 
-from ..networks.blocks import upsample_field
+from bundle.spatial import compose_ddf, resize_field
 
 __all__ = ["InstanceOptimisationInferer", "RESIDUALS"]
 
@@ -73,7 +73,6 @@ class InstanceOptimisationInferer(Inferer):
         self.loss, self.steps, self.learning_rate = loss, int(steps), float(learning_rate)
         self.num_channels, self.spatial_dims, self.residual = num_channels, spatial_dims, residual
         self.integrate = DVF2DDF(num_steps=integration_steps) if residual == "svf" else None
-        self.compose = Warp(mode="bilinear", padding_mode="border")
 
     def _refined(self, start: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
         """The DDF given the optimised parameter: the DDF itself, or ``start o exp(parameter)``."""
@@ -81,8 +80,8 @@ class InstanceOptimisationInferer(Inferer):
             return parameter
         residual = self.integrate(parameter)
         if residual.shape[2:] != start.shape[2:]:
-            residual = upsample_field(residual, start.shape[2:])
-        return residual + self.compose(start, residual)
+            residual = resize_field(residual, start.shape[2:])
+        return compose_ddf(start, residual)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         prediction = network(inputs, *args, **kwargs)

@@ -1,6 +1,6 @@
 """Export DDFs to ITK (and ANTs) displacement fields and transform files, and read them back.
 
-Our DDF (see ``bundle/spatial.py``) is a pull-back ``warped(i) = moving(A (i + ddf(i)))`` on the fixed image's
+Our DDF (see :mod:`bundle.spatial`) is a pull-back ``warped(i) = moving(A (i + ddf(i)))`` on the fixed image's
 grid, in **voxel units** of that grid, channel k along array axis k, with ``A`` the grid's voxel-to-world
 affine in **RAS** millimetres (nibabel / MONAI). ITK describes the same map as a displacement field
 transform ``T(x) = x + u(x)`` in **physical LPS millimetres**, ``u`` sampled on the fixed image's grid
@@ -9,7 +9,7 @@ So, with ``M`` the linear part of ``A`` and ``F = diag(-1, -1, 1)`` the RAS <-> 
 
     u(x) = F M ddf(i)        at  x = F A i        (and back: ddf(i) = M^-1 F u(x))
 
-This is the only module that deals with LPS coordinates.
+The RAS <-> LPS conversion itself is :mod:`bundle.spatial.world`; this module builds the ITK objects.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bundle.io.writers import write_atomic
+from bundle.spatial.world import affine_from_itk_direction, itk_grid_from_affine, lps_flip
 
 __all__ = [
     "FIELD_SUFFIXES",
@@ -43,11 +44,6 @@ FIELD_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")  # single-file formats (on
 TRANSFORM_SUFFIXES = (".h5", ".hdf5")
 
 
-def _lps_flip(ndim: int) -> np.ndarray:
-    """``diag(-1, -1, 1)`` (3D) or ``diag(-1, -1)`` (2D): RAS <-> LPS, its own inverse."""
-    return np.diag([-1.0, -1.0] + [1.0] * (ndim - 2))
-
-
 def _as_ddf(ddf) -> np.ndarray:
     """A ``(ndim, *spatial)`` float64 array of a 2D or 3D DDF (numpy or torch)."""
     array = ddf.detach().cpu().numpy() if isinstance(ddf, torch.Tensor) else np.asarray(ddf)
@@ -65,47 +61,18 @@ def _as_affine(affine, ndim: int) -> np.ndarray:
     return array
 
 
-def itk_grid_from_affine(affine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ITK ``(origin, spacing, direction)`` in LPS of a grid given by its RAS voxel-to-world affine.
-
-    Args:
-        affine: ``(ndim+1, ndim+1)`` voxel-to-world affine, RAS millimetres.
-
-    Returns:
-        origin ``(ndim,)`` (LPS mm), spacing ``(ndim,)`` (mm), direction ``(ndim, ndim)`` (LPS, unit columns).
-
-    Raises:
-        ValueError: the affine is singular or sheared (ITK grids have orthogonal axes).
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    ndim = affine.shape[0] - 1
-    lin = _lps_flip(ndim) @ affine[:ndim, :ndim]
-    spacing = np.linalg.norm(lin, axis=0)
-    if np.any(spacing <= 0):
-        raise ValueError(f"affine has a zero-length axis: {affine.tolist()}.")
-    direction = lin / spacing
-    if not np.allclose(direction.T @ direction, np.eye(ndim), atol=1e-4):
-        raise ValueError(f"affine is sheared (non-orthogonal axes), which ITK grids cannot hold: {affine.tolist()}.")
-    origin = _lps_flip(ndim) @ affine[:ndim, ndim]
-    return origin, spacing, direction
-
-
 def affine_from_itk_grid(image) -> np.ndarray:
     """RAS voxel-to-world affine ``(ndim+1, ndim+1)`` of an ITK image's grid (the inverse of :func:`itk_grid_from_affine`)."""
-    ndim = image.GetImageDimension()
-    direction = itk.array_from_matrix(image.GetDirection()).astype(np.float64)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    affine = np.eye(ndim + 1)
-    affine[:ndim, :ndim] = _lps_flip(ndim) @ direction @ np.diag(spacing)
-    affine[:ndim, ndim] = _lps_flip(ndim) @ origin
-    return affine
+    return affine_from_itk_direction(
+        np.asarray(image.GetOrigin(), dtype=np.float64), np.asarray(image.GetSpacing(), dtype=np.float64),
+        itk.array_from_matrix(image.GetDirection()).astype(np.float64),
+    )
 
 
 def _displacement_lps(ddf: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """``(*spatial, ndim)`` physical LPS displacement (mm) of a voxel-unit DDF, ITK's array order not applied."""
     ndim = ddf.shape[0]
-    lin = _lps_flip(ndim) @ affine[:ndim, :ndim]
+    lin = lps_flip(ndim) @ affine[:ndim, :ndim]
     return np.einsum("kl,l...->...k", lin, ddf)
 
 
@@ -167,7 +134,7 @@ def itk_field_to_ddf(field) -> tuple[np.ndarray, np.ndarray]:
         )
     values = np.transpose(values, (*reversed(range(ndim)), ndim))  # back to our axis order
     affine = affine_from_itk_grid(field)
-    lin = _lps_flip(ndim) @ affine[:ndim, :ndim]
+    lin = lps_flip(ndim) @ affine[:ndim, :ndim]
     ddf = np.einsum("kl,...l->k...", np.linalg.inv(lin), values)
     return ddf.astype(np.float32), affine
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from monai.losses import (
     BendingEnergyLoss,
     DiffusionLoss,
@@ -15,6 +14,8 @@ from monai.losses import (
 from monai.networks.blocks import Warp
 from monai.networks.utils import one_hot
 from torch.nn.modules.loss import MSELoss, _Loss
+
+from bundle.spatial import pool_field
 
 __all__ = ["RegistrationLoss", "make_similarity", "make_smoothness", "present_class_dice_loss", "SIMILARITIES", "SMOOTHNESS"]
 
@@ -94,9 +95,8 @@ def present_class_dice_loss(
     moving_oh = one_hot(moving, num_classes).to(ddf.dtype)
     fixed_oh = one_hot(fixed, num_classes).to(ddf.dtype)
     if downsample > 1:
-        pool = F.avg_pool3d if ddf.ndim == 5 else F.avg_pool2d
-        moving_oh, fixed_oh = pool(moving_oh, downsample), pool(fixed_oh, downsample)
-        ddf = pool(ddf, downsample) / downsample  # voxel units of the coarser grid
+        moving_oh, fixed_oh = (pool_field(x, downsample, scale_vectors=False) for x in (moving_oh, fixed_oh))
+        ddf = pool_field(ddf, downsample)  # voxel units of the coarser grid
     warped = warp(moving_oh, ddf)
     dims = tuple(range(2, ddf.ndim))
     intersection = (warped * fixed_oh).sum(dims)

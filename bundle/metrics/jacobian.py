@@ -10,52 +10,11 @@ from __future__ import annotations
 import torch
 from monai.utils import MetricReduction
 
+from bundle.spatial import jacobian_determinant  # re-exported: the metrics API names it
+
 from .base import PerSampleMetric
 
 __all__ = ["jacobian_determinant", "FoldingMetric", "LogJacobianStdMetric"]
-
-
-def _check_ddf(ddf: torch.Tensor) -> int:
-    """Validate a batch-first DDF and return its number of spatial dimensions."""
-    if not isinstance(ddf, torch.Tensor) or ddf.ndim not in (4, 5) or ddf.shape[1] != ddf.ndim - 2:
-        shape = tuple(ddf.shape) if isinstance(ddf, torch.Tensor) else type(ddf).__name__
-        raise ValueError(f"ddf must be a tensor of shape (B, ndim, *spatial) with ndim in {{2, 3}}, got {shape}.")
-    if min(ddf.shape[2:]) < 2:
-        raise ValueError(f"ddf needs at least 2 voxels along every spatial axis, got {tuple(ddf.shape)}.")
-    return ddf.ndim - 2
-
-
-def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
-    """
-    Compute the Jacobian determinant of the map ``x -> x + ddf(x)``, i.e. ``det(I + grad ddf)``.
-
-    Spatial derivatives use central differences in the interior and one-sided differences at the borders
-    (as ``torch.gradient`` with a spacing of 1 voxel), so the result is dimensionless and exact for affine fields.
-    ``J[k, j] = delta_kj + d ddf_k / d x_j``. The computation is differentiable and stays on ``ddf``'s device.
-
-    Args:
-        ddf: displacement field of shape ``(B, ndim, *spatial)`` in voxel units, ``ndim`` in {2, 3}.
-
-    Returns:
-        Tensor of shape ``(B, 1, *spatial)``; values ``<= 0`` mark folding.
-
-    Raises:
-        ValueError: when ``ddf`` is not a rank 4/5 tensor whose channel count equals its number of spatial dims,
-            or a spatial axis has fewer than 2 voxels.
-    """
-    ndim = _check_ddf(ddf)
-    grads = torch.gradient(ddf, dim=tuple(range(2, ddf.ndim)))
-    # j[k][l] is the (k, l) entry of I + grad ddf, each of shape (B, *spatial)
-    j = [[grads[col][:, row] + (1.0 if row == col else 0.0) for col in range(ndim)] for row in range(ndim)]
-    if ndim == 2:
-        det = j[0][0] * j[1][1] - j[0][1] * j[1][0]
-    else:
-        det = (
-            j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
-        )
-    return det.unsqueeze(1)
 
 
 class _JacobianMetric(PerSampleMetric):

@@ -11,7 +11,7 @@ from monai.transforms.utils import distance_transform_edt
 
 from bundle.losses.registration import make_similarity
 
-from .jacobian import jacobian_determinant
+from bundle.spatial import jacobian_determinant
 
 __all__ = ["tumour_regions", "region_registration_metrics", "REGIONS"]
 

@@ -10,7 +10,9 @@ from monai.networks.blocks import Convolution
 from monai.networks.blocks.warp import DVF2DDF
 from torch import nn
 
-from bundle.spatial import index_grid
+from bundle.spatial import index_grid, resize_field
+
+upsample_field = resize_field  # the former name, kept for code that imports it from here
 
 __all__ = ["ConvEncoder", "ConvDecoder", "DeformationHead", "DEFORMATIONS", "upsample_field", "conv_block"]
 
@@ -28,24 +30,6 @@ def conv_block(spatial_dims: int, in_channels: int, out_channels: int, strides: 
         act=("leakyrelu", {"negative_slope": 0.2}),
         norm=None,
     )
-
-
-def upsample_field(field: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
-    """Resize a displacement or velocity field in voxel units to ``spatial_size``, rescaling its vectors.
-
-    Args:
-        field: (B, ndim, *spatial) field in voxel units of its own grid.
-        spatial_size: target spatial size (same number of dims).
-
-    Returns:
-        (B, ndim, *spatial_size) field in voxel units of the target grid.
-    """
-    ndim = field.shape[1]
-    mode = "bilinear" if ndim == 2 else "trilinear"
-    scales = [t / s for t, s in zip(spatial_size, field.shape[2:])]  # as VoxelMorph's ResizeTransform
-    resized = F.interpolate(field, size=tuple(spatial_size), mode=mode, align_corners=True)
-    scale = torch.tensor(scales, dtype=field.dtype, device=field.device).view(1, ndim, *([1] * ndim))
-    return resized * scale
 
 
 class ConvEncoder(nn.Module):
@@ -205,7 +189,7 @@ class DeformationHead(nn.Module):
             if inverse:
                 out["inverse_ddf"] = self.integrate(-field)
             if self.half_res:  # integrated at half resolution (cheaper), then upsampled
-                out = {key: upsample_field(value, spatial_size) for key, value in out.items()}
+                out = {key: resize_field(value, spatial_size) for key, value in out.items()}
             return out
-        return {"ddf": upsample_field(field, spatial_size) if self.half_res else field}
+        return {"ddf": resize_field(field, spatial_size) if self.half_res else field}
 

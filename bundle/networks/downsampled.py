@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from bundle.spatial import pool_field, resize_field
 
 __all__ = ["DownsampledNetwork"]
 
@@ -47,10 +48,6 @@ class DownsampledNetwork(nn.Module):
             return self.network(x)
         if any(s % self.factor for s in x.shape[2:]):
             raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be a multiple of factor {self.factor}.")
-        pool = F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d
-        out = self.network(pool(torch.as_tensor(x), self.factor))
-        mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
-        out = F.interpolate(torch.as_tensor(out), scale_factor=self.factor, mode=mode, align_corners=False)
-        scale = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
-        scale[: self.spatial_dims] = self.factor  # DDF channels: voxels of the coarse grid -> of the input grid
-        return out * scale.view(1, -1, *([1] * self.spatial_dims))
+        out = torch.as_tensor(self.network(pool_field(torch.as_tensor(x), self.factor, scale_vectors=False)))
+        # the DDF channels (voxels of the coarse grid -> of the input grid) and the logits, one resizing rule
+        return resize_field(out, x.shape[2:], scale_vectors=True)

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from bundle.alignment import TRANSFORMS, itk_affine_register
-from bundle.spatial import ddf_source_points, index_grid, resample_to_grid
+from bundle.spatial import compose_affine_ddf, resample_to_grid
 
 __all__ = ["PreAlignd", "ComposePreAlignmentd"]
 
@@ -122,9 +122,6 @@ class ComposePreAlignmentd(MapTransform):
         matrix = torch.as_tensor(np.asarray(d[self.matrix_key]), dtype=torch.float64).reshape(4, 4)
         for key in self.key_iterator(d):
             ddf = d[key]
-            grid_affine = _affine_of(ddf, key)
-            # the points the composite samples, in the DDF grid's voxels: A^-1 T A (x + u(x))
-            points = ddf_source_points(ddf.as_tensor(), matrix @ grid_affine, grid_affine)
-            composite = points - index_grid(ddf.shape[1:], dtype=torch.float64, device=ddf.device)
-            d[key] = MetaTensor(composite.to(torch.float32), affine=ddf.affine.clone(), meta=dict(ddf.meta))
+            composite = compose_affine_ddf(matrix, ddf.as_tensor(), _affine_of(ddf, key))
+            d[key] = MetaTensor(composite, affine=ddf.affine.clone(), meta=dict(ddf.meta))
         return d

@@ -10,8 +10,7 @@ from monai.data import MetaTensor
 from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
 
-from bundle.metrics.jacobian import jacobian_determinant
-from bundle.spatial import ddf_source_points, resample_ddf, resample_to_grid, sample_field
+from bundle.spatial import ddf_source_points, jacobian_determinant, resample_ddf, resample_to_grid, sample_field
 
 __all__ = ["Warpd", "JacobianDeterminantd", "ResampleDDFToOriginald", "ResampleToOriginald", "copy_grid_meta"]
 

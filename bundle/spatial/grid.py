@@ -1,14 +1,5 @@
-"""Space conventions of the bundle, written once.
-
-- Tensors are channel-first: images ``(B, C, *spatial)``, displacement fields ``(B, ndim, *spatial)``.
-- A DDF lives on the fixed image's grid and is a pull-back: ``warped(x) = moving(x + ddf(x))``, in voxel
-  units of that grid, channel k along spatial axis k (MONAI ``Warp`` convention).
-- A grid is described by its voxel-to-world affine (``(ndim+1, ndim+1)``, RAS millimetres as MONAI's
-  readers give it) and its spatial shape. Physical LPS millimetres (ITK) appear only in export code.
-
-This module converts DDFs between grids of the same physical space; everything else in the bundle works
-in one grid at a time.
-"""
+"""Grids: voxel-index grids, sampling a field at voxel points, and resampling images and DDFs between grids
+of the same physical space (see :mod:`bundle.spatial` for the conventions)."""
 
 from __future__ import annotations
 

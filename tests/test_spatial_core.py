@@ -1,0 +1,127 @@
+"""bundle.spatial pins the conventions: one resizing rule, pooling on the same grid, composition against analytic
+cases, the Jacobian of affine fields, RAS <-> LPS round trips; and every user imports them from there."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.blocks import Warp
+
+from bundle.spatial import (
+    affine_from_itk_direction,
+    compose_affine_ddf,
+    compose_ddf,
+    index_grid,
+    itk_grid_from_affine,
+    jacobian_determinant,
+    lps_flip,
+    pool_field,
+    ras_lps_conjugate,
+    resize_field,
+)
+from conftest import REPO_ROOT
+
+
+def _linear_field(shape, gradient=0.1, offset=0.5):
+    """``(1, ndim, *shape)``: channel k = offset + gradient * (index along axis k) on this grid."""
+    grid = index_grid(shape).unsqueeze(0)
+    return offset + gradient * grid
+
+
+@pytest.mark.parametrize("dims", (2, 3))
+def test_resize_rule_keeps_constant_and_linear_fields(dims):
+    coarse_shape, fine_shape = (8,) * dims, (16,) * dims
+    constant = torch.full((1, dims, *coarse_shape), 1.5)
+    torch.testing.assert_close(resize_field(constant, fine_shape), torch.full((1, dims, *fine_shape), 3.0))
+    # a linear map in physical terms: a displacement d(p) = c + g p (p in fine voxels) sampled on the coarse grid
+    # at the centres of its voxels (fine position 2 i + 0.5), in coarse voxel units, resizes to the same map
+    # on the fine grid, away from the borders where interpolation clamps
+    g, c = 0.1, 0.4
+    coarse_idx = index_grid(coarse_shape).unsqueeze(0)
+    coarse = (c + g * (2 * coarse_idx + 0.5)) / 2
+    fine = resize_field(coarse, fine_shape)
+    expected = c + g * index_grid(fine_shape).unsqueeze(0)
+    inner = (slice(None), slice(None)) + (slice(2, -2),) * dims
+    torch.testing.assert_close(fine[inner], expected[inner], atol=1e-5, rtol=1e-5)
+
+
+def test_pool_then_resize_is_the_same_grid():
+    """pool_field and resize_field assume the same coarse grid: pooling a linear field then resizing it back
+    returns it (interior)."""
+    fine = _linear_field((16, 16, 16))
+    back = resize_field(pool_field(fine, 2), (16, 16, 16))
+    torch.testing.assert_close(back[..., 2:-2, 2:-2, 2:-2], fine[..., 2:-2, 2:-2, 2:-2], atol=1e-5, rtol=1e-5)
+    logits = torch.rand(1, 4, 8, 8, 8)
+    assert torch.equal(resize_field(logits, (8, 8, 8), scale_vectors=False), logits)
+    with pytest.raises(ValueError):
+        pool_field(fine, 0)
+    with pytest.raises(ValueError, match="entries"):
+        resize_field(fine, (16, 16))
+
+
+def test_compose_translations_add_and_order_matches_warping():
+    shape = (12, 12, 12)
+    a, b = torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape)
+    a[:, 0], b[:, 1] = 1.0, 2.0
+    torch.testing.assert_close(compose_ddf(a, b), a + b)
+    # a non-constant outer field: warping twice == warping once with the composite (interior voxels)
+    outer = 0.3 * torch.sin(index_grid(shape).unsqueeze(0) / 3.0)
+    image = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    warp = Warp("bilinear", "border")
+    twice = warp(warp(image, outer), b)
+    once = warp(image, compose_ddf(outer, b))
+    torch.testing.assert_close(twice[..., 3:-3, 3:-3, 3:-3], once[..., 3:-3, 3:-3, 3:-3], atol=0.05, rtol=0)
+
+
+def test_compose_affine_ddf_against_a_world_translation():
+    """T = translate by (4, 0, 0) mm in RAS, a 2 mm grid and a zero DDF: the composite is +2 voxels on axis 0;
+    with a DDF of +1 voxel on axis 1 the composite is (2, 1, 0)."""
+    grid_affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    grid_affine[:3, 3] = torch.tensor([-10.0, 5.0, 3.0], dtype=torch.float64)
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[0, 3] = 4.0
+    ddf = torch.zeros(3, 6, 6, 6)
+    torch.testing.assert_close(compose_affine_ddf(matrix, ddf, grid_affine)[:, 2, 2, 2], torch.tensor([2.0, 0.0, 0.0]))
+    ddf[1] = 1.0
+    torch.testing.assert_close(compose_affine_ddf(matrix, ddf, grid_affine)[:, 2, 2, 2], torch.tensor([2.0, 1.0, 0.0]))
+
+
+def test_jacobian_of_an_affine_field_is_its_determinant():
+    a = torch.tensor([[0.1, 0.05, 0.0], [0.0, -0.2, 0.1], [0.02, 0.0, 0.3]])
+    ddf = torch.einsum("kl,l...->k...", a, index_grid((6, 7, 8))).unsqueeze(0)
+    det = jacobian_determinant(ddf)
+    torch.testing.assert_close(det, torch.full_like(det, float(torch.det(torch.eye(3) + a))), atol=1e-5, rtol=1e-5)
+
+
+def test_ras_lps_round_trips():
+    affine = np.array([[0.0, -1.2, 0.0, 30.0], [0.0, 0.0, 2.0, -4.0], [0.9, 0.0, 0.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    origin, spacing, direction = itk_grid_from_affine(affine)
+    np.testing.assert_allclose(spacing, [0.9, 1.2, 2.0])
+    np.testing.assert_allclose(origin, [-30.0, 4.0, 7.0])
+    np.testing.assert_allclose(affine_from_itk_direction(origin, spacing, direction), affine, atol=1e-12)
+    matrix = np.eye(4)
+    matrix[:3, 3] = [1.0, 2.0, 3.0]
+    lps = ras_lps_conjugate(matrix)
+    np.testing.assert_allclose(lps[:3, 3], [-1.0, -2.0, 3.0])
+    np.testing.assert_allclose(ras_lps_conjugate(lps), matrix)
+    np.testing.assert_allclose(lps_flip(2), np.diag([-1.0, -1.0]))
+    with pytest.raises(ValueError, match="sheared"):
+        itk_grid_from_affine(np.array([[1.0, 0.5, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]))
+
+
+def test_field_maths_lives_only_in_bundle_spatial():
+    """No module outside bundle/spatial resizes fields with F.interpolate, flips RAS/LPS by hand or defines a
+    Jacobian determinant."""
+    offenders = []
+    for path in (REPO_ROOT / "bundle").rglob("*.py"):
+        if "spatial" in path.parts:
+            continue
+        text = path.read_text()
+        for pattern in (r"align_corners\s*=\s*True\)\s*\n.*scale", r"np\.diag\(\[-1\.0, -1\.0", r"def jacobian_determinant",
+                        r"def upsample_field", r"_RAS_TO_LPS"):
+            if re.search(pattern, text):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}: {pattern}")
+    assert not offenders, offenders
