@@ -205,3 +205,46 @@ def test_similarity_kwargs_are_passed_through():
     assert loss.similarity.kernel_size == 5
     mi = RegistrationLoss(similarity="mi", similarity_kwargs={"num_bins": 11})
     assert mi.similarity.num_bins == 11
+
+
+def _two_pairs():
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.rand(2, 1, 12, 12, 12, generator=g)
+    moving = torch.rand(2, 1, 12, 12, 12, generator=g)
+    labels = torch.randint(0, 3, (2, 1, 12, 12, 12), generator=g).float()
+    ddf = 0.5 * torch.rand(2, 3, 12, 12, 12, generator=g)
+    return ddf, {"moving": moving, "fixed": fixed, "moving_label": labels, "fixed_label": labels.flip(2)}
+
+
+@pytest.mark.parametrize("kind", ("registration", "joint", "masked"))
+def test_reduction_honoured_per_pair(kind):
+    """reduction='none' gives one value per pair, equal to that pair's loss alone; 'sum' and 'mean' reduce it."""
+    from bundle.losses import JointRegSegLoss
+    from bundle.losses.masked_similarity import MaskedSimilarityLoss
+
+    ddf, target = _two_pairs()
+    if kind == "registration":
+        make = lambda r: RegistrationLoss(label_weight=0.5, num_classes=3, reduction=r)  # noqa: E731
+        args = lambda i: (ddf[i], {k: v[i] for k, v in target.items()})  # noqa: E731
+    elif kind == "joint":
+        logits = torch.rand(2, 4, 12, 12, 12, generator=torch.Generator().manual_seed(4))
+        packed = torch.cat([ddf, logits], 1)
+        tumours = {"moving_tumour": (target["moving"] > 0.8).float(), "fixed_tumour": (target["fixed"] > 0.8).float()}
+        full = {**target, **tumours}
+        make = lambda r: JointRegSegLoss(class_weights=[1.0, 5.0], dice_weight=1.0, label_weight=0.5,  # noqa: E731
+                                         label_weight_classes=3, reduction=r)
+        args = lambda i: (packed[i], {k: v[i] for k, v in full.items()})  # noqa: E731
+    else:
+        mask = (target["fixed"] > 0.3).float()
+        make = lambda r: MaskedSimilarityLoss("lncc", reduction=r)  # noqa: E731
+        args = lambda i: (target["moving"][i], target["fixed"][i], mask[i])  # noqa: E731
+    every = slice(None)
+    per_pair = make("none")(*args(every))
+    assert per_pair.shape == (2,)
+    for i in range(2):
+        alone = make("mean")(*args(slice(i, i + 1)))
+        torch.testing.assert_close(per_pair[i], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(make("mean")(*args(every)), per_pair.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(make("sum")(*args(every)), per_pair.sum(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        make("median")

@@ -11,8 +11,10 @@ from monai.networks.blocks import Warp
 from torch.nn.modules.loss import _Loss
 
 from ..networks.joint import logits_to_labels, split_joint_output
+from monai.utils import LossReduction
+
 from .masked_similarity import MaskedSimilarityLoss
-from .registration import make_smoothness, present_class_dice_loss
+from .registration import make_smoothness, per_sample, present_class_dice_loss, reduce
 
 __all__ = ["JointRegSegLoss", "MASK_SOURCES"]
 
@@ -47,6 +49,8 @@ class JointRegSegLoss(_Loss):
             the batches that have both labels.
         label_weight_classes: anatomical label classes including background (needed when ``label_weight > 0``).
         label_downsample: pooling factor of the label Dice term (1: full resolution).
+        reduction: over the batch: ``"mean"`` (default), ``"sum"`` or ``"none"`` (one value per pair). Each term is
+            a per-pair mean (the weighted cross-entropy: weighted mean over that pair's voxels).
 
     Raises:
         ValueError: bad options.
@@ -67,8 +71,9 @@ class JointRegSegLoss(_Loss):
         label_weight: float = 0.0,
         label_weight_classes: int | None = None,
         label_downsample: int = 1,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=LossReduction(reduction).value)
         if label_weight < 0:
             raise ValueError(f"label_weight must be >= 0, got {label_weight}.")
         if label_weight > 0 and (label_weight_classes is None or label_weight_classes < 2):
@@ -88,12 +93,12 @@ class JointRegSegLoss(_Loss):
             raise ValueError(f"class_weights needs one weight per class ({num_classes}), got {list(class_weights)}.")
         self.num_classes, self.spatial_dims = num_classes, spatial_dims
         self.register_buffer("class_weights", None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32))
-        self.similarity = MaskedSimilarityLoss(similarity, spatial_dims, **dict(similarity_kwargs or {}))
-        self.smoothness = make_smoothness(smoothness)
+        self.similarity = MaskedSimilarityLoss(similarity, spatial_dims, reduction="none", **dict(similarity_kwargs or {}))
+        self.smoothness = make_smoothness(smoothness, reduction="none")
         self.smoothness_weight, self.seg_weight, self.dice_weight = smoothness_weight, seg_weight, dice_weight
         self.mask_source = mask_source
-        self.dice = DiceLoss(include_background=False, softmax=True, to_onehot_y=True)
-        self.warp = Warp(mode="bilinear", padding_mode="zeros")
+        self.dice = DiceLoss(include_background=False, softmax=True, to_onehot_y=True, reduction="none")
+        self.warp = Warp(mode="bilinear", padding_mode="border")  # as RegistrationLoss: one padding mode
 
     def _tumour(self, target: Mapping, key: str, logits: torch.Tensor) -> torch.Tensor | None:
         """Binary tumour mask ``(B, 1, *spatial)`` of one image, from its label or its prediction."""
@@ -121,20 +126,30 @@ class JointRegSegLoss(_Loss):
         label = (label > 0).long() if self.num_classes == 2 else label.long()
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"tumour label values must be in [0, {self.num_classes - 1}], got [{label.min()}, {label.max()}].")
-        weight = None if self.class_weights is None else self.class_weights.to(logits)
-        loss = F.cross_entropy(logits, label[:, 0], weight=weight)
+        voxel_loss = F.cross_entropy(logits, label[:, 0], reduction="none")  # (B, *spatial)
+        if self.class_weights is None:
+            loss = per_sample(voxel_loss, logits.shape[0])
+        else:  # weighted mean over each pair's voxels (F.cross_entropy's weighted "mean", per pair)
+            weight = self.class_weights.to(logits)[label[:, 0]]
+            dims = tuple(range(1, voxel_loss.ndim))
+            loss = (voxel_loss * weight).sum(dims) / weight.sum(dims)
         if self.dice_weight > 0:
-            loss = loss + self.dice_weight * self.dice(logits, label)
+            loss = loss + self.dice_weight * per_sample(self.dice(logits, label), logits.shape[0])
         return loss
 
     def terms(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Unweighted terms: ``similarity`` (masked), ``smoothness`` and, with tumour labels, ``segmentation``."""
+        """Unweighted terms (batch means): ``similarity`` (masked), ``smoothness``, with tumour labels
+        ``segmentation``, with anatomical labels and ``label_weight`` ``label_dice``."""
+        return {k: v.mean() for k, v in self.sample_terms(packed, target).items()}
+
+    def sample_terms(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms of :meth:`terms`, one value per pair ``(B,)``."""
         out = split_joint_output(packed, self.spatial_dims, self.num_classes)
         ddf, moving, fixed = out["ddf"], target["moving"], target["fixed"]
         mask = self.valid_mask(ddf, out["seg_moving"], out["seg_fixed"], target)
         terms = {
             "similarity": self.similarity(self.warp(moving, ddf), fixed, mask),
-            "smoothness": self.smoothness(ddf),
+            "smoothness": per_sample(self.smoothness(ddf), ddf.shape[0]),
         }
         seg_terms = [
             self._segmentation(out[name], target[key])
@@ -145,16 +160,17 @@ class JointRegSegLoss(_Loss):
             terms["segmentation"] = sum(seg_terms)
         if self.label_weight > 0 and "moving_label" in target and "fixed_label" in target:
             terms["label_dice"] = present_class_dice_loss(
-                target["moving_label"], target["fixed_label"], self.label_weight_classes, ddf, self.warp, self.label_downsample
+                target["moving_label"], target["fixed_label"], self.label_weight_classes, ddf, self.warp, self.label_downsample,
+                reduction="none",
             )
         return terms
 
     def forward(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        terms = self.terms(packed, target)
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        terms = self.sample_terms(packed, target)
+        self.last_terms = {k: float(v.detach().mean()) for k, v in terms.items()}
         total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
         if "segmentation" in terms:
             total = total + self.seg_weight * terms["segmentation"]
         if "label_dice" in terms:
             total = total + self.label_weight * terms["label_dice"]
-        return total
+        return reduce(total, self.reduction)

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import torch
 from monai.losses import GlobalMutualInformationLoss
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from .registration import SIMILARITIES, make_similarity
+from .registration import SIMILARITIES, make_similarity, reduce
 
-__all__ = ["MaskedSimilarityLoss"]
+__all__ = ["MaskedSimilarityLoss", "masked_mean"]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample ``(B,)`` mean of a voxel map ``(B, C, *spatial)`` (channels averaged) over a mask ``(B, 1, *spatial)``.
+
+    The functional form of the masked similarity, also used by region metrics. An empty mask gives 0.
+    """
+    values = values.mean(dim=1, keepdim=True)
+    mask = mask.to(values.dtype)
+    dims = tuple(range(1, values.ndim))
+    return (values * mask).sum(dims) / (mask.sum(dims) + eps)
 
 
 class MaskedSimilarityLoss(_Loss):
@@ -25,14 +37,16 @@ class MaskedSimilarityLoss(_Loss):
         similarity: ``"lncc"``, ``"mse"`` or ``"mi"``.
         spatial_dims: 2 or 3.
         eps: added to the masked volume (an empty mask gives 0, not NaN).
+        reduction: over the batch: ``"mean"`` (default), ``"sum"`` or ``"none"`` (``(B,)``).
         kwargs: passed to the similarity (``kernel_size`` for lncc, ``num_bins``/``sigma_ratio`` for mi).
 
     Raises:
         ValueError: unknown ``similarity``; mask shape not broadcastable to ``(B, 1, *spatial)``.
     """
 
-    def __init__(self, similarity: str = "lncc", spatial_dims: int = 3, eps: float = 1e-6, **kwargs) -> None:
-        super().__init__()
+    def __init__(self, similarity: str = "lncc", spatial_dims: int = 3, eps: float = 1e-6, reduction: str = "mean",
+                 **kwargs) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
         self.similarity = similarity
@@ -45,7 +59,7 @@ class MaskedSimilarityLoss(_Loss):
             self.voxelwise = make_similarity(similarity, spatial_dims, reduction="none", **kwargs)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Batch mean of the masked dissimilarity (lower is more similar).
+        """Masked dissimilarity (lower is more similar), reduced over the batch by ``reduction``.
 
         Args:
             pred: warped moving image ``(B, C, *spatial)``.
@@ -60,11 +74,8 @@ class MaskedSimilarityLoss(_Loss):
             raise ValueError(f"mask {tuple(mask.shape)} must be (B, 1, *spatial) for images {tuple(pred.shape)}.")
         mask = mask.to(pred.dtype)
         if self.similarity == "mi":
-            return self._masked_mi(pred, target, mask)
-        loss_map = self.voxelwise(pred, target).mean(dim=1, keepdim=True)
-        dims = tuple(range(1, pred.ndim))
-        per_sample = (loss_map * mask).sum(dims) / (mask.sum(dims) + self.eps)
-        return per_sample.mean()
+            return reduce(self._masked_mi(pred, target, mask), self.reduction)
+        return reduce(masked_mean(self.voxelwise(pred, target), mask, self.eps), self.reduction)
 
     def _masked_mi(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weight_a, _ = self.mi.parzen_windowing_gaussian(pred)  # (B, N, bins), channels folded into N
@@ -77,4 +88,4 @@ class MaskedSimilarityLoss(_Loss):
         p_a_p_b = torch.bmm(p_a.permute(0, 2, 1), p_b)
         nr, dr = self.mi.smooth_nr, self.mi.smooth_dr
         mi = torch.sum(p_ab * torch.log((p_ab + nr) / (p_a_p_b + dr) + dr), dim=(1, 2))
-        return -mi.mean()
+        return -mi  # (B,)

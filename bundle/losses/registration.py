@@ -13,11 +13,15 @@ from monai.losses import (
 )
 from monai.networks.blocks import Warp
 from monai.networks.utils import one_hot
+from monai.utils import LossReduction
 from torch.nn.modules.loss import MSELoss, _Loss
 
 from bundle.spatial import pool_field
 
-__all__ = ["RegistrationLoss", "make_similarity", "make_smoothness", "present_class_dice_loss", "SIMILARITIES", "SMOOTHNESS"]
+__all__ = [
+    "RegistrationLoss", "make_similarity", "make_smoothness", "present_class_dice_loss", "per_sample", "reduce",
+    "SIMILARITIES", "SMOOTHNESS",
+]
 
 SIMILARITIES = ("lncc", "mse", "mi")
 SMOOTHNESS = ("diffusion", "bending")
@@ -59,9 +63,24 @@ def make_smoothness(name: str, reduction: str = "mean") -> _Loss:
     raise ValueError(f"smoothness must be one of {SMOOTHNESS}, got {name!r}.")
 
 
+def per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(B,)`` means of a loss given per voxel, per channel or per sample (a scalar is repeated for each sample)."""
+    if values.ndim == 0:
+        return values.expand(batch)
+    return values.reshape(values.shape[0], -1).mean(1)
+
+
+def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce ``(B,)`` per-sample losses as a ``_Loss`` with this ``reduction`` does (``"none"`` keeps them)."""
+    reduction = LossReduction(reduction).value
+    if reduction == "mean":
+        return values.mean()
+    return values.sum() if reduction == "sum" else values
+
+
 def present_class_dice_loss(
     warped_moving_label: torch.Tensor, fixed_label: torch.Tensor, num_classes: int, ddf: torch.Tensor,
-    warp: Warp, downsample: int = 1, smooth: float = 1e-5,
+    warp: Warp, downsample: int = 1, smooth: float = 1e-5, reduction: str = "mean",
 ) -> torch.Tensor:
     """Soft Dice loss of the warped moving labels against the fixed labels, over the foreground classes present.
 
@@ -78,9 +97,10 @@ def present_class_dice_loss(
         ddf: ``(B, ndim, *spatial)`` pull-back field in voxel units.
         warp: the warping block.
         downsample: integer pooling factor (1: full resolution).
+        reduction: over the batch, ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``).
 
     Returns:
-        The mean over the batch of ``1 - mean Dice`` over present foreground classes (0 when none is present).
+        ``1 - mean Dice`` over the present foreground classes of each pair (0 when none is present), reduced.
 
     Raises:
         ValueError: label values outside ``[0, num_classes)``.
@@ -106,7 +126,7 @@ def present_class_dice_loss(
     present[:, 0] = 0  # background excluded
     count = present.sum(1)
     per_pair = ((1 - dice) * present).sum(1) / count.clamp(min=1)
-    return per_pair.mean()
+    return reduce(per_pair, reduction)
 
 
 class RegistrationLoss(_Loss):
@@ -125,6 +145,7 @@ class RegistrationLoss(_Loss):
         label_downsample: pooling factor of the label Dice term (1: full resolution).
         spatial_dims: 2 or 3.
         similarity_kwargs: passed to the similarity loss (e.g. ``{"kernel_size": 9}``).
+        reduction: over the batch: ``"mean"`` (default), ``"sum"`` or ``"none"`` (one value per pair).
 
     Raises:
         ValueError: bad option values.
@@ -140,16 +161,17 @@ class RegistrationLoss(_Loss):
         spatial_dims: int = 3,
         similarity_kwargs: Mapping | None = None,
         label_downsample: int = 1,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=LossReduction(reduction).value)
         if label_downsample < 1:
             raise ValueError(f"label_downsample must be >= 1, got {label_downsample}.")
         if smoothness_weight < 0 or label_weight < 0:
             raise ValueError(f"weights must be >= 0, got smoothness_weight={smoothness_weight}, label_weight={label_weight}.")
         if label_weight > 0 and (num_classes is None or num_classes < 2):
             raise ValueError(f"label_weight > 0 needs num_classes >= 2 (background included), got {num_classes}.")
-        self.similarity = make_similarity(similarity, spatial_dims, **dict(similarity_kwargs or {}))
-        self.smoothness = make_smoothness(smoothness)
+        self.similarity = make_similarity(similarity, spatial_dims, reduction="none", **dict(similarity_kwargs or {}))
+        self.smoothness = make_smoothness(smoothness, reduction="none")
         self.smoothness_weight = float(smoothness_weight)
         self.label_weight = float(label_weight)
         self.num_classes = num_classes
@@ -158,7 +180,11 @@ class RegistrationLoss(_Loss):
         self.last_terms: dict[str, float] = {}  # unweighted terms of the last call, for training logs
 
     def terms(self, ddf: torch.Tensor, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Unweighted loss terms: ``similarity``, ``smoothness`` and, when used, ``label_dice``.
+        """Unweighted loss terms (batch means): ``similarity``, ``smoothness`` and, when used, ``label_dice``."""
+        return {k: v.mean() for k, v in self.sample_terms(ddf, target).items()}
+
+    def sample_terms(self, ddf: torch.Tensor, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms, one value per pair ``(B,)``: ``similarity``, ``smoothness``, ``label_dice``.
 
         Args:
             ddf: (B, ndim, *spatial) predicted DDF.
@@ -170,21 +196,23 @@ class RegistrationLoss(_Loss):
             raise ValueError(
                 f"shape mismatch: moving {tuple(moving.shape)}, fixed {tuple(fixed.shape)}, ddf {tuple(ddf.shape)}."
             )
+        batch = ddf.shape[0]
         out = {
-            "similarity": self.similarity(self.warp(moving, ddf), fixed),
-            "smoothness": self.smoothness(ddf),
+            "similarity": per_sample(self.similarity(self.warp(moving, ddf), fixed), batch),
+            "smoothness": per_sample(self.smoothness(ddf), batch),
         }
         if self.label_weight > 0 and "moving_label" in target and "fixed_label" in target:
             out["label_dice"] = present_class_dice_loss(
-                target["moving_label"], target["fixed_label"], self.num_classes, ddf, self.warp, self.label_downsample
+                target["moving_label"], target["fixed_label"], self.num_classes, ddf, self.warp, self.label_downsample,
+                reduction="none",
             )
         return out
 
     def forward(self, ddf: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Weighted sum of :meth:`terms`, averaged over the batch (the component losses give voxel maps)."""
-        terms = self.terms(ddf, target)
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        """Weighted sum of the terms per pair, reduced over the batch by ``reduction``."""
+        terms = self.sample_terms(ddf, target)
+        self.last_terms = {k: float(v.detach().mean()) for k, v in terms.items()}
         total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
         if "label_dice" in terms:
             total = total + self.label_weight * terms["label_dice"]
-        return total
+        return reduce(total, self.reduction)

@@ -9,8 +9,8 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.transforms.utils import distance_transform_edt
 
+from bundle.losses.masked_similarity import masked_mean
 from bundle.losses.registration import make_similarity
-
 from bundle.spatial import jacobian_determinant
 
 __all__ = ["tumour_regions", "region_registration_metrics", "REGIONS"]
@@ -77,8 +77,8 @@ def region_registration_metrics(
     for name, region in regions.items():
         count = int(region.sum())
         nan = float("nan")
-        out[f"ncc_{name}"] = float(ncc_map[region].mean()) if count else nan
-        out[f"mse_{name}"] = float(mse_map[region].mean()) if count else nan
+        out[f"ncc_{name}"] = float(masked_mean(ncc_map[None], region[None], eps=0.0)) if count else nan
+        out[f"mse_{name}"] = float(masked_mean(mse_map[None], region[None], eps=0.0)) if count else nan
         out[f"folding_pct_{name}"] = 100.0 * float(folding[region].float().mean()) if count else nan
         if warped_label is not None and fixed_label is not None:
             if num_classes is None:
