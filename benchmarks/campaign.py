@@ -1,7 +1,7 @@
 """The CPU training campaign of the shipped registration model: resumable, logged, committed as it goes.
 
     python benchmarks/campaign.py prepare                  # datalists from the fixed splits (IBSR aligned once)
-    python benchmarks/campaign.py train [--minutes M] [--threads T]   # start or continue; stops cleanly after M
+    python benchmarks/campaign.py train [--minutes M] [--threads T]   # start or continue; stops at a checkpoint after M
     python benchmarks/campaign.py status                   # iterations, best validation Dice so far
     python benchmarks/campaign.py plot                     # learning curve -> docs/figures/
     python benchmarks/campaign.py ship                     # best validated weights -> models/pretrained/
@@ -105,10 +105,18 @@ def training_command(datalist: Path, root: Path, threads: int, extra: list[str])
     ]
 
 
-def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, root: Path = CAMPAIGNS / RUN) -> int:
-    """Start or resume the campaign; with ``minutes``, stop it (SIGINT, then SIGTERM) after that long.
+def _newest_checkpoint_time(root: Path) -> float:
+    times = [p.stat().st_mtime for p in (root / "models").glob("checkpoint*.pt")]
+    return max(times, default=0.0)
 
-    The run checkpoints at the end of every epoch, so stopping loses at most the epoch in progress.
+
+def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, root: Path = CAMPAIGNS / RUN,
+          grace_minutes: float = 10.0) -> int:
+    """Start or resume the campaign; with ``minutes``, stop it cleanly after that long.
+
+    The run checkpoints at the end of every epoch (``epoch_length`` iterations). After ``minutes`` it waits up
+    to ``grace_minutes`` for the next checkpoint, then stops the run (SIGINT, then SIGTERM), so the state left
+    on disk is a whole epoch and no more than a few minutes of training are lost.
     """
     datalist = out / "datalist.json"
     if not datalist.is_file():
@@ -123,13 +131,18 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
         try:
             return proc.wait(timeout=None if minutes is None else minutes * 60)
         except subprocess.TimeoutExpired:
+            seen = _newest_checkpoint_time(root)
+            deadline = time.time() + grace_minutes * 60
+            while proc.poll() is None and time.time() < deadline and _newest_checkpoint_time(root) <= seen:
+                time.sleep(5)
+            time.sleep(2)  # let the saver finish its rename
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.terminate()
                 proc.wait()
-            print(f"stopped after {minutes} min; resume with the same command")
+            print(f"stopped after {minutes} min at a checkpoint; resume with the same command")
             return 0
 
 
@@ -200,7 +213,8 @@ def ship(root: Path = CAMPAIGNS / RUN, target: Path = SHIPPED) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["prepare", "train", "status", "plot", "ship"])
-    parser.add_argument("--minutes", type=float, default=None, help="stop the training after this long (it resumes)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop the training at the first checkpoint after this long (it resumes from there)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":

@@ -77,3 +77,22 @@ def test_status_and_plot_read_the_training_log(tmp_path):
     pytest.importorskip("matplotlib")
     figure = campaign.plot(tmp_path, tmp_path / "curve.png")
     assert figure.stat().st_size > 1000
+
+
+def test_train_stops_at_the_next_checkpoint_after_the_time_limit(tmp_path, monkeypatch):
+    """A fake run writes a checkpoint every 1.5 s and never ends: --minutes stops it right after a new checkpoint."""
+    (tmp_path / "datalist.json").write_text("{}")
+    root = tmp_path / "run"
+    script = (
+        "import time, pathlib, itertools\n"
+        f"d = pathlib.Path({str(root / 'models')!r}); d.mkdir(parents=True, exist_ok=True)\n"
+        "for i in itertools.count():\n"
+        "    time.sleep(1.5); (d / f'checkpoint_epoch={i}.pt').write_text('x')\n"
+    )
+    monkeypatch.setattr(campaign, "training_command", lambda *a: [sys.executable, "-c", script])
+    start = __import__("time").time()
+    assert campaign.train(0.02, 1, [], out=tmp_path, root=root, grace_minutes=0.5) == 0
+    elapsed = __import__("time").time() - start
+    checkpoints = sorted((root / "models").glob("checkpoint*.pt"))
+    assert checkpoints and elapsed < 10  # stopped after a checkpoint, long before the 30 s grace
+    assert (root / "train.log").read_text().count("# ") == 1
