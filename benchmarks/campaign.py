@@ -101,7 +101,7 @@ def training_command(datalist: Path, root: Path, threads: int, extra: list[str])
     return [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(root),
         "--datalist", str(datalist), "--label_values", json.dumps(_split("lpba40")["label_values"]),
-        "--num_threads", str(threads), *extra,
+        "--training_log", str(root / "training_log.csv"), "--num_threads", str(threads), *extra,
     ]
 
 

@@ -270,7 +270,7 @@ def test_campaign_recipe_trains_logs_and_resumes(e2e):
     first.check()
     second.check()
     assert "resuming from" in second.output
-    train, val = read_training_log(root / "training_log.csv")
+    train, val = read_training_log(root / "eval" / "training_log.csv")  # output_dir, beside the TensorBoard logs
     assert [int(r["iteration"]) for r in train] == [1, 2, 3, 4]
     assert [int(v["iteration"]) for v in val] == [2, 4]
     assert all(r["similarity"] and r["smoothness"] and r["label_dice"] and r["grad_norm"] for r in train)

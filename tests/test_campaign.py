@@ -58,6 +58,7 @@ def test_training_command_uses_the_recipe_overlays_and_the_label_values(tmp_path
     assert all(n in configs for n in ("train.json", "registration_only.json", "campaign.json"))
     assert json.loads(args[args.index("--label_values") + 1]) == _split("lpba40")["label_values"]
     assert args[-2:] == ["--epoch_length", "5"] and args[args.index("--num_threads") + 1] == "2"
+    assert args[args.index("--training_log") + 1] == str(tmp_path / "run" / "training_log.csv")  # committed with the run
 
 
 def test_train_without_prepare_names_the_missing_datalist(tmp_path):
