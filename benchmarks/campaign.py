@@ -200,11 +200,10 @@ def ship(root: Path = CAMPAIGNS / RUN, target: Path = SHIPPED) -> Path:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from bundle.engines.checkpoints import load_checkpoint
+    from bundle.engines.checkpoints import network_state_dict
     from bundle.io.writers import write_atomic
 
-    state = load_checkpoint(root / "models" / "model.pt")
-    state = state.get("network", {k: v for k, v in state.items() if k != "checkpointer"})
+    state = network_state_dict(root / "models" / "model.pt")
     write_atomic(target, ".pt", lambda tmp: torch.save(state, tmp))
     print(f"{root / 'models' / 'model.pt'} -> {target} ({target.stat().st_size / 1e6:.1f} MB)")
     return target
@@ -219,16 +218,14 @@ def main() -> None:
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    if a.command == "prepare":
-        prepare()
-    elif a.command == "train":
-        sys.exit(train(a.minutes, a.threads, extra))
-    elif a.command == "status":
-        status()
-    elif a.command == "plot":
-        plot()
-    else:
-        ship()
+    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra), "status": status,
+                "plot": plot, "ship": ship}
+    try:
+        result = commands[a.command]()
+    except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it, nothing else
+        sys.exit(f"campaign.py {a.command}: error: {e}")
+    if a.command == "train":
+        sys.exit(result)
 
 
 if __name__ == "__main__":

@@ -161,12 +161,11 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
 
 def ship(out: Path, registration_only: bool, label_weight: float = 0.0) -> Path:
     """Copy the best model's weights (a plain state dict) to ``models/pretrained/``."""
-    from bundle.engines.checkpoints import load_checkpoint
+    from bundle.engines.checkpoints import network_state_dict
     from bundle.io.writers import write_atomic
 
     best = run_dir(out, registration_only, label_weight) / "models" / "model.pt"
-    state = load_checkpoint(best)
-    state = state.get("network", {k: v for k, v in state.items() if k != "checkpointer"})  # a plain state dict
+    state = network_state_dict(best)
     target = REPO / "models" / "pretrained" / SHIPPED[registration_only]
     write_atomic(target, ".pt", lambda tmp: torch.save(state, tmp))
     print(f"{best} -> {target} ({target.stat().st_size / 1e6:.1f} MB)")

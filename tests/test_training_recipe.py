@@ -228,3 +228,26 @@ def test_nonfinite_loss_guard_skips_the_batch_without_moving_weights():
     assert not torch.equal(snapshots[1], snapshots[2]) and all(torch.isfinite(s).all() for s in snapshots)
     with pytest.raises(ValueError):
         NonFiniteLossGuard("ignore")
+
+
+def test_resume_from_a_checkpoint_without_the_scheduler_keeps_a_fresh_scheduler(tmp_path):
+    """Checkpoints written before the LR scheduler was saved still resume (network, optimiser, trainer restored)."""
+    from bundle.engines import ResumeFromLatest
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    trainer = Engine(lambda e, b: None)
+    trainer.state.max_epochs, trainer.state.iteration, trainer.state.epoch, trainer.state.epoch_length = 5, 6, 3, 2
+    with torch.no_grad():
+        net.weight.fill_(0.5)
+    torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "trainer": trainer.state_dict()},
+               tmp_path / "checkpoint_epoch=3.pt")
+    fresh_net = torch.nn.Linear(2, 1)
+    fresh_opt = torch.optim.Adam(fresh_net.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1)
+    resumed = Engine(lambda e, b: None)
+    resumed.state.max_epochs = 10
+    ResumeFromLatest(tmp_path, {"network": fresh_net, "optimizer": fresh_opt, "trainer": resumed,
+                                "lr_scheduler": scheduler})(resumed)
+    assert torch.equal(fresh_net.weight, net.weight) and resumed.state.iteration == 6
+    assert scheduler.last_epoch == 0  # started afresh

@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["load_checkpoint", "latest_checkpoint", "ResumeFromLatest", "load_weights"]
+__all__ = ["load_checkpoint", "latest_checkpoint", "ResumeFromLatest", "load_weights", "network_state_dict"]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -32,16 +32,26 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return dict(ckpt)
 
 
+def network_state_dict(path: str | os.PathLike) -> dict:
+    """The plain network state dict of a checkpoint: plain, or under ``"network"``/``"model"``, DDP's ``module.``
+    prefix removed, the best-model saver's ``"checkpointer"`` record dropped.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_checkpoint`.
+    """
+    ckpt = load_checkpoint(path)
+    state = next((ckpt[k] for k in ("network", "model") if isinstance(ckpt.get(k), Mapping)), ckpt)
+    # "checkpointer": the best-model saver's record (CheckpointSaver key_metric_save_state), not weights
+    return {k.removeprefix("module."): v for k, v in state.items() if k != "checkpointer"}  # "module.": DDP
+
+
 def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Load a state dict (plain, or under a ``"network"``/``"model"`` key) into ``network``; returns it.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`load_checkpoint`; also a state dict that does not fit.
     """
-    ckpt = load_checkpoint(path)
-    state = next((ckpt[k] for k in ("network", "model") if isinstance(ckpt.get(k), Mapping)), ckpt)
-    # "checkpointer": the best-model saver's record (CheckpointSaver key_metric_save_state), not weights
-    state = {k.removeprefix("module."): v for k, v in state.items() if k != "checkpointer"}  # "module.": DDP
+    state = network_state_dict(path)
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
@@ -91,9 +101,14 @@ class ResumeFromLatest:
         path = latest_checkpoint(self.ckpt_dir, self.prefix) if self.enabled else None
         if path is None:
             return
-        load_checkpoint(path)  # clear error for a corrupt file before ignite's own
+        stored = load_checkpoint(path)  # clear error for a corrupt file before ignite's own
+        # objects a checkpoint of an earlier version does not hold (e.g. the LR scheduler) keep their fresh state
+        missing = [k for k in self.load_dict if k not in stored and k != "network"]
+        if missing:
+            engine.logger.warning(f"{path} holds no {missing}: they start afresh.")
+        load_dict = {k: v for k, v in self.load_dict.items() if k not in missing}
         engine.logger.info(f"resuming from {path}")
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location="cpu")(engine)
+        CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu")(engine)
         if self.best_saver is not None and self.best_checkpoint is not None and Path(self.best_checkpoint).is_file():
             state = load_checkpoint(self.best_checkpoint).get("checkpointer")
             if state is not None:
