@@ -204,7 +204,10 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
 
     # priorities: the long chain train -> resume -> alias first, the cheap independent commands last
     graph.add("train", train, priority=85)
-    graph.add("tiny", lambda: _tiny_inputs(tiny), priority=55)
+    # built here, in the main thread: ConfigParser (the zero checkpoints) iterates sys.modules and races with
+    # imports in other threads ("dictionary changed size during iteration"); job threads run commands only
+    tiny_files = _tiny_inputs(tiny)
+    graph.add("tiny", lambda: tiny_files, priority=55)
     graph.add("resume", resume, ["train"], priority=80)
     graph.add("alias", alias, ["resume"], priority=70)
     graph.add("ddp", ddp, ["train"], priority=60)

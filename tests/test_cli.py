@@ -48,8 +48,9 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
         datalist = json.loads((root / "demo_data" / "datalist.json").read_text())
         return {k: str(root / "demo_data" / v) for k, v in datalist["testing"][TEST_PAIR].items() if k != "name"}
 
+    _write_checkpoint(ctx["ckpt"])  # in the main thread: ConfigParser in a job thread races with imports
+
     def demo():
-        _write_checkpoint(ctx["ckpt"])
         return run(["demo", "--root", root, "--notrain", "--noinfer"], module="bundle", timeout=300,
                    log=root / "demo.log")
 

@@ -167,10 +167,12 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> JobGraph | None:
         )
         return result, out
 
+    # written here, in the main thread: ConfigParser in a job thread races with imports in other threads
+    checkpoints = {"zero": str(write_zero_checkpoint(root / "zero.pt")),
+                   "shift": str(write_zero_checkpoint(root / "shift.pt", flow_bias=SHIFT))}
+
     def prep():
-        files = {"oasis": graph.result("oasis_prep")}
-        files["zero"] = str(write_zero_checkpoint(root / "zero.pt"))
-        files["shift"] = str(write_zero_checkpoint(root / "shift.pt", flow_bias=SHIFT))
+        files = {"oasis": graph.result("oasis_prep"), **checkpoints}
         if have_ibsr:
             files["ibsr_fixed"] = _reoriented(ibsr["01"], root / "ibsr_data", "IBSR_01_SLA.nii.gz")
         return files

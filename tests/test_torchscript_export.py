@@ -56,8 +56,11 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     context = {"root": root}
 
     def export(model):
+        # written here, in the main thread before the jobs start: MONAI's component locator iterates
+        # sys.modules, which races with imports in other threads ("dictionary changed size during iteration")
+        ckpt = _write_checkpoint(model, root / model / "model.pt")
+
         def job():
-            ckpt = _write_checkpoint(model, root / model / "model.pt")
             args = [
                 "ckpt_export", "network_def",
                 "--filepath", root / model / "model.ts",
