@@ -206,11 +206,10 @@ def register(
         "output_dir": str(out_dir.parent),
         "infer_section": "testing",
         "pairing": None,
+        "itk_export": bool(itk),
     }
     with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
         _run("inference", files, root, {**overrides, **settings, "datalist": _write_datalist(tmp, entry)})
-    if itk:
-        export_itk(str(out_dir / "ddf.nii.gz"))
     return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
@@ -243,7 +242,7 @@ def segment(
     entry = {"image": _existing(image, "image")}
     out_dir = Path(str(out)).resolve()
     entry["name"] = out_dir.name
-    files = _configs(root, "inference_segmentation.json")
+    files = _configs(root, "inference.json", "inference_segmentation.json")
     ckpt_path, state = _checkpoint(model, _parser(files, root))
     if _is_registration_only(state):
         raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")
@@ -338,7 +337,9 @@ def export_torchscript(
     out_path = Path(str(out)).resolve() if out is not None else root / "models" / "model.ts"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     key = "network" if isinstance(load_checkpoint(ckpt_path).get("network"), Mapping) else ""
-    if parser.get_parsed_content("joint_model"):
+    from bundle.networks import JointRegSegNet
+
+    if isinstance(parser.get_parsed_content("network_def"), JointRegSegNet):
         meta = {}
     else:  # metadata.json describes the joint network's 7 output channels; the registration net has the DDF only
         ndim = int(parser.get_parsed_content("spatial_dims"))

@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = json.loads(args.overrides)
     if not isinstance(overrides, dict):
         parser.error(f"--overrides must be a JSON object, got {args.overrides!r}")
-    model = args.model or read_config(args.bundle_root, ("inference_segmentation.json",), overrides).get_parsed_content(
-        "ckpt_path"
-    )
+    configs = ("inference.json", "inference_segmentation.json")
+    model = args.model or read_config(args.bundle_root, configs, overrides).get_parsed_content("ckpt_path")
     dest = export_stock_bundle(args.bundle_root, args.dest, model, overrides)
     print(f"wrote {dest} (configs/inference.json, metadata.json, train.json, logging.conf; models/model.pt)")
     return 0

@@ -18,6 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 
 from bundle.io.itk_export import (
+    SaveITKTransformd,
     affine_from_itk_grid,
     ddf_to_itk_field,
     ddf_to_itk_transform,
@@ -195,6 +196,25 @@ def test_2d_field_round_trip(tmp_path):
     back, back_affine = read_itk_displacement_field(write_itk_displacement_field(ddf, affine, tmp_path / "f2.mha"))
     np.testing.assert_allclose(back, ddf, atol=1e-5)
     np.testing.assert_allclose(back_affine, affine, atol=1e-6)
+
+
+def test_inference_post_transform_writes_both_files_from_the_in_memory_ddf(tmp_path):
+    """``SaveITKTransformd`` (config id ``itk_export``) converts the DDF MetaTensor once, per pair folder."""
+    ddf = _smooth_ddf(FIXED_SHAPE, amplitude=3.0)
+    out = SaveITKTransformd("pred", output_dir=tmp_path)({"pred": MetaTensor(ddf, affine=FIXED_AFFINE), "name": "p1"})
+    assert isinstance(out["pred"], MetaTensor)
+    assert sorted(p.name for p in (tmp_path / "p1").iterdir()) == ["itk_displacement.nii.gz", "itk_transform.h5"]
+    for name in ("itk_displacement.nii.gz", "itk_transform.h5"):
+        back, affine = read_itk_displacement_field(tmp_path / "p1" / name)
+        np.testing.assert_allclose(back, ddf, atol=1e-5)
+        np.testing.assert_allclose(affine, FIXED_AFFINE, atol=1e-5)
+    only = SaveITKTransformd("pred", output_dir=tmp_path, field_filename=None)
+    only({"pred": MetaTensor(ddf, affine=FIXED_AFFINE), "name": "p2"})
+    assert [p.name for p in (tmp_path / "p2").iterdir()] == ["itk_transform.h5"]
+    with pytest.raises(ValueError, match="must end with one of"):
+        SaveITKTransformd("pred", output_dir=tmp_path, transform_filename="t.txt")
+    with pytest.raises(ValueError, match="MetaTensor"):
+        SaveITKTransformd("pred", output_dir=tmp_path)({"pred": torch.as_tensor(ddf)})
 
 
 def test_bad_suffix_and_missing_file(tmp_path):

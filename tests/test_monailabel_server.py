@@ -244,7 +244,7 @@ def test_app_segmentation_equals_the_bundle_command(trained, trained_segmentatio
     """Same weights, same image: MONAI Label's answer is the bundle's ``inference_segmentation.json`` output."""
     datalist = work / "segment.json"
     datalist.write_text(json.dumps({"testing": [{"image": str(HELD_OUT / FLAIR), "name": "pat0001"}]}))
-    run(["run", "inference", "--config_file", str(CONFIGS / "inference_segmentation.json"),
+    run(["run", "inference", "--config_file", f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'inference_segmentation.json'}']",
          "--bundle_root", str(work / "bundle_cmd"), "--datalist", str(datalist), "--ckpt_path", str(trained),
          "--pixdim", str(PIXDIM), "--output_dir", str(work / "bundle_cmd")], timeout=600).check()
     expected = np.asarray(nib.load(str(work / "bundle_cmd" / "pat0001" / "seg.nii.gz")).dataobj)

@@ -1,6 +1,7 @@
 from .datalist import PAIRINGS, check_label_supervision, load_pairs, load_subjects
 from .writers import SaveNiftid, write_nifti
 from .itk_export import (
+    SaveITKTransformd,
     ddf_to_itk_field,
     ddf_to_itk_transform,
     export_ddf_file,

@@ -21,6 +21,9 @@ import itk
 import nibabel as nib
 import numpy as np
 import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from bundle.io.writers import write_atomic
 from bundle.spatial.world import affine_from_itk_direction, itk_grid_from_affine, lps_flip
@@ -38,6 +41,7 @@ __all__ = [
     "read_itk_displacement_field",
     "read_ddf_nifti",
     "export_ddf_file",
+    "SaveITKTransformd",
 ]
 
 FIELD_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")  # single-file formats (one atomic rename)
@@ -325,3 +329,51 @@ def export_ddf_file(
         "field": write_itk_displacement_field(ddf, affine, field_path),
         "transform": write_itk_transform(ddf, affine, transform_path),
     }
+
+
+class SaveITKTransformd(MapTransform):
+    """Inference post-transform: write the in-memory DDF as ITK/ANTs files, ``<output_dir>/<name>/...``.
+
+    The DDF under ``keys`` is the final one (on the fixed image's native grid, voxel units, its affine in
+    the MetaTensor), converted once: ``itk_displacement.nii.gz`` (displacement field image, physical LPS mm)
+    and ``itk_transform.h5`` (composite transform), both atomically. ITK's ``resample_image_filter`` with
+    the transform reproduces our ``warped.nii.gz`` (tests/test_itk_export.py).
+
+    Args:
+        keys: the DDF key (``pred``).
+        output_dir: root folder of the outputs (as :class:`bundle.io.SaveNiftid`).
+        name_key: item holding the pair's name (a folder per pair).
+        field_filename, transform_filename: file names; ``None`` skips that file.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str | os.PathLike = ".",
+        name_key: str = "name",
+        field_filename: str | None = "itk_displacement.nii.gz",
+        transform_filename: str | None = "itk_transform.h5",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if field_filename is not None:
+            _suffix(Path(field_filename), FIELD_SUFFIXES, "displacement field")
+        if transform_filename is not None:
+            _suffix(Path(transform_filename), TRANSFORM_SUFFIXES, "transform")
+        self.output_dir, self.name_key = Path(output_dir), name_key
+        self.field_filename, self.transform_filename = field_filename, transform_filename
+
+    def __call__(self, data) -> dict:
+        d = dict(data)
+        folder = self.output_dir / str(d.get(self.name_key, "0"))
+        for key in self.key_iterator(d):
+            ddf = d[key]
+            if not isinstance(ddf, MetaTensor):
+                raise ValueError(f"SaveITKTransformd: {key!r} must be a MetaTensor (its affine places the field).")
+            ddf_array = _as_ddf(ddf)
+            affine = _as_affine(ddf.affine, ddf_array.shape[0])
+            if self.field_filename is not None:
+                write_itk_displacement_field(ddf_array, affine, folder / self.field_filename)
+            if self.transform_filename is not None:
+                write_itk_transform(ddf_array, affine, folder / self.transform_filename)
+        return d

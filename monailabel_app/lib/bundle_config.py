@@ -64,7 +64,7 @@ class AppSettings:
         if not (root / "configs" / "inference.json").is_file():
             raise FileNotFoundError(f"bundle_root {root} has no configs/inference.json (set --conf bundle_root).")
         overrides = _json_object(conf, "overrides") or {}
-        model = conf.get("model") or read_config(root, ("inference_segmentation.json",), overrides).get_parsed_content(
+        model = conf.get("model") or read_config(root, ("inference.json", "inference_segmentation.json"), overrides).get_parsed_content(
             "ckpt_path"
         )
         model = Path(os.path.expanduser(str(model))).resolve()

@@ -12,16 +12,16 @@ from .base import BundleConfigInferTask
 
 __all__ = ["TumourSegmentation", "CONFIGS"]
 
-# the bundle's single-image segmentation config, with MONAI Label's post-processing (no file writer)
-CONFIGS = ("inference_segmentation.json", "monailabel_infer.json")
+# the bundle's single-image segmentation overlay, with MONAI Label's post-processing (no file writer)
+CONFIGS = ("inference.json", "inference_segmentation.json", "monailabel_infer.json")
 
 
 class TumourSegmentation(BundleConfigInferTask):
     """``bundle.networks.TumourSegmentationNet`` on the request's image; returns the tumour label map on its grid.
 
-    Pre-processing, inferer and post-processing are those of ``configs/inference_segmentation.json``
-    (post-processing from ``configs/monailabel_infer.json``: logits resampled onto the image's native grid,
-    argmax); the labels are the ``channel_def`` of ``configs/monailabel_metadata.json``.
+    Pre-processing, inferer and post-processing are those of ``configs/inference_segmentation.json`` (an overlay
+    of ``configs/inference.json``; post-processing from ``configs/monailabel_infer.json``: logits resampled onto
+    the image's native grid, argmax); the labels are the ``channel_def`` of ``configs/monailabel_metadata.json``.
     """
 
     def __init__(self, settings: AppSettings, **kwargs):
