@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from bundle.networks.blocks import ConvDecoder, ConvEncoder, DeformationHead
-from bundle.networks.joint import JointRegSegNet, merge_features, split_joint_output
+from bundle.networks.joint import JointRegSegNet, merge_features
+from bundle.networks.outputs import join_ddf, pack_joint_output, split_ddf, split_joint_output
 
 # tiny network: 4 encoder levels (size divisor 16), few features, so every test runs in well under a second
 CHANNELS = ((4, 8, 8, 8), (8, 8, 8, 8, 8, 4))
@@ -198,6 +199,14 @@ def test_packed_output_and_unpack_roundtrip(dims, in_channels, num_classes):
         split_joint_output(packed[:, :-1], dims, num_classes)
     with pytest.raises(ValueError):
         net.unpack(torch.cat([packed, packed[:, :1]], 1))
+    assert torch.equal(pack_joint_output(out["ddf"], out["seg_moving"], out["seg_fixed"]), packed)
+    ddf, extra = split_ddf(packed, dims)  # the layout every consumer relies on: the DDF first
+    assert torch.equal(ddf, out["ddf"]) and extra.shape[1] == 2 * num_classes
+    assert torch.equal(join_ddf(ddf, extra), packed)
+    ddf_only, nothing = split_ddf(out["ddf"], dims)  # a registration network's output: no extra channel
+    assert nothing.shape[1] == 0 and torch.equal(join_ddf(ddf_only, nothing), out["ddf"])
+    with pytest.raises(ValueError, match="DDF channels"):
+        split_ddf(packed[:, : dims - 1], dims)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

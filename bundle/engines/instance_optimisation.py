@@ -8,6 +8,7 @@ from monai.networks.blocks import Warp
 from monai.networks.blocks.warp import DVF2DDF
 from torch.nn.modules.loss import _Loss
 
+from bundle.networks.outputs import join_ddf, split_ddf
 from bundle.spatial import compose_ddf, resize_field
 
 __all__ = ["InstanceOptimisationInferer", "RESIDUALS"]
@@ -90,8 +91,8 @@ class InstanceOptimisationInferer(Inferer):
         if inputs.shape[1] != 2 * self.num_channels:
             raise ValueError(f"inputs must be cat([moving, fixed]) with {2 * self.num_channels} channels, got {inputs.shape[1]}.")
         target = {"moving": inputs[:, : self.num_channels].detach(), "fixed": inputs[:, self.num_channels :].detach()}
-        start = torch.as_tensor(prediction[:, : self.spatial_dims]).detach().clone()
-        rest = prediction[:, self.spatial_dims :].detach()
+        start, rest = split_ddf(torch.as_tensor(prediction).detach(), self.spatial_dims)
+        start = start.clone()
         with torch.enable_grad():  # evaluators run under no_grad
             if self.integrate is None:
                 parameter = start.clone()
@@ -102,7 +103,7 @@ class InstanceOptimisationInferer(Inferer):
             optimiser = torch.optim.Adam([parameter], lr=self.learning_rate)
             for _ in range(self.steps):
                 optimiser.zero_grad()
-                self.loss(torch.cat([self._refined(start, parameter), rest], dim=1), target).backward()
+                self.loss(join_ddf(self._refined(start, parameter), rest), target).backward()
                 optimiser.step()
             ddf = self._refined(start, parameter).detach()
-        return torch.cat([ddf.to(prediction.dtype), rest], dim=1)
+        return join_ddf(ddf.to(prediction.dtype), rest)

@@ -10,7 +10,8 @@ from monai.losses import DiceLoss
 from monai.networks.blocks import Warp
 from torch.nn.modules.loss import _Loss
 
-from ..networks.joint import logits_to_labels, split_joint_output
+from ..networks.joint import logits_to_labels
+from ..networks.outputs import split_joint_output
 from monai.utils import LossReduction
 
 from .masked_similarity import MaskedSimilarityLoss

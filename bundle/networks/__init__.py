@@ -2,4 +2,5 @@ from .blocks import DEFORMATIONS, ConvDecoder, ConvEncoder, DeformationHead, ups
 from .registration_unet import VM1_CHANNELS, VM2_CHANNELS, RegistrationUNet, check_pair_input
 from .voxelmorph_package import VXM_PACKAGE_FEATURES, VoxelMorphPackageNet
 from .downsampled import DownsampledNetwork
-from .joint import MERGES, JointRegSegNet, TumourSegmentationNet, logits_to_labels, merge_features, split_joint_output
+from .outputs import join_ddf, pack_joint_output, split_ddf, split_joint_output
+from .joint import MERGES, JointRegSegNet, TumourSegmentationNet, logits_to_labels, merge_features

@@ -9,9 +9,10 @@ from monai.networks.blocks import Warp
 from torch import nn
 
 from .blocks import ConvDecoder, ConvEncoder, DeformationHead
+from .outputs import joint_output_channels, pack_joint_output, split_joint_output
 from .registration_unet import VM2_CHANNELS, check_pair_input
 
-__all__ = ["JointRegSegNet", "TumourSegmentationNet", "MERGES", "merge_features", "split_joint_output", "logits_to_labels"]
+__all__ = ["JointRegSegNet", "TumourSegmentationNet", "MERGES", "merge_features", "logits_to_labels"]
 
 MERGES = ("subtract", "concat", "add")
 
@@ -23,21 +24,6 @@ def logits_to_labels(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     1.6 s vs 0.1 s for 2 x 256 x 128 x 256 logits).
     """
     return torch.max(torch.as_tensor(logits), dim=dim, keepdim=True).indices
-
-
-def split_joint_output(packed: torch.Tensor, spatial_dims: int, num_classes: int) -> dict[str, torch.Tensor]:
-    """Split ``cat([ddf, seg_moving_logits, seg_fixed_logits])`` (:meth:`JointRegSegNet.forward`) into a dict.
-
-    Raises:
-        ValueError: the channel count is not ``spatial_dims + 2 * num_classes``.
-    """
-    expected = spatial_dims + 2 * num_classes
-    if packed.shape[1] != expected:
-        raise ValueError(
-            f"joint output must have spatial_dims + 2 * num_classes = {expected} channels, got {packed.shape[1]}."
-        )
-    n, c = spatial_dims, num_classes
-    return {"ddf": packed[:, :n], "seg_moving": packed[:, n : n + c], "seg_fixed": packed[:, n + c :]}
 
 
 def merge_features(moving: torch.Tensor, fixed: torch.Tensor, mode: str) -> torch.Tensor:
@@ -118,7 +104,7 @@ class JointRegSegNet(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return self.spatial_dims + 2 * self.num_classes
+        return joint_output_channels(self.spatial_dims, self.num_classes)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Features of every level of ONE image (the shared encoder)."""
@@ -143,7 +129,7 @@ class JointRegSegNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Packed ``cat([ddf, seg_moving_logits, seg_fixed_logits], dim=1)``."""
         out = self.fields(x)
-        return torch.cat([out["ddf"], out["seg_moving"], out["seg_fixed"]], dim=1)
+        return pack_joint_output(out["ddf"], out["seg_moving"], out["seg_fixed"])
 
     def forward_and_inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and inverse DDFs ``exp(svf)`` and ``exp(-svf)`` (``deformation="svf"``); see

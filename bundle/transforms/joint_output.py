@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from bundle.networks.joint import logits_to_labels, split_joint_output
+from bundle.networks.joint import logits_to_labels
+from bundle.networks.outputs import split_joint_output
 
 __all__ = ["SplitJointOutputd", "LogitsToLabelsd"]
 
