@@ -241,3 +241,15 @@ def test_split_pairs_testing_and_validation(tmp_path):
         compare_baselines.split_pairs(_FakeDataset([]), "validation", tmp_path)
     with pytest.raises(ValueError, match="section"):
         compare_baselines.split_pairs(data, "train", tmp_path)
+
+
+def test_metadata_eval_metric_is_the_published_held_out_number():
+    """``configs/metadata.json``'s ``eval_metrics`` is the shipped model's mean Dice over the IBSR test pairs
+    in docs/results/baselines.csv (method ``ours``), not a placeholder."""
+    import json
+
+    meta = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())
+    rows = [r for r in csv.DictReader(open(REPO_ROOT / "docs" / "results" / "baselines.csv")) if r["method"] == "ours"]
+    assert rows, "no 'ours' rows in docs/results/baselines.csv"
+    mean = float(np.mean([float(r["dice_mean"]) for r in rows]))
+    assert meta["eval_metrics"] == {"ibsr_test_mean_dice_csf_gm_wm": round(mean, 3)}
