@@ -11,8 +11,11 @@ from collections.abc import Sequence
 
 import itk
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.itk_torch_bridge import metatensor_to_itk_image
 
-from bundle.spatial.world import lps_flip, ras_lps_conjugate
+from bundle.spatial.world import ras_lps_conjugate
 
 __all__ = ["TRANSFORMS", "to_itk_image", "itk_affine_register"]
 
@@ -20,7 +23,8 @@ TRANSFORMS = ("none", "rigid", "affine")
 
 
 def to_itk_image(array: np.ndarray, affine_ras: np.ndarray) -> itk.Image:
-    """A 3D float ITK image from an array indexed ``(i, j, k)`` and its voxel-to-world RAS affine.
+    """A 3D float ITK image from an array indexed ``(i, j, k)`` and its voxel-to-world RAS affine
+    (MONAI's ``metatensor_to_itk_image``, which does the RAS -> LPS conversion).
 
     Raises:
         ValueError: not a 3D array, or a 4x4 affine that is singular.
@@ -29,15 +33,10 @@ def to_itk_image(array: np.ndarray, affine_ras: np.ndarray) -> itk.Image:
     affine_ras = np.asarray(affine_ras, dtype=np.float64)
     if array.ndim != 3 or affine_ras.shape != (4, 4):
         raise ValueError(f"expected a 3D array and a 4x4 affine, got {array.shape} and {affine_ras.shape}.")
-    lps = lps_flip(3, homogeneous=True) @ affine_ras
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    if np.any(spacing <= 0) or abs(np.linalg.det(lps[:3, :3])) < 1e-12:
+    if np.any(np.linalg.norm(affine_ras[:3, :3], axis=0) <= 0) or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-12:
         raise ValueError(f"singular voxel-to-world affine:\n{affine_ras}")
-    image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))  # ITK arrays are (k, j, i)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(o) for o in lps[:3, 3]])
-    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3] / spacing)))
-    return image
+    image = MetaTensor(torch.from_numpy(array)[None], affine=torch.from_numpy(affine_ras))  # space: RAS
+    return metatensor_to_itk_image(image, channel_dim=0, dtype=np.float32)
 
 
 def _matrix_of(transform) -> np.ndarray:

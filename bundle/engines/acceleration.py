@@ -18,6 +18,9 @@ from torch import nn
 
 __all__ = ["accelerate", "CompiledModule", "channels_last_format", "compile_unavailable_reason"]
 
+# ours, not the engines' own ``compile=True``: that has no eager fallback when compilation fails (e.g. no C++
+# compiler for inductor on CPU), and the instance optimisation and DownsampledNetwork call the network outside it
+
 
 def compile_unavailable_reason() -> str | None:
     """Why ``torch.compile`` cannot be used here, or ``None`` when it is available."""

@@ -62,6 +62,9 @@ def resample_to_grid(
 ) -> torch.Tensor:
     """Resample a channel-first image ``(C, *src_shape)`` onto another grid of the same physical space.
 
+    Ours, not MONAI's ``SpatialResample``: the sampling points are computed in float64 and shared with
+    :func:`resample_ddf`, so images and DDFs land on exactly the same points.
+
     Args:
         values: image on the source grid.
         src_affine, dst_affine: voxel-to-world affines of the source and destination grids.

@@ -131,6 +131,7 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
 
     def _smooth_noise(self, spatial: Sequence[int], scale: float) -> torch.Tensor:
         """Low-frequency noise in [-scale, scale] (coarse random grid, linearly upsampled)."""
+        # ours, not MONAI's SmoothField: it resizes by a scale factor whose floor loses a voxel on some sizes (61 -> 60)
         coarse = torch.as_tensor(self.R.uniform(-scale, scale, size=[max(2, s // 8) for s in spatial]), dtype=torch.float32)
         mode = "trilinear" if len(spatial) == 3 else "bilinear"
         return torch.nn.functional.interpolate(coarse[None, None], size=tuple(spatial), mode=mode, align_corners=True)[0, 0]

@@ -144,6 +144,10 @@ class ResampleDDFToOriginald(MapTransform):
 class ResampleToOriginald(MapTransform):
     """Resample items on the network grid onto the original (as-loaded) grid of the reference image.
 
+    Ours, not MONAI's ``Invertd``: one resampling by affines, the same rule as the DDF's
+    (:class:`ResampleDDFToOriginald`, which ``Invertd`` cannot do: vectors must be re-expressed), whatever
+    spatial transforms (crop, orientation, spacing, padding) made the network grid.
+
     Args:
         keys: channel-first items on the network grid (e.g. segmentation logits or label maps).
         ref_key: the preprocessed fixed image (a MetaTensor with ``original_affine``/``spatial_shape``).
