@@ -97,12 +97,11 @@ def prepare(out: Path = RUNS) -> Path:
 
 
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str]) -> list[str]:
-    configs = "[" + ",".join(f"'{REPO / 'configs' / n}'" for n in ("train.json", "registration_only.json", "campaign.json")) + "]"
-    return [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(root),
-        "--datalist", str(datalist), "--label_values", json.dumps(_split("lpba40")["label_values"]),
-        "--training_log", str(root / "training_log.csv"), "--num_threads", str(threads), *extra,
-    ]
+    from bundle.configs import bundle_command
+
+    settings = {"bundle_root": root, "datalist": datalist, "label_values": json.dumps(_split("lpba40")["label_values"]),
+                "training_log": root / "training_log.csv", "num_threads": threads}
+    return [*bundle_command("training", REPO, ["train.json", "registration_only.json", "campaign.json"], settings), *extra]
 
 
 def _newest_checkpoint_time(root: Path) -> float:

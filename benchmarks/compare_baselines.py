@@ -264,15 +264,13 @@ def run_ours(pairs: list[tuple[dict, dict]], work: Path, ckpt: Path, io_steps: i
              overrides: dict | None = None) -> dict:
     """The bundle's inference command, in-process, timed per pair (loading to writing, pre-alignment included)."""
     from ignite.engine import Events
-    from monai.bundle import ConfigParser
+    from bundle.configs import read_config
 
     datalist = {"testing": [{"moving": str(m["image"]), "fixed": str(f["image"]), "moving_label": str(m["label"]),
                              "name": f"{m['name']}_to_{f['name']}"} for m, f in pairs]}
     (work / "datalist.json").write_text(json.dumps(datalist))
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "configs" / c) for c in configs])
-    parser.update({"bundle_root": str(REPO), "datalist": str(work / "datalist.json"), "ckpt_path": str(ckpt),
-                   "output_dir": str(work / "out"), "instance_optimisation_steps": io_steps, **(overrides or {})})
+    parser = read_config(REPO, configs, {"datalist": str(work / "datalist.json"), "ckpt_path": str(ckpt), "output_dir": str(work / "out"),
+                                         "instance_optimisation_steps": io_steps, **(overrides or {})})
     evaluator = parser.get_parsed_content("evaluator")
     times, started = [], {}
     evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda e: started.update(t=time.perf_counter()))
@@ -373,6 +371,7 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
     labels = dataset.labels
     results_csv, hw = out / "results.csv", hardware()
     done = _done(results_csv)
+    fixed = {f["name"]: f for _, f in pairs}
     for method in methods:
         if method == "ours":
             for steps in io_steps:
@@ -383,7 +382,7 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
                 with tempfile.TemporaryDirectory(dir=out) as work:
                     for (mn, fn), (warped, jac, seconds) in run_ours(todo, Path(work), ckpt, steps, configs, label, overrides).items():
                         row = {"method": label, "pair": f"{mn}_to_{fn}", "moving": mn, "fixed": fn, "seconds": seconds, "hardware": hw}
-                        row.update(score(warped, subjects[fn], jac, labels))
+                        row.update(score(warped, fixed[fn], jac, labels))
                         _append(results_csv, row, labels)
                         if (mn, fn) == (pairs[0][0]["name"], pairs[0][1]["name"]):
                             _keep_for_figure(out, label, row["pair"], warped, jac)

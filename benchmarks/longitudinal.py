@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -92,9 +91,10 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     items = pairs()
     (a.out / "datalist.json").write_text(json.dumps({"testing": items}))
-    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "configs" / "inference.json"),
-                    "--bundle_root", str(REPO), "--datalist", str(a.out / "datalist.json"), "--ckpt_path", str(a.ckpt),
-                    "--prealign", "rigid", "--output_dir", str(a.out / "joint")], check=True, cwd=REPO)
+    from bundle.configs import bundle_command
+
+    subprocess.run(bundle_command("inference", REPO, ["inference.json"], {
+        "datalist": a.out / "datalist.json", "ckpt_path": a.ckpt, "prealign": "rigid", "output_dir": a.out / "joint"}), check=True, cwd=REPO)
     rows = []
     for pair in items:
         for method in ("identity", "rigid"):

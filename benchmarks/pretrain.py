@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
-import sys
 import time
 from itertools import permutations
 from pathlib import Path
@@ -102,10 +100,9 @@ def prepare(out: Path) -> Path:
     return datalist_path
 
 
-def _configs(registration_only: bool, voxelmorph_package: bool = False) -> str:
+def _configs(registration_only: bool, voxelmorph_package: bool = False) -> list[str]:
     names = ["train.json"] + (["registration_only.json"] if registration_only or voxelmorph_package else [])
-    names += ["voxelmorph_package.json"] if voxelmorph_package else []
-    return "[" + ",".join(f"'{REPO / 'configs' / n}'" for n in names) + "]"
+    return names + (["voxelmorph_package.json"] if voxelmorph_package else [])
 
 
 def run_dir(out: Path, registration_only: bool, label_weight: float, voxelmorph_package: bool = False) -> Path:
@@ -139,13 +136,14 @@ def train(out: Path, registration_only: bool, max_epochs: int, pixdim: float, va
         datalist = labelled_datalist(datalist)
     root = run_dir(out, registration_only, label_weight, voxelmorph_package)
     root.mkdir(parents=True, exist_ok=True)
-    args = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(registration_only, voxelmorph_package),
-        "--bundle_root", str(root), "--datalist", str(datalist), "--max_epochs", str(max_epochs),
-        "--val_interval", str(val_interval), "--pixdim", str([pixdim] * 3), "--progress_bar", "False",
-        "--num_classes", "4",  # IBSR labels: background, CSF, GM, WM
-        "--label_weight", str(label_weight),
-    ]
+    from bundle.configs import bundle_command
+
+    args = bundle_command("training", REPO, _configs(registration_only, voxelmorph_package), {
+        "bundle_root": root, "datalist": datalist, "max_epochs": max_epochs, "val_interval": val_interval,
+        "pixdim": [pixdim] * 3, "progress_bar": False,
+        "num_classes": 4,  # IBSR labels: background, CSF, GM, WM
+        "label_weight": label_weight,
+    })
     if init is not None:  # fine-tune from these weights (a resumed run restores its own checkpoint instead)
         init = init.resolve()  # the training command runs from the repository root
         if not init.is_file():

@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 import time
 from itertools import permutations
 from pathlib import Path
@@ -53,9 +52,9 @@ def _ibsr(data_root: Path) -> tuple[dict, int]:
 
 
 def _run(run_id: str, configs: list[str], overrides: dict, log: Path) -> float:
-    args = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str([str(REPO / c) for c in configs])]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
+    from bundle.configs import bundle_command
+
+    args = bundle_command(run_id, REPO, configs, overrides)
     start = time.perf_counter()
     with open(log, "a") as f:
         subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
@@ -85,11 +84,11 @@ def main() -> None:
     }
     train_s = _run(
         "training",
-        ["configs/train.json", "configs/registration_only.json"],
+        ["train.json", "registration_only.json"],
         {**common, "max_epochs": epochs, "val_interval": max(1, epochs // 4), "progress_bar": False, "num_workers": 0},
         work_dir / "train.log",
     )
-    _run("evaluating", ["configs/train.json", "configs/registration_only.json", "configs/evaluate.json"], common, work_dir / "eval.log")
+    _run("evaluating", ["train.json", "registration_only.json", "evaluate.json"], common, work_dir / "eval.log")
     with open(work_dir / "eval" / "metrics.csv") as f:
         metrics = dict(csv.reader(f))
     print(f"{args.dataset}: {len(datalist['training'])} training pairs x {epochs} epochs at {args.pixdim} mm, training {train_s:.0f} s")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 from itertools import permutations
@@ -37,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bundle.configs import bundle_command  # noqa: E402
 from bundle.io.writers import write_nifti  # noqa: E402
 from bundle.metrics import region_registration_metrics  # noqa: E402
 
@@ -123,9 +123,7 @@ def prepare(data_root: Path, work_dir: Path) -> Path:
 
 
 def _bundle(run_id: str, configs: list[str], overrides: dict, log: Path) -> None:
-    args = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(configs)]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
+    args = bundle_command(run_id, REPO, configs, overrides)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
@@ -155,7 +153,7 @@ def train(work_dir: Path, epochs: int, variants: list[str]) -> None:
             "num_workers": 0,
         }
         print(f"training {variant} ...", flush=True)
-        _bundle("training", [str(REPO / "configs/train.json")], overrides, work_dir / variant / "train.log")
+        _bundle("training", ["train.json"], overrides, work_dir / variant / "train.log")
 
 
 def evaluate(work_dir: Path, variants: list[str], band_mm: float) -> None:
@@ -164,7 +162,7 @@ def evaluate(work_dir: Path, variants: list[str], band_mm: float) -> None:
     for variant in variants:
         out_dir = work_dir / variant / "test_outputs"
         overrides = {**_common(work_dir, variant), "output_dir": out_dir, "ckpt_path": work_dir / variant / "models" / "model.pt"}
-        _bundle("inference", [str(REPO / "configs/inference.json")], overrides, work_dir / variant / "infer.log")
+        _bundle("inference", ["inference.json"], overrides, work_dir / variant / "infer.log")
         for pair in datalist["testing"]:
             rows.append({"variant": variant, **_score(work_dir, pair, out_dir / pair["name"], band_mm)})
     identity = [{"variant": "identity", **_score(work_dir, p, None, band_mm)} for p in datalist["testing"]]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import fire
 
+from bundle.configs import config_paths, is_registration_only, read_config, run_config
+
 __all__ = ["find_bundle_root", "register", "segment", "evaluate", "export_torchscript", "export_itk", "demo", "COMMANDS", "main"]
 
 PREALIGN_CHOICES = ("none", "rigid", "affine")
@@ -46,19 +48,6 @@ def _existing(path, what: str) -> str | list[str]:
     if path is None or not Path(str(path)).is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     return str(Path(str(path)).resolve())
-
-
-def _configs(root: Path, *names: str) -> list[str]:
-    return [str(root / "configs" / name) for name in names]
-
-
-def _parser(config_files: Sequence[str], root: Path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(list(config_files))
-    parser["bundle_root"] = str(root)
-    return parser
 
 
 def _device_override(device: str | None) -> dict:
@@ -93,21 +82,15 @@ def _checkpoint(model, parser) -> tuple[str, dict]:
     return path, state
 
 
-def _is_registration_only(state: Mapping) -> bool:
-    """A registration-only (VoxelMorph U-Net) checkpoint has a ``head`` and no segmentation head."""
-    keys = {k.removeprefix("module.") for k in state}
-    return any(k.startswith("head.") for k in keys) and not any(k.startswith("seg_head.") for k in keys)
-
-
 def _model_configs(root: Path, base: Sequence[str], model, registration_only: bool | None) -> tuple[list[str], str]:
-    """Config files for the checkpoint (the registration-only overlay when it is one) and the checkpoint path."""
-    files = _configs(root, *base)
-    path, state = _checkpoint(model, _parser(files, root))
+    """Config names for the checkpoint (the registration-only overlay when it is one) and the checkpoint path."""
+    names = list(base)
+    path, state = _checkpoint(model, read_config(root, names))
     if registration_only is None:
-        registration_only = _is_registration_only(state)
+        registration_only = is_registration_only(state)
     if registration_only:
-        files += _configs(root, "registration_only.json")
-    return files, path
+        names.append("registration_only.json")
+    return names, path
 
 
 def _prealign_override(prealign: str | None, parser) -> dict:
@@ -126,19 +109,6 @@ def _prealign_override(prealign: str | None, parser) -> dict:
     if prealign == "none":
         return {}
     raise ValueError(f"--prealign {prealign}: this bundle's inference config has no pre-alignment stage ('prealign' id).")
-
-
-def _run(run_id: str, config_files: Sequence[str], root: Path, overrides: Mapping) -> None:
-    """``monai.bundle.run`` of the bundle at ``root`` (``bundle_root`` defaults to it; an override may move it)."""
-    from monai.bundle import run
-
-    run(
-        run_id,
-        config_file=list(config_files),
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        **{"bundle_root": str(root), **overrides},
-    )
 
 
 def _write_datalist(folder: str, entry: dict) -> str:
@@ -198,10 +168,10 @@ def register(
     entry["name"] = out_dir.name
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
     if refine:
-        files += _configs(root, "instance_optimisation.json")
+        files.append("instance_optimisation.json")
     settings = {
         **_device_override(device),
-        **_prealign_override(prealign, _parser(files, root)),
+        **_prealign_override(prealign, read_config(root, files)),
         "ckpt_path": ckpt_path,
         "output_dir": str(out_dir.parent),
         "infer_section": "testing",
@@ -209,7 +179,7 @@ def register(
         "itk_export": bool(itk),
     }
     with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
-        _run("inference", files, root, {**overrides, **settings, "datalist": _write_datalist(tmp, entry)})
+        run_config("inference", root, files, {**overrides, **settings, "datalist": _write_datalist(tmp, entry)})
     return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
@@ -242,13 +212,13 @@ def segment(
     entry = {"image": _existing(image, "image")}
     out_dir = Path(str(out)).resolve()
     entry["name"] = out_dir.name
-    files = _configs(root, "inference.json", "inference_segmentation.json")
-    ckpt_path, state = _checkpoint(model, _parser(files, root))
-    if _is_registration_only(state):
+    files = ["inference.json", "inference_segmentation.json"]
+    ckpt_path, state = _checkpoint(model, read_config(root, files))
+    if is_registration_only(state):
         raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")
     settings = {**_device_override(device), "ckpt_path": ckpt_path, "output_dir": str(out_dir.parent)}
     with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
-        _run("inference", files, root, {**overrides, **settings, "infer_section": "testing",
+        run_config("inference", root, files, {**overrides, **settings, "infer_section": "testing",
                                          "datalist": _write_datalist(tmp, entry)})
     return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
@@ -291,7 +261,7 @@ def evaluate(
     settings = {**_device_override(device), **data, "ckpt_path": ckpt_path, "eval_section": str(section)}
     out_dir = Path(str(out)).resolve() if out is not None else root / "eval"
     settings["output_dir"] = str(out_dir)
-    _run("evaluating", files, root, {**overrides, **settings})
+    run_config("evaluating", root, files, {**overrides, **settings})
     return sorted(str(p) for p in out_dir.glob("*.csv"))
 
 
@@ -328,9 +298,7 @@ def export_torchscript(
 
     root = find_bundle_root(bundle_root)
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
-    parser = _parser(files, root)
-    for key, value in overrides.items():
-        parser[key] = value
+    parser = read_config(root, files, overrides)
     if input_shape is None:
         channels = 2 * int(parser.get_parsed_content("num_channels"))
         input_shape = [1, channels, *([64] * int(parser.get_parsed_content("spatial_dims")))]
@@ -356,7 +324,7 @@ def export_torchscript(
         filepath=str(out_path),
         ckpt_file=ckpt_path,
         meta_file=str(root / "configs" / "metadata.json"),
-        config_file=files,
+        config_file=config_paths(root, files),
         key_in_ckpt=key,
         use_trace=True,
         input_shape=[int(s) for s in input_shape],
@@ -421,11 +389,11 @@ def demo(
     results = [build_demo_dataset(str(work / "demo_data"))]
     common = {**_device_override(device), "bundle_root": str(work)}
     if train:
-        _run("training", _configs(bundle, "train.json"), bundle, {**overrides, **common})
+        run_config("training", bundle, ["train.json"], {**overrides, **common})
         results.append(str(work / "models" / "model.pt"))
     if infer:
         load_checkpoint(work / "models" / "model.pt")  # clear error before the pipeline starts
-        _run("inference", _configs(bundle, "inference.json"), bundle, {**overrides, **common})
+        run_config("inference", bundle, ["inference.json"], {**overrides, **common})
         results.append(str(work / "outputs"))
     return results
 

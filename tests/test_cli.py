@@ -19,6 +19,7 @@ import torch
 from monai.bundle import ConfigParser  # imported here, not in the job threads: concurrent first imports race
 
 from bundle import cli
+from bundle.configs import is_registration_only
 from bundle.io.itk_export import read_ddf_nifti, read_itk_displacement_field
 from conftest import CONFIGS, PIXDIM, JobGraph, check_outputs_on_grid, run
 
@@ -184,8 +185,8 @@ def test_prealign_passes_only_when_the_config_has_it():
 def test_registration_only_checkpoints_are_detected(tmp_path):
     joint = torch.load(_write_checkpoint(tmp_path / "j.pt"), weights_only=True)["network"]
     reg = torch.load(_write_checkpoint(tmp_path / "r.pt", "registration_only.json"), weights_only=True)["network"]
-    assert not cli._is_registration_only(joint) and cli._is_registration_only(reg)
-    assert cli._is_registration_only({f"module.{k}": v for k, v in reg.items()})  # DDP prefix
+    assert not is_registration_only(joint) and is_registration_only(reg)
+    assert is_registration_only({f"module.{k}": v for k, v in reg.items()})  # DDP prefix
 
 
 # ------------------------------------------------------------------------------------------- real runs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from monai.inferers import Inferer
-from monai.networks.blocks import Warp
 from monai.networks.blocks.warp import DVF2DDF
 from torch.nn.modules.loss import _Loss
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.utils import MetricReduction
 
 from bundle.spatial import sample_field
 

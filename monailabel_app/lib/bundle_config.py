@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monai.bundle import ConfigParser
+from bundle.configs import read_config  # the bundle's config plumbing, shared with its CLI and benchmarks
 
 __all__ = ["AppSettings", "read_config", "read_metadata", "TRAINED_MODEL"]
 
@@ -96,18 +96,6 @@ def _json_object(conf: dict, key: str) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"--conf {key} must be a JSON object, got {text!r}.")
     return value
-
-
-def read_config(bundle_root: str | os.PathLike, files: tuple[str, ...], overrides: dict | None = None) -> ConfigParser:
-    """Parser of ``configs/<files>`` merged in order (later files override ids); ``bundle_root``, ``overrides`` set."""
-    configs = Path(bundle_root) / "configs"
-    missing = [f for f in files if not (configs / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"bundle configs not found in {configs}: {missing}")
-    parser = ConfigParser()
-    parser.read_config([str(configs / f) for f in files])
-    parser.update({"bundle_root": str(bundle_root), **(overrides or {})})
-    return parser
 
 
 def read_metadata(bundle_root: str | os.PathLike) -> dict:
