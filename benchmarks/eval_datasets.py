@@ -13,6 +13,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bundle.io.writers import write_atomic
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 
@@ -38,10 +40,9 @@ def _write(subject: str, image: np.ndarray, label: np.ndarray, affine: np.ndarra
     out = {"name": subject, "affine": affine, "image_array": image.astype(np.float32), "label_array": label.astype(np.int16)}
     for kind in ("image", "label"):
         path = work / f"{subject}_{kind}.nii.gz"
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}")  # atomic: a half-written input is never reused
-            nib.save(nib.Nifti1Image(out[f"{kind}_array"], affine), tmp)
-            tmp.rename(path)
+        if not path.exists():  # atomic: a half-written input is never reused
+            image = nib.Nifti1Image(out[f"{kind}_array"], affine)
+            write_atomic(path, ".nii.gz", lambda tmp, image=image: nib.save(image, tmp))
         out[kind] = path
     return out
 

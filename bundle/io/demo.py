@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from itertools import permutations
 
 import nibabel as nib
@@ -33,7 +32,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from bundle.io.writers import write_nifti
+from bundle.io.writers import write_atomic, write_nifti
 from bundle.transforms.lesion import RandLesionImplantd
 
 __all__ = ["DEMO_VERSION", "build_demo_dataset", "template_paths"]
@@ -144,15 +143,12 @@ def _write(subject: dict, output_dir: str, stem: str, keys: tuple[str, ...]) -> 
 
 def _save_json(obj: dict, path: str) -> None:
     """Write JSON atomically."""
-    fd, tmp = tempfile.mkstemp(suffix=".json", prefix=".tmp_", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    write_atomic(path, ".json", dump)
 
 
 def _lesion_pairs(indices: list[int]) -> list[dict[str, str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
 from bundle.engines import load_weights
+from bundle.io.writers import write_atomic
 
 from ..bundle_config import AppSettings
 from ..subjects import split_subjects
@@ -96,10 +96,6 @@ class JointTraining(TrainTask):
 
     def _publish(self, best: Path) -> Path:
         """Copy ``best`` to the infer tasks' trained-model path atomically (no half-written file is ever read)."""
-        target = self.settings.trained_model
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(best, tmp)
-        os.replace(tmp, target)
+        target = write_atomic(self.settings.trained_model, ".pt", lambda tmp: shutil.copyfile(best, tmp))
         logger.info(f"published {best} -> {target}")
         return target
