@@ -11,8 +11,8 @@ trainer state: the next session or another machine continues exactly where it st
 (best validation Dice so far) and ``training_log.csv`` (iteration, every loss term, learning rate, gradient
 norm, validation Dice and folding, cumulative wall time, hardware). Commit those three after each session.
 
-Data (fixed subject splits, committed): LPBA40 (``lpba40_split.json``: 10 training subjects, all ordered
-pairs, 56 manual structures as auxiliary Dice) and IBSR (``ibsr_split.json``: 9 training subjects aligned
+Data (fixed subject splits, committed): LPBA40 (``bundle/data/splits/lpba40_split.json``: 10 training subjects, all ordered
+pairs, 56 manual structures as auxiliary Dice) and IBSR (``bundle/data/splits/ibsr_split.json``: 9 training subjects aligned
 affinely to the reference subject by the bundle's own ITK stage, CSF/GM/WM on the 6 labelled ones).
 Validation pairs: LPBA40 validation subjects with each other and IBSR's validation subject with two labelled
 training subjects. Test subjects are never read here.
@@ -45,7 +45,9 @@ RUN = "registration_t1"
 
 
 def _split(name: str) -> dict:
-    return json.loads((HERE / f"{name}_split.json").read_text())
+    from bundle.data import load_split
+
+    return load_split(name)
 
 
 def lpba40_pairs(split: dict, section: str) -> list[dict]:

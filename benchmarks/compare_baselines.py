@@ -7,7 +7,7 @@
     python benchmarks/compare_baselines.py report [--dataset ...] [--out ...]   # table + figures into docs/
 
 ``run`` registers every ordered pair of the dataset's test subjects (never trained on; see
-``eval_datasets.py``: IBSR CSF/GM/WM, SynthSeg-synthesised images with 30 FreeSurfer structures, the
+``bundle/data/evaluation.py``: IBSR CSF/GM/WM, SynthSeg-synthesised images with 30 FreeSurfer structures, the
 labelled OASIS-derived pair, LPBA40 with its 56 manually delineated structures) with each method and scores,
 in the **fixed image's native grid**: Dice per label of the warped moving labels (nearest neighbour, or the
 tool's own label interpolation where noted; the mean is over the labels present in the fixed map), HD95 in mm
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_datasets import DATASETS, load
+from bundle.data.evaluation import DATASETS, load
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_4mm.pt"

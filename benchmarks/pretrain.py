@@ -1,4 +1,4 @@
-"""Train the shipped weights on real T1 MRI (IBSR), with the fixed subject split of ``ibsr_split.json``.
+"""Train the shipped weights on real T1 MRI (IBSR), with the fixed subject split of ``bundle/data/splits/ibsr_split.json``.
 
     python benchmarks/pretrain.py prepare          # affine-align train/validation subjects to the reference
     python benchmarks/pretrain.py train [--registration-only] [--label-weight W] [--max-epochs N] [--pixdim MM]
@@ -31,9 +31,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from bundle.data import load_split
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ibsr"
-SPLIT = json.loads((Path(__file__).with_name("ibsr_split.json")).read_text())
+SPLIT = load_split("ibsr")
 RUNS = REPO / "runs" / "pretrain"
 SHIPPED = {False: "joint_t1_ibsr_4mm.pt", True: "registration_t1_ibsr_4mm.pt"}
 

@@ -382,7 +382,7 @@ def demo(
         FileNotFoundError: the nilearn template is missing, or --notrain --infer without a trained model.
     """
     from bundle.engines import load_checkpoint
-    from bundle.io.demo import build_demo_dataset
+    from bundle.data.demo import build_demo_dataset
 
     bundle = find_bundle_root()  # the configs; ``root`` is only where the demo's files go
     work = Path(str(root)).resolve() if root is not None else bundle

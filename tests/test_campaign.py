@@ -12,11 +12,12 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import campaign  # noqa: E402
 
+from bundle.data import load_split  # noqa: E402
 from bundle.engines import TrainingLog  # noqa: E402
 
 
 def _split(name):
-    return json.loads((REPO_ROOT / "benchmarks" / f"{name}_split.json").read_text())
+    return load_split(name)
 
 
 @pytest.mark.parametrize("name", ("lpba40", "ibsr", "synthseg"))

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, SHARED_DATA
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import compare_baselines  # noqa: E402
-from eval_datasets import DATASETS, LPBA40, OASIS, _write, load  # noqa: E402
+from bundle.data.evaluation import DATASETS, LPBA40, OASIS, _write, load  # noqa: E402
 
 
 def _subject(label: np.ndarray) -> dict:

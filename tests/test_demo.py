@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle.io import demo
-from bundle.io.demo import build_demo_dataset
+from bundle.data import demo
+from bundle.data.demo import build_demo_dataset
 
 try:
     demo.template_paths()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 
 from bundle.transforms import RandSynthesiseImaged
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import SHARED_DATA
 
 
 def _label_map() -> torch.Tensor:
@@ -70,8 +69,7 @@ def test_synthseg_test_subject_cropped_in_world_space(tmp_path):
     """The evaluation's synthesised subject keeps each label at its world position after the brain crop."""
     import nibabel as nib
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from eval_datasets import FREESURFER_30, SynthSeg
+    from bundle.data.evaluation import FREESURFER_30, SynthSeg
 
     subject = SynthSeg().subject("17", tmp_path)
     original = nib.load(SHARED_DATA / "synthseg_label_maps" / "training_seg_17.nii.gz")

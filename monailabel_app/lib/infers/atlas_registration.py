@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from monai.transforms import CastToTyped, Lambda, MapTransform, SqueezeDimd
 
-from bundle.io.demo import build_demo_dataset
+from bundle.data.demo import build_demo_dataset
 
 from ..bundle_config import AppSettings, read_config
 from .base import BundleConfigInferTask

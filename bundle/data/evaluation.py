@@ -1,6 +1,7 @@
-"""Test sets of the side-by-side evaluation (``compare_baselines.py``): IBSR, SynthSeg-synthesised, OASIS, LPBA40.
+"""Test sets of the side-by-side evaluation (``benchmarks/compare_baselines.py``): IBSR, SynthSeg-synthesised,
+OASIS, LPBA40.
 
-Each dataset names its held-out test subjects (fixed splits in ``*_split.json``), the labels scored, and
+Each dataset names its held-out test subjects (fixed splits in ``bundle/data/splits/*_split.json``), the labels scored, and
 writes every test subject as a plain 3D NIfTI image + label map into a work folder (ANTs, elastix and greedy read
 them from there). All of them read ``../shared/data`` and raise ``FileNotFoundError`` when it is absent.
 """
@@ -13,10 +14,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bundle.data import SHARED_DATA as DATA
+from bundle.data import SPLITS_DIR
 from bundle.io.writers import write_atomic
-
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
 
 # The 30 FreeSurfer structures scored in the VoxelMorph papers (``oasis/labels.npz``), short names.
 FREESURFER_30 = {
@@ -52,7 +52,7 @@ class IBSR:
 
     name = "ibsr"
     labels = {1: "CSF", 2: "GM", 3: "WM"}
-    split_file = HERE / "ibsr_split.json"
+    split_file = SPLITS_DIR / "ibsr_split.json"
 
     def __init__(self) -> None:
         self.split = json.loads(self.split_file.read_text())
@@ -64,7 +64,7 @@ class IBSR:
         return _write(subject, image, label, affine, work)
 
     def describe(self) -> str:
-        return f"IBSR test split of `benchmarks/ibsr_split.json` ({', '.join(self.testing)}), CSF/GM/WM Dice"
+        return f"IBSR test split of `bundle/data/splits/ibsr_split.json` ({', '.join(self.testing)}), CSF/GM/WM Dice"
 
 
 class SynthSeg:
@@ -75,7 +75,7 @@ class SynthSeg:
 
     name = "synthseg"
     labels = FREESURFER_30
-    split_file = HERE / "synthseg_split.json"
+    split_file = SPLITS_DIR / "synthseg_split.json"
 
     def __init__(self, contrast: str = "t1") -> None:
         self.split = json.loads(self.split_file.read_text())
@@ -104,7 +104,7 @@ class SynthSeg:
         return _write(subject, image, label, shifted, work)
 
     def describe(self) -> str:
-        return (f"SynthSeg label maps {', '.join(self.testing)} (test split of `benchmarks/synthseg_split.json`), "
+        return (f"SynthSeg label maps {', '.join(self.testing)} (test split of `bundle/data/splits/synthseg_split.json`), "
                 f"images synthesised with `RandSynthesiseImaged` ({self.contrast} contrast, seed = subject number), "
                 f"Dice on the {len(self.labels)} VoxelMorph structures (mean over those present in the fixed map)")
 
@@ -139,7 +139,7 @@ class LPBA40:
     (and background 0) is an error naming the file."""
 
     name = "lpba40"
-    split_file = HERE / "lpba40_split.json"
+    split_file = SPLITS_DIR / "lpba40_split.json"
 
     def __init__(self) -> None:
         self.split = json.loads(self.split_file.read_text())
@@ -166,7 +166,7 @@ class LPBA40:
         return _write(subject, image, label, affine, work)
 
     def describe(self) -> str:
-        return (f"LPBA40 test split of `benchmarks/lpba40_split.json` ({', '.join(self.testing)}; one affinely aligned "
+        return (f"LPBA40 test split of `bundle/data/splits/lpba40_split.json` ({', '.join(self.testing)}; one affinely aligned "
                 f"1 mm grid), Dice on the {len(self.labels)} manually delineated structures (LONI LPBA40, Shattuck et al., "
                 "NeuroImage 2008)")
 
