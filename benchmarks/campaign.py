@@ -50,13 +50,35 @@ def _split(name: str) -> dict:
     return load_split(name)
 
 
-def lpba40_pairs(split: dict, section: str) -> list[dict]:
-    """Ordered pairs of one LPBA40 split section (training: all ordered pairs of its subjects)."""
+def lpba40_classes(subject: str, label_values: list[int], out: Path) -> Path:
+    """``out/<subject>_classes.nii.gz``: the subject's LPBA40 label map with ``label_values`` mapped to classes
+    1..56 in that order (written once). Done on disk, not by the config's ``label_values``, because the synthetic
+    pairs keep FreeSurfer values until they are synthesised (``RandSynthesisePaird`` maps those)."""
+    import nibabel as nib
+    import numpy as np
+
+    from bundle.io import write_nifti
+
+    target = out / f"{subject}_classes.nii.gz"
+    if not target.is_file():
+        img = nib.load(DATA / "lpba40" / subject / f"{subject}_label.nii.gz")
+        values = np.asarray(img.dataobj).astype(np.int64)
+        lookup = np.zeros(max(max(label_values), int(values.max())) + 1, dtype=np.uint8)
+        lookup[label_values] = np.arange(1, len(label_values) + 1)
+        write_nifti(lookup[values][None], img.affine, target)
+    return target
+
+
+def lpba40_pairs(split: dict, section: str, out: Path | None = None) -> list[dict]:
+    """Ordered pairs of one LPBA40 split section (training: all ordered pairs of its subjects); with ``out``,
+    the label maps are the class maps of :func:`lpba40_classes` written there."""
     def files(s: str) -> dict:
         image, label = DATA / "lpba40" / s / f"{s}.nii.gz", DATA / "lpba40" / s / f"{s}_label.nii.gz"
         for path in (image, label):
             if not path.is_file():
                 raise FileNotFoundError(f"LPBA40 file not found: {path}")
+        if out is not None:
+            label = lpba40_classes(s, split["label_values"], out)
         return {"image": str(image), "label": str(label)}
 
     return [
@@ -66,8 +88,69 @@ def lpba40_pairs(split: dict, section: str) -> list[dict]:
     ]
 
 
-def prepare(out: Path = RUNS) -> Path:
-    """Write ``out/datalist.json`` (training and validation pairs of LPBA40 and IBSR); IBSR is aligned once."""
+def synthseg_subjects(split: dict, out: Path) -> dict[str, str]:
+    """SynthSeg training label maps aligned affinely to the first one (written once to ``out``), by subject.
+
+    The maps are in their own subject spaces; like IBSR, each is aligned by the bundle's ITK stage (on a T1-like
+    image synthesised from it with a fixed seed; only the label map is kept, nearest neighbour) onto the
+    reference map's grid cropped to its brain (+10 voxels), so the pairs are affinely aligned like the real ones.
+    """
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from bundle.alignment import itk_affine_register
+    from bundle.io import write_nifti
+    from bundle.spatial import resample_to_grid
+    from bundle.transforms import RandSynthesiseImaged
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def load(subject: str):
+        path = DATA / "synthseg_label_maps" / f"training_seg_{subject}.nii.gz"
+        if not path.is_file():
+            raise FileNotFoundError(f"SynthSeg label map not found: {path}")
+        img = nib.load(path)
+        label = np.asarray(img.dataobj).astype(np.int16)
+        image, _ = RandSynthesiseImaged("l", "i").set_random_state(int(subject)).synthesise(torch.as_tensor(label)[None])
+        return label, image[0].numpy(), img.affine
+
+    reference = split["training"][0]
+    ref_label, ref_image, ref_affine = load(reference)
+    brain = np.argwhere((ref_label > 0) & (ref_label < 100))
+    lo, hi = np.maximum(brain.min(0) - 10, 0), np.minimum(brain.max(0) + 11, ref_label.shape)
+    grid = ref_affine.copy()
+    grid[:3, 3] = ref_affine[:3, :3] @ lo + ref_affine[:3, 3]
+    shape = tuple(int(v) for v in hi - lo)
+    subjects = {}
+    for subject in split["training"]:
+        target = out / f"synthseg_{subject}_label.nii.gz"
+        if not target.is_file():
+            label, image, affine = load(subject)
+            matrix = np.eye(4) if subject == reference else itk_affine_register(image, affine, ref_image, ref_affine)
+            aligned = resample_to_grid(torch.as_tensor(label.astype(np.float32))[None], torch.as_tensor(affine),
+                                       torch.as_tensor(matrix @ grid), shape, mode="nearest")
+            write_nifti(aligned.numpy().astype(np.int16), grid, target)
+            print(f"SynthSeg {subject}: aligned to {reference}", flush=True)
+        subjects[subject] = str(target)
+    return subjects
+
+
+def synthseg_pairs(split: dict, out: Path, count: int, seed: int = 0) -> list[dict]:
+    """``count`` ordered pairs (seeded sample) of the SynthSeg training maps, flagged for ``RandSynthesisePaird``:
+    each label map is its own image, synthesised anew every epoch (the 30 VoxelMorph structures as classes)."""
+    import random
+
+    subjects = synthseg_subjects(split, out)
+    pairs = sorted(permutations(split["training"], 2))
+    chosen = random.Random(seed).sample(pairs, min(count, len(pairs)))
+    return [{"moving": subjects[m], "fixed": subjects[f], "moving_label": subjects[m], "fixed_label": subjects[f],
+             "synthesise": True, "name": f"synthseg_{m}_to_{f}"} for m, f in chosen]
+
+
+def prepare(out: Path = RUNS, synthetic_pairs: int = 60) -> Path:
+    """Write ``out/datalist.json``: training pairs of LPBA40, IBSR and ``synthetic_pairs`` SynthSeg pairs,
+    validation pairs of LPBA40 and IBSR; IBSR and SynthSeg are aligned once."""
     sys.path.insert(0, str(HERE))
     import pretrain  # the IBSR affine preparation (aligned to the reference subject with the bundle's ITK stage)
 
@@ -85,8 +168,9 @@ def prepare(out: Path = RUNS) -> Path:
     val_subject = _split("ibsr")["validation"][0]
     ibsr_val = [p for p in ibsr["validation"] if p["name"].startswith(val_subject)][:2]  # validation subject as moving
     datalist = {
-        "training": lpba40_pairs(lpba, "training") + ibsr_train,
-        "validation": lpba40_pairs(lpba, "validation") + [{**p, "name": "ibsr_" + p["name"]} for p in ibsr_val],
+        "training": lpba40_pairs(lpba, "training", out / "lpba40") + ibsr_train
+        + synthseg_pairs(_split("synthseg"), out / "synthseg", synthetic_pairs),
+        "validation": lpba40_pairs(lpba, "validation", out / "lpba40") + [{**p, "name": "ibsr_" + p["name"]} for p in ibsr_val],
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / "datalist.json"
@@ -101,8 +185,7 @@ def prepare(out: Path = RUNS) -> Path:
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str]) -> list[str]:
     from bundle.configs import bundle_command
 
-    settings = {"bundle_root": root, "datalist": datalist, "label_values": json.dumps(_split("lpba40")["label_values"]),
-                "training_log": root / "training_log.csv", "num_threads": threads}
+    settings = {"bundle_root": root, "datalist": datalist, "training_log": root / "training_log.csv", "num_threads": threads}
     return [*bundle_command("training", REPO, ["train.json", "registration_only.json", "campaign.json"], settings), *extra]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -46,18 +45,51 @@ def test_lpba40_pairs_are_all_ordered_pairs_with_labels():
     assert not any(s in p["moving"] or s in p["fixed"] for p in pairs for s in test_subjects)
 
 
+def test_lpba40_class_maps_follow_the_split_order(tmp_path):
+    if not (campaign.DATA / "lpba40" / "S21" / "S21_label.nii.gz").is_file():
+        pytest.skip("LPBA40 not in ../shared/data")
+    import nibabel as nib
+    import numpy as np
+
+    split = _split("lpba40")
+    pairs = campaign.lpba40_pairs(split, "validation", tmp_path)
+    assert {p["moving_label"] for p in pairs} == {str(tmp_path / "S21_classes.nii.gz"), str(tmp_path / "S22_classes.nii.gz")}
+    original = np.asarray(nib.load(campaign.DATA / "lpba40" / "S21" / "S21_label.nii.gz").dataobj).reshape(-1)
+    classes = np.asarray(nib.load(tmp_path / "S21_classes.nii.gz").dataobj).reshape(-1)
+    assert classes.dtype == np.uint8 and classes.max() <= 56
+    for k, value in enumerate(split["label_values"][:5], start=1):
+        assert np.array_equal(classes == k, original == value)
+
+
+def test_synthetic_pairs_are_aligned_label_maps_flagged_for_synthesis(tmp_path):
+    if not (campaign.DATA / "synthseg_label_maps" / "training_seg_02.nii.gz").is_file():
+        pytest.skip("SynthSeg label maps not in ../shared/data")
+    import nibabel as nib
+    import numpy as np
+
+    split = {"training": ["01", "02"]}
+    pairs = campaign.synthseg_pairs(split, tmp_path, count=5)
+    assert sorted(p["name"] for p in pairs) == ["synthseg_01_to_02", "synthseg_02_to_01"]  # all there are
+    for p in pairs:
+        assert p["synthesise"] is True and p["moving"] == p["moving_label"] and p["fixed"] == p["fixed_label"]
+    ref, other = (nib.load(tmp_path / f"synthseg_{s}_label.nii.gz") for s in ("01", "02"))
+    assert ref.shape == other.shape and np.allclose(ref.affine, other.affine)  # one grid, cropped to the brain
+    a, b = (np.isin(np.asarray(i.dataobj), [2, 41]) for i in (ref, other))  # white matter overlaps once aligned
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.6
+
+
 def test_lpba40_pairs_name_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "DATA", tmp_path)
     with pytest.raises(FileNotFoundError, match="S11.nii.gz"):
         campaign.lpba40_pairs({"training": ["S11", "S12"]}, "training")
 
 
-def test_training_command_uses_the_recipe_overlays_and_the_label_values(tmp_path):
+def test_training_command_uses_the_recipe_overlays(tmp_path):
     args = campaign.training_command(tmp_path / "datalist.json", tmp_path / "run", 2, ["--epoch_length", "5"])
     assert args[1:5] == ["-m", "monai.bundle", "run", "training"]
     configs = args[args.index("--config_file") + 1]
     assert all(n in configs for n in ("train.json", "registration_only.json", "campaign.json"))
-    assert json.loads(args[args.index("--label_values") + 1]) == _split("lpba40")["label_values"]
+    assert "--label_values" not in args  # LPBA40 class maps are written by prepare (synthetic pairs keep FreeSurfer values)
     assert args[-2:] == ["--epoch_length", "5"] and args[args.index("--num_threads") + 1] == "2"
     assert args[args.index("--training_log") + 1] == str(tmp_path / "run" / "training_log.csv")  # committed with the run
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from bundle.transforms import RandSynthesiseImaged
+from bundle.transforms import FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird
 from conftest import SHARED_DATA
 
 
@@ -33,6 +33,33 @@ def test_t1_contrast_orders_tissues_and_strips_skull():
     core = lambda v: float(image[0, 10:22, 10:14, 10:22][label[0, 10:22, 10:14, 10:22] == v].mean())  # noqa: E731
     wm, gm, csf = core(2), float(image[0, 5, 5:27, 5:27].mean()), float(image[label == 4].mean())
     assert wm > gm > csf, (wm, gm, csf)
+
+
+def test_synthetic_pairs_get_new_images_and_training_classes_real_pairs_pass():
+    """``RandSynthesisePaird``: a flagged pair's images are drawn from its label maps (independently), its
+    labels become classes 1..30 in ``FREESURFER_30`` order (others 0), the flag is dropped; real pairs pass."""
+    label = MetaTensor(_label_map(), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    item = {"moving": label.float(), "fixed": label.float(), "moving_label": label.clone(), "fixed_label": label.clone(),
+            "synthesise": True}
+    pair = RandSynthesisePaird(["moving_label", "fixed_label"], ["moving", "fixed"]).set_random_state(0)
+    out = pair(item)
+    assert "synthesise" not in out
+    classes = list(FREESURFER_30)
+    for key in ("moving_label", "fixed_label"):
+        assert isinstance(out[key], MetaTensor) and torch.equal(out[key].affine, label.affine)
+        assert set(torch.unique(out[key]).tolist()) == {0, 1 + classes.index(2), 1 + classes.index(3),
+                                                         1 + classes.index(4), 1 + classes.index(41)}
+        assert int(out[key].max()) <= len(classes)
+    for key in ("moving", "fixed"):
+        assert out[key].shape == label.shape and 0.0 <= float(out[key].min()) and float(out[key].max()) <= 1.0
+        assert float(out[key][label == 515].abs().max()) == 0.0  # skull stripped, not the label map's values
+    assert not torch.equal(out["moving"], out["fixed"])  # independent draws
+    real = {"moving": torch.rand(1, 8, 8, 8), "fixed": torch.rand(1, 8, 8, 8), "moving_label": torch.ones(1, 8, 8, 8)}
+    passed = pair(dict(real))
+    assert passed.keys() == real.keys() and all(passed[k] is real[k] for k in real)
+    kept = RandSynthesisePaird(["moving_label"], ["moving"], label_values=None).set_random_state(0)(
+        {"moving": label.float(), "moving_label": label.clone(), "synthesise": 1})
+    assert set(torch.unique(kept["moving_label"]).tolist()) == {0, 2, 3, 4, 41}  # values kept, skull stripped
 
 
 def test_seeded_draws_repeat_and_differ_between_seeds():

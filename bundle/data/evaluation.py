@@ -17,15 +17,8 @@ import numpy as np
 from bundle.data import SHARED_DATA as DATA
 from bundle.data import SPLITS_DIR
 from bundle.io.writers import write_atomic
+from bundle.transforms.synthesis import FREESURFER_30
 
-# The 30 FreeSurfer structures scored in the VoxelMorph papers (``oasis/labels.npz``), short names.
-FREESURFER_30 = {
-    2: "L_WM", 3: "L_Cortex", 4: "L_LatVent", 7: "L_CbWM", 8: "L_CbCortex", 10: "L_Thalamus", 11: "L_Caudate",
-    12: "L_Putamen", 13: "L_Pallidum", 14: "3rdVent", 15: "4thVent", 16: "BrainStem", 17: "L_Hippocampus",
-    18: "L_Amygdala", 24: "CSF", 28: "L_VentralDC", 31: "L_ChoroidPlexus", 41: "R_WM", 42: "R_Cortex",
-    43: "R_LatVent", 46: "R_CbWM", 47: "R_CbCortex", 49: "R_Thalamus", 50: "R_Caudate", 51: "R_Putamen",
-    52: "R_Pallidum", 53: "R_Hippocampus", 54: "R_Amygdala", 60: "R_VentralDC", 63: "R_ChoroidPlexus",
-}
 
 
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:

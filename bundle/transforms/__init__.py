@@ -4,4 +4,4 @@ from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
-from .synthesis import RandSynthesiseImaged
+from .synthesis import FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird

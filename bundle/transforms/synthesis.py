@@ -22,7 +22,7 @@ from monai.transforms import (
 
 from .checks import source_name
 
-__all__ = ["FREESURFER_BRAIN_LABELS", "T1_MEANS", "RandSynthesiseImaged"]
+__all__ = ["FREESURFER_30", "FREESURFER_BRAIN_LABELS", "T1_MEANS", "RandSynthesiseImaged", "RandSynthesisePaird"]
 
 # Mean T1-weighted intensity per FreeSurfer label (white matter 0.8, cortex 0.5, CSF 0.15), from the
 # usual T1 ordering of tissues; deep grey nuclei sit between cortex and white matter.
@@ -33,6 +33,15 @@ T1_MEANS = {
     4: 0.15, 43: 0.15, 5: 0.15, 44: 0.15, 14: 0.15, 15: 0.15, 24: 0.18, 72: 0.15, 30: 0.30, 62: 0.30,  # CSF, vessel
     31: 0.40, 63: 0.40, 77: 0.70, 80: 0.45,  # choroid plexus, hypointensities
 }
+# The 30 FreeSurfer structures scored in the VoxelMorph papers (``oasis/labels.npz``), short names.
+FREESURFER_30 = {
+    2: "L_WM", 3: "L_Cortex", 4: "L_LatVent", 7: "L_CbWM", 8: "L_CbCortex", 10: "L_Thalamus", 11: "L_Caudate",
+    12: "L_Putamen", 13: "L_Pallidum", 14: "3rdVent", 15: "4thVent", 16: "BrainStem", 17: "L_Hippocampus",
+    18: "L_Amygdala", 24: "CSF", 28: "L_VentralDC", 31: "L_ChoroidPlexus", 41: "R_WM", 42: "R_Cortex",
+    43: "R_LatVent", 46: "R_CbWM", 47: "R_CbCortex", 49: "R_Thalamus", 50: "R_Caudate", 51: "R_Putamen",
+    52: "R_Pallidum", 53: "R_Hippocampus", 54: "R_Amygdala", 60: "R_VentralDC", 63: "R_ChoroidPlexus",
+}
+
 # FreeSurfer's brain structures are the labels 1..99 (aseg); SynthSeg's maps add extra-cerebral tissue above.
 FREESURFER_BRAIN_LABELS = tuple(range(1, 100))
 
@@ -136,4 +145,69 @@ class RandSynthesiseImaged(RandomizableTransform, MapTransform):
             if isinstance(d[key], MetaTensor):
                 image, label = MetaTensor(image, meta=dict(d[key].meta)), MetaTensor(label, meta=dict(d[key].meta))
             d[image_key], d[key] = image, label
+        return d
+
+
+class RandSynthesisePaird(RandomizableTransform, MapTransform):
+    """Training pairs made of label maps only (SynthMorph-style): for an item whose ``flag_key`` is true,
+    replace each image by one synthesised from its label map (:class:`RandSynthesiseImaged`, an independent
+    draw per image) and map the label values to training classes; other items pass unchanged.
+
+    A synthetic pair is listed in the datalist like any pair, with each label map as its own image and label
+    (``{"moving": seg_a, "fixed": seg_b, "moving_label": seg_a, "fixed_label": seg_b, "synthesise": true}``),
+    so the deterministic pre-processing (crop, orientation, spacing, padding) is shared and cached; this
+    transform runs after the cache (a new image every epoch). The flag is removed, so batches of synthetic and
+    real pairs collate alike.
+
+    Args:
+        keys: label-map keys, e.g. ``("moving_label", "fixed_label")`` (values as in the label maps, e.g. FreeSurfer).
+        image_keys: the image key replaced for each label key, e.g. ``("moving", "fixed")``.
+        flag_key: the item key marking a synthetic pair.
+        label_values: label values kept as training classes ``1..len(label_values)`` in this order (others -> 0),
+            e.g. the 30 FreeSurfer structures (``FREESURFER_30``); ``None`` keeps the values.
+        synthesis: arguments of :class:`RandSynthesiseImaged` (``contrast``, ``mean_jitter``, ...).
+
+    Raises:
+        ValueError: ``image_keys`` not one per key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_keys: KeysCollection,
+        flag_key: str = "synthesise",
+        label_values: Sequence[int] | None = tuple(FREESURFER_30),
+        allow_missing_keys: bool = False,
+        **synthesis,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.synthesiser = RandSynthesiseImaged(keys, image_keys, allow_missing_keys=allow_missing_keys, **synthesis)
+        self.flag_key = flag_key
+        self.lookup = None
+        if label_values is not None:
+            values = [int(v) for v in label_values]
+            self.lookup = torch.zeros(max(values) + 1, dtype=torch.int16)
+            self.lookup[torch.as_tensor(values)] = torch.arange(1, len(values) + 1, dtype=torch.int16)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.synthesiser.set_random_state(state=self.R)
+        return self
+
+    def _classes(self, label: torch.Tensor) -> torch.Tensor:
+        values = torch.as_tensor(label).long()
+        inside = values.clamp(0, len(self.lookup) - 1)
+        classes = torch.where(values < len(self.lookup), self.lookup[inside], torch.zeros_like(values, dtype=torch.int16))
+        return classes.to(torch.int16)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if not d.pop(self.flag_key, False):
+            return d
+        d = self.synthesiser(d)
+        if self.lookup is not None:
+            for key in self.key_iterator(d):
+                classes = self._classes(d[key])
+                d[key] = MetaTensor(classes, meta=dict(d[key].meta)) if isinstance(d[key], MetaTensor) else classes
         return d
