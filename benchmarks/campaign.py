@@ -13,7 +13,9 @@ norm, validation Dice and folding, cumulative wall time, hardware). Commit those
 
 Data (fixed subject splits, committed): LPBA40 (``bundle/data/splits/lpba40_split.json``: 10 training subjects, all ordered
 pairs, 56 manual structures as auxiliary Dice) and IBSR (``bundle/data/splits/ibsr_split.json``: 9 training subjects aligned
-affinely to the reference subject by the bundle's own ITK stage, CSF/GM/WM on the 6 labelled ones).
+affinely to the reference subject by the bundle's own ITK stage, CSF/GM/WM on the 6 labelled ones), and SynthSeg
+(``bundle/data/splits/synthseg_split.json``: a seeded sample of ordered pairs of the 14 training label maps, aligned
+affinely to the first one; a new image is synthesised from each map every epoch by ``RandSynthesisePaird``).
 Validation pairs: LPBA40 validation subjects with each other and IBSR's validation subject with two labelled
 training subjects. Test subjects are never read here.
 

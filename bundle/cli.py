@@ -423,6 +423,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = _help_last(sys.argv[1:] if argv is None else argv)
     try:
         fire.Fire(COMMANDS, command=argv, name="brainreg")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"brainreg: error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = _input_error(e)
+        if cause is None:
+            raise
+        print(f"brainreg: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _input_error(error: BaseException) -> BaseException | None:
+    """The outermost ``FileNotFoundError`` / ``ValueError`` in ``error``'s chain (MONAI wraps the errors of
+    transforms and config expressions in ``RuntimeError``s; ours wrap library errors with the file named), or
+    ``None`` when there is none (a bug: its traceback shows)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (FileNotFoundError, ValueError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

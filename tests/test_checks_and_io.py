@@ -54,6 +54,17 @@ def test_check_finite_passes_finite_images_unchanged():
         CheckFinited("fixed")({"fixed": torch.tensor([[float("nan"), 1.0]])})
 
 
+@pytest.mark.parametrize("value", (0.0, 3.5))
+def test_check_finite_rejects_blank_and_empty_images(value):
+    """An all-zero (or any constant) image is an error whatever the pre-alignment: nothing to register."""
+    blank = torch.full((2, 4, 4, 4), value)
+    blank[0] = torch.rand(4, 4, 4)  # the second channel is the blank one
+    with pytest.raises(ValueError, match=r"moving \(/data/blank\.nii\.gz\): channel 1 is constant \(every voxel " + f"{value:g}"):
+        CheckFinited("moving")({"moving": _meta(blank, "/data/blank.nii.gz")})
+    with pytest.raises(ValueError, match="no voxels"):
+        CheckFinited("moving")({"moving": torch.zeros(1, 0, 4, 4)})
+
+
 def test_check_label_casts_integral_floats_to_int64():
     label = _meta(torch.tensor([[[0.0, 1.0], [2.0, 1.0]]]), "lab.nii.gz")
     out = CheckLabeld("label", num_classes=3)({"label": label})["label"]

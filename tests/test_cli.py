@@ -150,6 +150,15 @@ def _fails(capsys, *argv) -> str:
     return err
 
 
+def test_blank_image_is_an_error_without_prealignment(capsys, small_image, tmp_path):
+    """An all-zero moving image with ``--prealign none`` ends in one error line naming it; nothing is written."""
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), str(blank))
+    err = _fails(capsys, "register", blank, small_image, "--out", tmp_path / "out", "--prealign", "none", "--device", "cpu")
+    assert "blank.nii.gz" in err and "constant" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_inputs_are_named(capsys, small_image, tmp_path):
     assert "moving image not found: absent.nii.gz" in _fails(capsys, "register", "absent.nii.gz", small_image, "--out", tmp_path)
     assert "fixed image not found: absent.nii.gz" in _fails(capsys, "register", small_image, "absent.nii.gz", "--out", tmp_path)

@@ -19,7 +19,8 @@ def source_name(data: Mapping, key: Hashable) -> str:
 
 
 class CheckFinited(MapTransform):
-    """Raise ``ValueError`` when an image holds NaN or Inf voxels."""
+    """Raise ``ValueError`` when an image holds NaN or Inf voxels, has no voxel, or is constant in a channel
+    (an empty or blank image: nothing to register or segment, whatever the pre-alignment)."""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -28,6 +29,13 @@ class CheckFinited(MapTransform):
             if not torch.isfinite(values).all():
                 bad = int((~torch.isfinite(values)).sum())
                 raise ValueError(f"{source_name(d, key)}: {bad} NaN/Inf voxels; fix or mask the image first.")
+            if values.numel() == 0:
+                raise ValueError(f"{source_name(d, key)}: the image has no voxels (shape {tuple(values.shape)}).")
+            flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
+            constant = [c for c in range(flat.shape[0]) if flat[c].min() == flat[c].max()]
+            if constant:
+                raise ValueError(f"{source_name(d, key)}: channel {constant[0]} is constant (every voxel "
+                                 f"{float(flat[constant[0], 0]):g}); an empty or blank image cannot be registered.")
         return d
 
 
