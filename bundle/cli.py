@@ -111,6 +111,31 @@ def _prealign_override(prealign: str | None, parser) -> dict:
     raise ValueError(f"--prealign {prealign}: this bundle's inference config has no pre-alignment stage ('prealign' id).")
 
 
+def _check_overrides(overrides: Mapping, root: Path, files: Sequence[str], command: str, function=None) -> None:
+    """Every ``--<id>`` that is not an option of the command must be an id of its configs (a misspelled option
+    would otherwise become a new, unused config id).
+
+    Raises:
+        ValueError: unknown ids, with the closest valid ones.
+    """
+    import difflib
+
+    if not overrides:
+        return
+    parser = read_config(root, files)
+    unknown = [k for k in overrides if k not in parser]
+    if unknown:
+        import inspect
+
+        options = [n for n, a in inspect.signature(function).parameters.items() if a.kind == a.KEYWORD_ONLY
+                   or a.kind == a.POSITIONAL_OR_KEYWORD] if function is not None else []
+        ids = options + [k for k in parser.get() if not k.startswith("_")]
+        hints = {k: difflib.get_close_matches(k, ids, n=3) for k in unknown}
+        said = "; ".join(f"--{k}" + (f" (did you mean {', '.join('--' + h for h in v)}?)" if v else "") for k, v in hints.items())
+        raise ValueError(f"{command}: unknown option(s) {said}; see `brainreg {command} --help` "
+                         f"and the ids of {', '.join(Path(f).name for f in files)}.")
+
+
 def _write_datalist(folder: str, entry: dict) -> str:
     path = os.path.join(folder, "datalist.json")
     with open(path, "w") as f:
@@ -178,6 +203,7 @@ def register(
         "pairing": None,
         "itk_export": bool(itk),
     }
+    _check_overrides(overrides, root, files, "register", register)
     with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
         run_config("inference", root, files, {**overrides, **settings, "datalist": _write_datalist(tmp, entry)})
     return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -217,6 +243,7 @@ def segment(
     if is_registration_only(state):
         raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")
     settings = {**_device_override(device), "ckpt_path": ckpt_path, "output_dir": str(out_dir.parent)}
+    _check_overrides(overrides, root, files, "segment", segment)
     with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
         run_config("inference", root, files, {**overrides, **settings, "infer_section": "testing",
                                          "datalist": _write_datalist(tmp, entry)})
@@ -261,6 +288,7 @@ def evaluate(
     settings = {**_device_override(device), **data, "ckpt_path": ckpt_path, "eval_section": str(section)}
     out_dir = Path(str(out)).resolve() if out is not None else root / "eval"
     settings["output_dir"] = str(out_dir)
+    _check_overrides(overrides, root, files, "evaluate", evaluate)
     run_config("evaluating", root, files, {**overrides, **settings})
     return sorted(str(p) for p in out_dir.glob("*.csv"))
 
@@ -298,6 +326,7 @@ def export_torchscript(
 
     root = find_bundle_root(bundle_root)
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
+    _check_overrides(overrides, root, files, "export torchscript", export_torchscript)
     parser = read_config(root, files, overrides)
     if input_shape is None:
         channels = 2 * int(parser.get_parsed_content("num_channels"))
@@ -386,6 +415,8 @@ def demo(
 
     bundle = find_bundle_root()  # the configs; ``root`` is only where the demo's files go
     work = Path(str(root)).resolve() if root is not None else bundle
+    inference_ids = read_config(bundle, ["inference.json"])
+    _check_overrides({k: v for k, v in overrides.items() if k not in inference_ids}, bundle, ["train.json"], "demo", demo)
     results = [build_demo_dataset(str(work / "demo_data"))]
     common = {**_device_override(device), "bundle_root": str(work)}
     if train:

@@ -159,6 +159,16 @@ def test_blank_image_is_an_error_without_prealignment(capsys, small_image, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_misspelled_options_are_rejected_with_suggestions(capsys, small_image, tmp_path):
+    """``--moving-lable`` is not taken as a new config id: one error line with the valid spelling."""
+    err = _fails(capsys, "register", small_image, small_image, "--out", tmp_path / "out", "--moving-lable", small_image)
+    assert "unknown option(s) --moving_lable (did you mean --moving_label" in err, err
+    err = _fails(capsys, "register", small_image, small_image, "--out", tmp_path / "out", "--pixdimm", "[2.0,2.0,2.0]")
+    assert "--pixdimm (did you mean --pixdim" in err, err
+    assert "--max_epochz (did you mean --max_epochs" in _fails(capsys, "demo", "--root", tmp_path, "--max_epochz", "1")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "demo_data").exists()
+
+
 def test_missing_inputs_are_named(capsys, small_image, tmp_path):
     assert "moving image not found: absent.nii.gz" in _fails(capsys, "register", "absent.nii.gz", small_image, "--out", tmp_path)
     assert "fixed image not found: absent.nii.gz" in _fails(capsys, "register", small_image, "absent.nii.gz", "--out", tmp_path)
