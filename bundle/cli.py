@@ -111,6 +111,22 @@ def _prealign_override(prealign: str | None, parser) -> dict:
     raise ValueError(f"--prealign {prealign}: this bundle's inference config has no pre-alignment stage ('prealign' id).")
 
 
+def _writable_folder(path: Path, what: str) -> Path:
+    """``path`` when it is (or can be created as) a writable folder: checked before any computation.
+
+    Raises:
+        ValueError: it, or its nearest existing ancestor, is not a writable folder.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {existing} is not writable.")
+    return path
+
+
 def _check_overrides(overrides: Mapping, root: Path, files: Sequence[str], command: str, function=None) -> None:
     """Every ``--<id>`` that is not an option of the command must be an id of its configs (a misspelled option
     would otherwise become a new, unused config id).
@@ -189,7 +205,7 @@ def register(
     entry = {"moving": _existing(moving, "moving image"), "fixed": _existing(fixed, "fixed image")}
     if moving_label is not None:
         entry["moving_label"] = _existing(moving_label, "moving label map")
-    out_dir = Path(str(out)).resolve()
+    out_dir = _writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
     if refine:
@@ -236,7 +252,7 @@ def segment(
     """
     root = find_bundle_root(bundle_root)
     entry = {"image": _existing(image, "image")}
-    out_dir = Path(str(out)).resolve()
+    out_dir = _writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
     files = ["inference.json", "inference_segmentation.json"]
     ckpt_path, state = _checkpoint(model, read_config(root, files))
@@ -286,7 +302,7 @@ def evaluate(
     data = {} if datalist is None else {"datalist": _existing(datalist, "datalist")}
     files, ckpt_path = _model_configs(root, ["train.json", "evaluate.json"], model, registration_only)
     settings = {**_device_override(device), **data, "ckpt_path": ckpt_path, "eval_section": str(section)}
-    out_dir = Path(str(out)).resolve() if out is not None else root / "eval"
+    out_dir = _writable_folder(Path(str(out)).resolve() if out is not None else root / "eval", "output folder")
     settings["output_dir"] = str(out_dir)
     _check_overrides(overrides, root, files, "evaluate", evaluate)
     run_config("evaluating", root, files, {**overrides, **settings})
@@ -332,6 +348,7 @@ def export_torchscript(
         channels = 2 * int(parser.get_parsed_content("num_channels"))
         input_shape = [1, channels, *([64] * int(parser.get_parsed_content("spatial_dims")))]
     out_path = Path(str(out)).resolve() if out is not None else root / "models" / "model.ts"
+    _writable_folder(out_path.parent, "output folder of")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     key = "network" if isinstance(load_checkpoint(ckpt_path).get("network"), Mapping) else ""
     from bundle.networks import JointRegSegNet

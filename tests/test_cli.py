@@ -169,6 +169,13 @@ def test_misspelled_options_are_rejected_with_suggestions(capsys, small_image, t
     assert not (tmp_path / "out").exists() and not (tmp_path / "demo_data").exists()
 
 
+def test_unusable_output_folder_is_named_before_any_computation(capsys, small_image, tmp_path):
+    err = _fails(capsys, "register", small_image, small_image, "--out", small_image.parent / "image.nii.gz" / "out")
+    assert "output folder" in err and "image.nii.gz is not a folder" in err, err
+    err = _fails(capsys, "segment", small_image, "--out", small_image / "seg")
+    assert "is not a folder" in err, err
+
+
 def test_missing_inputs_are_named(capsys, small_image, tmp_path):
     assert "moving image not found: absent.nii.gz" in _fails(capsys, "register", "absent.nii.gz", small_image, "--out", tmp_path)
     assert "fixed image not found: absent.nii.gz" in _fails(capsys, "register", small_image, "absent.nii.gz", "--out", tmp_path)
