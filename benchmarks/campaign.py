@@ -95,7 +95,8 @@ def synthseg_subjects(split: dict, out: Path) -> dict[str, str]:
 
     The maps are in their own subject spaces; like IBSR, each is aligned by the bundle's ITK stage (on a T1-like
     image synthesised from it with a fixed seed; only the label map is kept, nearest neighbour) onto the
-    reference map's grid cropped to its brain (+10 voxels), so the pairs are affinely aligned like the real ones.
+    reference map's grid cropped to its brain (+10 voxels), so the pairs are affinely aligned like the real ones;
+    labels >= 100 (outside the brain) are set to 0.
     """
     import nibabel as nib
     import numpy as np
@@ -132,7 +133,9 @@ def synthseg_subjects(split: dict, out: Path) -> dict[str, str]:
             matrix = np.eye(4) if subject == reference else itk_affine_register(image, affine, ref_image, ref_affine)
             aligned = resample_to_grid(torch.as_tensor(label.astype(np.float32))[None], torch.as_tensor(affine),
                                        torch.as_tensor(matrix @ grid), shape, mode="nearest")
-            write_nifti(aligned.numpy().astype(np.int16), grid, target)
+            aligned = aligned.numpy().astype(np.int16)
+            aligned[aligned >= 100] = 0  # extra-cerebral labels: synthesis strips them; the crop then fits the brain
+            write_nifti(aligned, grid, target)
             print(f"SynthSeg {subject}: aligned to {reference}", flush=True)
         subjects[subject] = str(target)
     return subjects

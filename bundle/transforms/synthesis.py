@@ -205,9 +205,10 @@ class RandSynthesisePaird(RandomizableTransform, MapTransform):
         d = dict(data)
         if not d.pop(self.flag_key, False):
             return d
+        dtypes = {key: d[key].dtype for key in self.key_iterator(d)}
         d = self.synthesiser(d)
         if self.lookup is not None:
             for key in self.key_iterator(d):
-                classes = self._classes(d[key])
+                classes = self._classes(d[key]).to(dtypes[key])  # the dtype real pairs have here (collation)
                 d[key] = MetaTensor(classes, meta=dict(d[key].meta)) if isinstance(d[key], MetaTensor) else classes
         return d
