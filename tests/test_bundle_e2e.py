@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -155,6 +156,18 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                 *TRAIN_ARGS]
         return run(args, module="torch.distributed.run", log=logs / "ddp.log"), ddp_root
 
+    def cohort():
+        """The trained model on the demo's 4 test pairs, without pre-alignment: 2 processes
+        (``multi_process_inference.json``, gloo on CPU) and 1 process, for an exact comparison."""
+        _, models = graph.result("train")
+        common = ["--bundle_root", bundle_root, "--pixdim", PIXDIM, "--ckpt_path", models / BEST_CKPT, "--prealign", "none"]
+        two = run(["--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "inference", "--config_file",
+                   config("inference.json", "multi_process_inference.json"), "--output_dir", root / "cohort2", *common],
+                  module="torch.distributed.run", log=logs / "cohort2.log", timeout=300)
+        one = run(["run", "inference", "--config_file", config("inference.json"), "--output_dir", root / "cohort1", *common],
+                  log=logs / "cohort1.log", timeout=300)
+        return two, one
+
     def recipe():
         """The campaign recipe (configs/campaign.json) for 2 + 2 iterations, stopped and resumed."""
         graph.result("train")
@@ -212,6 +225,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("alias", alias, ["resume"], priority=70)
     graph.add("ddp", ddp, ["train"], priority=60)
     graph.add("recipe", recipe, ["train"], priority=50)
+    graph.add("cohort", cohort, ["train"], priority=45)
     graph.add("evaluate", evaluate, ["train"], priority=40)
     graph.add("infer", infer, ["train"], priority=40)
     graph.add("verify_net", lambda: run(
@@ -391,6 +405,24 @@ def test_inference_outputs_on_fixed_grid(e2e):
         assert (jac > 0).mean() > 0.99, f"{pair['name']}: {(jac <= 0).mean():.2%} folded voxels"
         assert set(np.unique(out["warped_label"]).tolist()) <= {0, 1, 2}
         assert np.isfinite(out["warped"]).all()
+
+
+def test_two_process_cohort_inference_equals_one_process(e2e):
+    """``torchrun --nproc_per_node 2 ... multi_process_inference.json`` shards the pairs (DistributedSampler, no
+    padding): every pair written once, each output equal to the single-process one."""
+    two, one = _job(e2e, "cohort")
+    two.check()
+    one.check()
+    _, datalist = _demo_datalist(e2e["bundle_root"])
+    names = sorted(p["name"] for p in datalist["testing"])
+    assert sorted(p.name for p in (e2e["root"] / "cohort2").iterdir() if p.is_dir()) == names
+    for name in names:
+        files = sorted(p.name for p in (e2e["root"] / "cohort1" / name).iterdir())
+        assert sorted(p.name for p in (e2e["root"] / "cohort2" / name).iterdir()) == files
+        for f in files:
+            a = np.asarray(nib.load(e2e["root"] / "cohort1" / name / f).dataobj)
+            b = np.asarray(nib.load(e2e["root"] / "cohort2" / name / f).dataobj)
+            np.testing.assert_allclose(b, a, atol=1e-4, err_msg=f"{name}/{f}")
 
 
 def test_inference_missing_checkpoint(e2e):
