@@ -18,6 +18,7 @@ from pathlib import Path
 import fire
 
 from bundle.configs import config_paths, is_registration_only, read_config, run_config
+from bundle.errors import input_error
 
 __all__ = ["find_bundle_root", "register", "segment", "evaluate", "export_torchscript", "export_itk", "demo", "COMMANDS", "main"]
 
@@ -472,21 +473,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fire.Fire(COMMANDS, command=argv, name="brainreg")
     except Exception as e:
-        cause = _input_error(e)
+        cause = input_error(e)
         if cause is None:
             raise
         print(f"brainreg: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
-def _input_error(error: BaseException) -> BaseException | None:
-    """The outermost ``FileNotFoundError`` / ``ValueError`` in ``error``'s chain (MONAI wraps the errors of
-    transforms and config expressions in ``RuntimeError``s; ours wrap library errors with the file named), or
-    ``None`` when there is none (a bug: its traceback shows)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (FileNotFoundError, ValueError)):
-            return error
-        error = error.__cause__ or error.__context__
-    return None

@@ -438,7 +438,10 @@ def test_inference_missing_input_file(e2e):
 
 
 def test_inference_nan_image(e2e):
-    _job(e2e, "err_nan").check_fails("img_nan.nii.gz", "NaN")
+    result = _job(e2e, "err_nan").check_fails("img_nan.nii.gz", "NaN")
+    last = result.output.strip().splitlines()[-1]  # the message naming the file is the last line, once
+    assert last.startswith("error: ") and "img_nan.nii.gz" in last and "NaN" in last, result.tail()
+    assert "Traceback" not in result.output and result.output.count("1 NaN/Inf voxels") == 1, result.tail()
 
 
 def test_inference_2d_with_3d(e2e):

@@ -1,0 +1,64 @@
+"""Bad input ends in one clear last line, under ``brainreg`` and under ``python -m monai.bundle run``.
+
+MONAI wraps the errors of transforms and config expressions in ``RuntimeError``s (``applying transform ...``,
+``Failed to evaluate ConfigExpression``), so the message that names the file sits deep inside a long traceback.
+:func:`input_error` finds it; :func:`install_error_hook` (called by the configs' ``initialize``) makes it the last
+line printed. The full traceback is shown for anything else (a bug), or always with ``BRAINREG_TRACEBACK=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+__all__ = ["input_error", "install_error_hook", "TRACEBACK_ENV"]
+
+TRACEBACK_ENV = "BRAINREG_TRACEBACK"
+
+
+def input_error(error: BaseException | None) -> BaseException | None:
+    """The outermost ``FileNotFoundError`` / ``ValueError`` in ``error``'s chain (ours wrap library errors with the
+    file named), or ``None`` when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (FileNotFoundError, ValueError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _show_tracebacks() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _hook(kind, value, tb) -> None:
+    cause = input_error(value)
+    if cause is None or _show_tracebacks():
+        traceback.print_exception(kind, value, tb)
+    if cause is not None:
+        print(f"error: {cause}", file=sys.stderr)
+
+
+_record_factory = None
+
+
+def _quiet_record(*args, **kwargs) -> logging.LogRecord:
+    """Log records of input errors without their traceback (MONAI's and Ignite's handlers log the exception
+    before it propagates), unless ``BRAINREG_TRACEBACK`` is set."""
+    record = _record_factory(*args, **kwargs)
+    if record.exc_info and record.exc_info[1] is not None and not _show_tracebacks() and input_error(record.exc_info[1]):
+        record.exc_info, record.exc_text = None, None
+    return record
+
+
+def install_error_hook() -> None:
+    """Make an input error's message the last line an uncaught exception prints, without tracebacks in
+    between (idempotent)."""
+    global _record_factory
+    sys.excepthook = _hook
+    if _record_factory is None:
+        _record_factory = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(_quiet_record)
