@@ -24,7 +24,7 @@ from bundle.engines import (
 )
 from bundle.io import load_pairs, write_nifti
 from bundle.io import writers
-from bundle.io.writers import SaveNiftid
+from bundle.io.writers import CommitOutputsd, SaveNiftid, staging_folder
 from bundle.transforms import CheckFinited, CheckLabeld, CheckPaird
 
 
@@ -399,6 +399,28 @@ def test_save_niftid_plain_reference_and_bad_filenames(tmp_path):
     np.testing.assert_allclose(img.affine, np.eye(4))
     with pytest.raises(ValueError, match="one file name per key"):
         SaveNiftid(["pred", "warped"], ["ddf.nii.gz"], tmp_path)
+
+
+def test_staged_outputs_replace_a_pair_folder_as_a_whole(tmp_path):
+    """Staged writing + ``CommitOutputsd``: a re-run replaces the pair's folder whole (no stale file of the
+    earlier run stays beside the new ones); a run that fails before the commit leaves the old folder untouched
+    and only a hidden staging folder, which the next run of the pair clears."""
+    old = tmp_path / "p1"
+    old.mkdir()
+    (old / "ddf.nii.gz").write_text("old")
+    (old / "seg_fixed.nii.gz").write_text("old output this run does not write")
+    item = {"pred": torch.zeros(3, 4, 4, 4), "name": "p1"}
+    save = SaveNiftid(["pred"], ["ddf.nii.gz"], tmp_path, staged=True)
+    save(item)
+    assert sorted(p.name for p in old.iterdir()) == ["ddf.nii.gz", "seg_fixed.nii.gz"]  # nothing replaced yet
+    assert (old / "ddf.nii.gz").read_text() == "old" and (staging_folder(old) / "ddf.nii.gz").is_file()
+    save(item)  # a killed run's staging folder is emptied and rewritten, not mixed
+    CommitOutputsd(tmp_path)(item)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p1"]  # no staging or old folder left
+    assert [p.name for p in old.iterdir()] == ["ddf.nii.gz"]
+    nib.load(str(old / "ddf.nii.gz"))  # the new file
+    CommitOutputsd(tmp_path)({"name": "nothing_staged"})  # writers left out (MONAI Label): no-op
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p1"]
 
 
 # ---------------------------------------------------------------- prepare batch / scores

@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from conftest import CONFIGS, REPO_ROOT, write_zero_checkpoint
 
 from bundle.engines import load_weights
-from bundle.io import SaveNiftid
+from bundle.io import OUTPUT_WRITERS
 from bundle.networks import TumourSegmentationNet
 from monailabel_app.lib.compat import FALLBACK_DIR
 from monailabel_app.lib.stock_bundle import export_stock_bundle
@@ -71,7 +71,7 @@ def test_stock_inference_config_is_the_segmentation_without_writer(stock_bundle)
     assert type(network) is TumourSegmentationNet
     for key in ("preprocessing", "postprocessing"):
         transforms = parser.get_parsed_content(key).transforms
-        assert not any(isinstance(t, SaveNiftid) for t in transforms), key
+        assert not any(isinstance(t, OUTPUT_WRITERS) for t in transforms), key
     # the shipped weights load strictly; the network's shapes match the metadata
     load_weights(network, stock_bundle / "models" / "model.pt")
     verify_net_in_out(net_id="network_def", meta_file=str(stock_bundle / "configs" / "metadata.json"),

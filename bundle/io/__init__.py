@@ -1,5 +1,5 @@
 from .datalist import PAIRINGS, check_label_supervision, load_pairs, load_subjects
-from .writers import SaveNiftid, write_nifti
+from .writers import CommitOutputsd, SaveNiftid, pair_folder, staging_folder, write_nifti
 from .itk_export import (
     SaveITKTransformd,
     ddf_to_itk_field,
@@ -11,3 +11,5 @@ from .itk_export import (
     write_itk_displacement_field,
     write_itk_transform,
 )
+
+OUTPUT_WRITERS = (SaveNiftid, SaveITKTransformd, CommitOutputsd)  # what an app that writes results itself leaves out

@@ -25,7 +25,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from bundle.io.writers import write_atomic
+from bundle.io.writers import pair_folder, staging_folder, write_atomic
 from bundle.spatial.world import affine_from_itk_direction, itk_grid_from_affine, lps_flip
 
 __all__ = [
@@ -344,6 +344,7 @@ class SaveITKTransformd(MapTransform):
         output_dir: root folder of the outputs (as :class:`bundle.io.SaveNiftid`).
         name_key: item holding the pair's name (a folder per pair).
         field_filename, transform_filename: file names; ``None`` skips that file.
+        staged: write into the pair's staging folder (after a staged ``SaveNiftid``; see ``CommitOutputsd``).
     """
 
     def __init__(
@@ -354,8 +355,10 @@ class SaveITKTransformd(MapTransform):
         field_filename: str | None = "itk_displacement.nii.gz",
         transform_filename: str | None = "itk_transform.h5",
         allow_missing_keys: bool = False,
+        staged: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.staged = staged
         if field_filename is not None:
             _suffix(Path(field_filename), FIELD_SUFFIXES, "displacement field")
         if transform_filename is not None:
@@ -365,7 +368,8 @@ class SaveITKTransformd(MapTransform):
 
     def __call__(self, data) -> dict:
         d = dict(data)
-        folder = self.output_dir / str(d.get(self.name_key, "0"))
+        folder = pair_folder(self.output_dir, d, self.name_key)
+        folder = staging_folder(folder) if self.staged else folder
         for key in self.key_iterator(d):
             ddf = d[key]
             if not isinstance(ddf, MetaTensor):

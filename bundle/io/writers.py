@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -12,9 +13,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Transform
 
-__all__ = ["write_atomic", "write_nifti", "SaveNiftid"]
+__all__ = ["write_atomic", "write_nifti", "SaveNiftid", "CommitOutputsd", "staging_folder", "pair_folder"]
 
 
 def write_atomic(path: str | os.PathLike, suffix: str, write: Callable[[str], None]) -> Path:
@@ -72,6 +73,45 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     write_atomic(path, suffix, lambda tmp: nib.save(image, tmp))
 
 
+def pair_folder(output_dir: str | os.PathLike, data: Mapping, name_key: str = "name") -> Path:
+    """``<output_dir>/<name>``: the folder of one pair's outputs (its ``name``, else ``0``)."""
+    return Path(output_dir) / str(data.get(name_key, "0"))
+
+
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """Where a pair's outputs are written before :class:`CommitOutputsd` moves them into ``folder`` as a whole."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.partial"
+
+
+class CommitOutputsd(Transform):
+    """Move a pair's staged outputs (see ``SaveNiftid(staged=True)``) into ``<output_dir>/<name>`` as a whole.
+
+    A folder already there (an earlier run) is replaced, not mixed with: it is renamed aside, the staged folder
+    takes its place, and the old one is deleted. Nothing staged (e.g. writers left out by MONAI Label): no-op.
+    A run killed before this step leaves only the hidden ``.<name>.partial`` folder, which the next
+    ``SaveNiftid(staged=True)`` of that pair removes.
+
+    Args:
+        output_dir: root folder of the outputs (as the writers').
+        name_key: item holding the pair's name.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, name_key: str = "name") -> None:
+        self.output_dir, self.name_key = Path(output_dir), name_key
+
+    def __call__(self, data: Mapping) -> dict:
+        folder = pair_folder(self.output_dir, data, self.name_key)
+        staged = staging_folder(folder)
+        if staged.is_dir():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(staged, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        return dict(data)
+
+
 class SaveNiftid(MapTransform):
     """Save items of one pair as ``<output_dir>/<name>/<filename>`` with the grid of ``ref_key``.
 
@@ -83,6 +123,8 @@ class SaveNiftid(MapTransform):
         name_key: item holding the pair's name (a folder per pair).
         vector_keys: keys written as vector fields (the DDF).
         dtypes: optional numpy dtype per key (e.g. ``uint8``/``int16`` for label maps).
+        staged: write into the pair's hidden staging folder (emptied first: a killed run's leftovers go), for
+            :class:`CommitOutputsd` to move into place as a whole once every writer is done.
     """
 
     def __init__(
@@ -95,8 +137,10 @@ class SaveNiftid(MapTransform):
         vector_keys: Sequence[str] = ("pred",),
         dtypes: Mapping[str, str] | None = None,
         allow_missing_keys: bool = False,
+        staged: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.staged = staged
         if len(filenames) != len(self.keys):
             raise ValueError(f"one file name per key is needed: keys {self.keys}, filenames {list(filenames)}.")
         self.filenames = dict(zip(self.keys, filenames))
@@ -109,12 +153,15 @@ class SaveNiftid(MapTransform):
         d = dict(data)
         ref = d[self.ref_key]
         affine = ref.affine if isinstance(ref, MetaTensor) else torch.eye(ref.ndim)
-        folder = self.output_dir / str(d.get(self.name_key, "0"))
+        folder = pair_folder(self.output_dir, d, self.name_key)
         # convert everything before writing anything, so a bad item leaves no partial set of files
         arrays = {
             key: torch.as_tensor(d[key]).detach().cpu().numpy().astype(self.dtypes.get(key, np.float32))
             for key in self.key_iterator(d)
         }
+        if self.staged:
+            folder = staging_folder(folder)
+            shutil.rmtree(folder, ignore_errors=True)  # a killed run's leftovers of this pair
         for key, array in arrays.items():
             write_nifti(array, affine.cpu().numpy(), folder / self.filenames[key], vector=key in self.vector_keys)
         return d

@@ -15,7 +15,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from bundle.engines import load_weights
-from bundle.io import SaveNiftid
+from bundle.io import OUTPUT_WRITERS
 
 __all__ = ["BundleConfigInferTask"]
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class BundleConfigInferTask(BasicInferTask):
     """Runs the ``network_def`` / ``preprocessing`` / ``inferer`` / ``postprocessing`` of a parsed bundle config.
 
-    The bundle's file writers (:class:`bundle.io.SaveNiftid`) are left out: MONAI Label writes the result itself.
+    The bundle's file writers (``bundle.io.OUTPUT_WRITERS``) are left out: MONAI Label writes the result itself.
     Weights are loaded with :func:`bundle.engines.load_weights` (strict, clear errors for a checkpoint that
     does not fit) from the last existing of ``model_paths``, and reloaded when that file changes.
 
@@ -60,7 +60,7 @@ class BundleConfigInferTask(BasicInferTask):
     def _transforms(self, config_id: str) -> list[Callable]:
         transforms = self.parser.get_parsed_content(config_id, instantiate=True)
         transforms = list(transforms.transforms) if isinstance(transforms, Compose) else list(transforms)
-        return [t for t in transforms if not isinstance(t, SaveNiftid)]
+        return [t for t in transforms if not isinstance(t, OUTPUT_WRITERS)]
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return self._transforms("preprocessing")
