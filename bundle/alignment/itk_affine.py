@@ -59,6 +59,7 @@ def _run_stage(fixed, moving, transform, shrink, sigmas, iterations, sampling, b
     image_type = itk.Image[itk.F, 3]
     metric = itk.MattesMutualInformationImageToImageMetricv4[image_type, image_type].New()
     metric.SetNumberOfHistogramBins(bins)
+    metric.SetMaximumNumberOfWorkUnits(1)  # per-thread histograms summed in varying order: not reproducible
     scales = itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New()
     scales.SetMetric(metric)
     optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New()
@@ -109,7 +110,8 @@ def itk_affine_register(
     Centre-of-mass (image moments) initialisation, then a rigid (versor) stage, then for ``"affine"`` a
     full affine stage initialised from it; each stage is multi-resolution (``shrink_factors`` with Gaussian
     smoothing ``smoothing_sigmas_mm``), regular-step gradient descent with physical-shift parameter scales,
-    a random ``sampling`` fraction of the fixed voxels (seeded: the result is reproducible).
+    a random ``sampling`` fraction of the fixed voxels (seeded, and the metric runs on one thread: ITK's
+    per-thread histograms are summed in a varying order, so the result is reproducible only that way).
 
     Args:
         moving, fixed: 3D intensity arrays indexed ``(i, j, k)`` (one channel).
