@@ -13,11 +13,13 @@ from monai.networks.blocks import Warp
 from bundle.spatial import (
     affine_from_itk_direction,
     compose_affine_ddf,
+    ddf_to_lps_mm,
     compose_ddf,
     index_grid,
     itk_grid_from_affine,
     jacobian_determinant,
     lps_flip,
+    lps_mm_to_ddf,
     pool_field,
     ras_lps_conjugate,
     resize_field,
@@ -110,6 +112,12 @@ def test_ras_lps_round_trips():
     np.testing.assert_allclose(lps_flip(2), np.diag([-1.0, -1.0]))
     with pytest.raises(ValueError, match="sheared"):
         itk_grid_from_affine(np.array([[1.0, 0.5, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]))
+    ddf = np.zeros((3, 2, 2, 2))
+    ddf[0] = 1.0  # one voxel along array axis 0, which is world +z (0.9 mm) in this affine
+    np.testing.assert_allclose(ddf_to_lps_mm(ddf, affine)[0, 0, 0], [0.0, 0.0, 0.9])
+    ddf[1] = 2.0  # two voxels along axis 1: world -x (1.2 mm each) in RAS, +x in LPS
+    np.testing.assert_allclose(ddf_to_lps_mm(ddf, affine)[1, 1, 1], [2.4, 0.0, 0.9])
+    np.testing.assert_allclose(lps_mm_to_ddf(ddf_to_lps_mm(ddf, affine), affine), ddf, atol=1e-12)
 
 
 def test_field_maths_lives_only_in_bundle_spatial():
@@ -121,7 +129,7 @@ def test_field_maths_lives_only_in_bundle_spatial():
             continue
         text = path.read_text()
         for pattern in (r"align_corners\s*=\s*True\)\s*\n.*scale", r"np\.diag\(\[-1\.0, -1\.0", r"def jacobian_determinant",
-                        r"def upsample_field", r"_RAS_TO_LPS"):
+                        r"def upsample_field", r"_RAS_TO_LPS", r"lps_flip\(ndim\) @"):
             if re.search(pattern, text):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}: {pattern}")
     assert not offenders, offenders

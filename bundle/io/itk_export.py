@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from bundle.io.writers import pair_folder, staging_folder, write_atomic
-from bundle.spatial.world import affine_from_itk_direction, itk_grid_from_affine, lps_flip
+from bundle.spatial.world import affine_from_itk_direction, ddf_to_lps_mm, itk_grid_from_affine, lps_mm_to_ddf
 
 __all__ = [
     "FIELD_SUFFIXES",
@@ -73,13 +73,6 @@ def affine_from_itk_grid(image) -> np.ndarray:
     )
 
 
-def _displacement_lps(ddf: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """``(*spatial, ndim)`` physical LPS displacement (mm) of a voxel-unit DDF, ITK's array order not applied."""
-    ndim = ddf.shape[0]
-    lin = lps_flip(ndim) @ affine[:ndim, :ndim]
-    return np.einsum("kl,l...->...k", lin, ddf)
-
-
 def _itk_field(values: np.ndarray, affine: np.ndarray, component) -> itk.Image:
     """An ``itk.Image[itk.Vector[component, ndim], ndim]`` on the grid of ``affine`` holding ``values``.
 
@@ -114,7 +107,7 @@ def ddf_to_itk_field(ddf, affine) -> itk.Image:
     """
     ddf = _as_ddf(ddf)
     affine = _as_affine(affine, ddf.shape[0])
-    return _itk_field(_displacement_lps(ddf, affine).astype(np.float32), affine, itk.F)
+    return _itk_field(ddf_to_lps_mm(ddf, affine).astype(np.float32), affine, itk.F)
 
 
 def itk_field_to_ddf(field) -> tuple[np.ndarray, np.ndarray]:
@@ -138,9 +131,7 @@ def itk_field_to_ddf(field) -> tuple[np.ndarray, np.ndarray]:
         )
     values = np.transpose(values, (*reversed(range(ndim)), ndim))  # back to our axis order
     affine = affine_from_itk_grid(field)
-    lin = lps_flip(ndim) @ affine[:ndim, :ndim]
-    ddf = np.einsum("kl,...l->k...", np.linalg.inv(lin), values)
-    return ddf.astype(np.float32), affine
+    return lps_mm_to_ddf(values, affine).astype(np.float32), affine
 
 
 def ddf_to_itk_transform(ddf, affine) -> itk.CompositeTransform:
@@ -155,7 +146,7 @@ def ddf_to_itk_transform(ddf, affine) -> itk.CompositeTransform:
     ddf = _as_ddf(ddf)
     affine = _as_affine(affine, ddf.shape[0])
     ndim = ddf.shape[0]
-    field = _itk_field(_displacement_lps(ddf, affine), affine, itk.D)
+    field = _itk_field(ddf_to_lps_mm(ddf, affine), affine, itk.D)
     displacement = itk.DisplacementFieldTransform[itk.D, ndim].New()
     displacement.SetDisplacementField(field)
     composite = itk.CompositeTransform[itk.D, ndim].New()

@@ -10,16 +10,16 @@
   ``f`` times coarser is centred on fine position ``f * i + (f - 1) / 2``, as average pooling makes it).
 
 Modules: :mod:`.grid` (index grids, sampling, resampling between grids), :mod:`.field` (resizing, pooling,
-composition, Jacobian determinant), :mod:`.world` (RAS <-> LPS, ITK grids). Nothing here imports the rest of
+composition, Jacobian determinant), :mod:`.world` (RAS <-> LPS for grids, matrices and DDF vectors; ITK grids). Nothing here imports the rest of
 the bundle, so every other module can import it.
 """
 
 from .field import compose_affine_ddf, compose_ddf, jacobian_determinant, pool_field, resize_field
 from .grid import ddf_source_points, index_grid, resample_ddf, resample_to_grid, sample_field
-from .world import affine_from_itk_direction, itk_grid_from_affine, lps_flip, ras_lps_conjugate
+from .world import affine_from_itk_direction, ddf_to_lps_mm, itk_grid_from_affine, lps_flip, lps_mm_to_ddf, ras_lps_conjugate
 
 __all__ = [
     "index_grid", "sample_field", "resample_to_grid", "resample_ddf", "ddf_source_points",
     "resize_field", "pool_field", "compose_ddf", "compose_affine_ddf", "jacobian_determinant",
-    "lps_flip", "ras_lps_conjugate", "itk_grid_from_affine", "affine_from_itk_direction",
+    "lps_flip", "ras_lps_conjugate", "itk_grid_from_affine", "affine_from_itk_direction", "ddf_to_lps_mm", "lps_mm_to_ddf",
 ]

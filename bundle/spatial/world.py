@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["lps_flip", "ras_lps_conjugate", "itk_grid_from_affine", "affine_from_itk_direction"]
+__all__ = [
+    "lps_flip", "ras_lps_conjugate", "itk_grid_from_affine", "affine_from_itk_direction", "ddf_to_lps_mm", "lps_mm_to_ddf",
+]
+
+# ours, not MONAI's ``orientation_ras_lps``: that converts voxel-to-world affines only; displacement vectors and
+# point-to-point matrices need the same flip
 
 
 def lps_flip(ndim: int, homogeneous: bool = False) -> np.ndarray:
@@ -60,3 +65,16 @@ def affine_from_itk_direction(origin, spacing, direction) -> np.ndarray:
     affine[:ndim, :ndim] = lps_flip(ndim) @ direction @ np.diag(spacing)
     affine[:ndim, ndim] = lps_flip(ndim) @ origin
     return affine
+
+
+def ddf_to_lps_mm(ddf: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Physical LPS displacement vectors ``(*spatial, ndim)`` in mm of a voxel-unit DDF ``(ndim, *spatial)`` on
+    the grid of the RAS ``affine`` (``u = F M ddf``, ``M`` the affine's linear part, ``F`` :func:`lps_flip`)."""
+    ndim = ddf.shape[0]
+    return np.einsum("kl,l...->...k", lps_flip(ndim) @ np.asarray(affine)[:ndim, :ndim], ddf)
+
+
+def lps_mm_to_ddf(values: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`ddf_to_lps_mm`: voxel-unit DDF ``(ndim, *spatial)`` of LPS mm vectors ``(*spatial, ndim)``."""
+    ndim = values.shape[-1]
+    return np.einsum("kl,...l->k...", np.linalg.inv(lps_flip(ndim) @ np.asarray(affine)[:ndim, :ndim]), values)
