@@ -1,6 +1,6 @@
 """MONAI Label app for the brain registration / joint tumour segmentation bundle.
 
-    python -m monailabel.main start_server --app monailabel_app --studies STUDIES [--conf KEY VALUE ...]
+    python -m monailabel.main start_server --app monailabel_app --studies STUDIES --host 127.0.0.1 [--conf KEY VALUE ...]
 
 Tasks (see docs/monailabel.md): infer ``tumour_segmentation`` (the joint model's segmentation head on one
 image), infer ``atlas_registration`` (an atlas registered onto the image, its labels propagated), train

@@ -163,3 +163,14 @@ def test_torchvision_stand_in_is_used_only_when_torchvision_is_missing(tmp_path)
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     assert FALLBACK_DIR.is_dir()
+
+
+def test_cli_launcher_binds_to_localhost_unless_told():
+    """``monailabel_cli.py start_server`` without ``--host`` listens on 127.0.0.1 only (no authentication)."""
+    spec = importlib.util.spec_from_file_location("monailabel_cli", REPO_ROOT / "monailabel_app" / "monailabel_cli.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.local_by_default(["start_server", "--app", "a"]) == ["start_server", "--app", "a", "--host", "127.0.0.1"]
+    for given in (["--host", "0.0.0.0"], ["-i", "10.0.0.2"], ["--host=0.0.0.0"]):
+        assert cli.local_by_default(["start_server", *given]) == ["start_server", *given]
+    assert cli.local_by_default(["apps", "--download"]) == ["apps", "--download"]
