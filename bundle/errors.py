@@ -59,6 +59,7 @@ def install_error_hook() -> None:
     between (idempotent)."""
     global _record_factory
     sys.excepthook = _hook
-    if _record_factory is None:
-        _record_factory = logging.getLogRecordFactory()
+    current = logging.getLogRecordFactory()
+    if current is not _quiet_record:  # wrap whatever factory is in place, once
+        _record_factory = current
         logging.setLogRecordFactory(_quiet_record)

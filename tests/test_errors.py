@@ -58,10 +58,11 @@ def hooked(monkeypatch):
     import sys
 
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    factory = logging.getLogRecordFactory()
-    monkeypatch.setattr(errors, "_record_factory", None)
+    factory = logging.getLogRecordFactory()  # may already be ours: an in-process bundle run installed it
+    monkeypatch.setattr(errors, "_record_factory", errors._record_factory)
     errors.install_error_hook()
     errors.install_error_hook()  # idempotent: the factory is wrapped once
+    assert logging.getLogRecordFactory() is errors._quiet_record and errors._record_factory is not errors._quiet_record
     yield
     logging.setLogRecordFactory(factory)
 
