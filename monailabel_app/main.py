@@ -10,6 +10,8 @@ image), infer ``atlas_registration`` (an atlas registered onto the image, its la
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from lib.compat import ensure_torchvision
 
@@ -18,10 +20,10 @@ ensure_torchvision()  # before any monailabel task module: they import torchvisi
 import monailabel  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
+from bundle.errors import input_error  # noqa: E402
 from lib.bundle_config import AppSettings  # noqa: E402
 from lib.infers import AtlasRegistration, TumourSegmentation  # noqa: E402
 from lib.infers.atlas_registration import ATLAS_KEY  # noqa: E402
@@ -58,15 +60,45 @@ class BrainRegistrationApp(MONAILabelApp):
         return {"random": Random(), "first": First()}
 
     def infer(self, request, datastore=None):
-        """``atlas_registration`` takes ``atlas``: the id of a datastore image whose final label is propagated."""
+        """Check the request, then run it; a bad request is answered 4xx with the reason, not 500.
+
+        ``atlas_registration`` takes ``atlas``: the id of a datastore image whose final label is propagated. The
+        image must be a datastore id or the file the client uploaded (MONAI Label's own ``infer`` would also read
+        any path on the server).
+        """
+        from fastapi import HTTPException
+
+        datastore = datastore or self.datastore()
         request = {k: v for k, v in request.items() if k != ATLAS_KEY}  # only set here, never by a client
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app has {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not _known_image(image, datastore):
+            raise HTTPException(status_code=404, detail=f"unknown image {image!r}: give a datastore image id or upload the file")
         atlas_id = request.get("atlas")
         if atlas_id:
-            datastore = datastore or self.datastore()
             label = datastore.get_label_uri(atlas_id, DefaultLabelTag.FINAL)
             if not label:
-                raise MONAILabelException(
-                    MONAILabelError.INVALID_INPUT, f"atlas {atlas_id!r} has no final label in the datastore"
-                )
+                raise HTTPException(status_code=400, detail=f"atlas {atlas_id!r} has no final label in the datastore")
             request[ATLAS_KEY] = (datastore.get_image_uri(atlas_id), label)
-        return super().infer(request, datastore)
+        try:
+            return super().infer(request, datastore)
+        except Exception as e:
+            cause = input_error(e)  # our transforms' and checks' errors name the file and the problem
+            if cause is None:
+                raise
+            raise HTTPException(status_code=400, detail=str(cause)) from e
+
+
+def _known_image(image: str, datastore) -> bool:
+    """A datastore image id, or a file MONAI Label wrote for the client: an upload (temporary folder) or a
+    session's image (its session store)."""
+    from monailabel.config import settings
+
+    if datastore.get_image_uri(image):
+        return True
+    path = Path(image).resolve()
+    upload = path.parent == Path(tempfile.gettempdir()).resolve() and path.name.startswith("tmp")  # NamedTemporaryFile
+    sessions = settings.MONAI_LABEL_SESSION_PATH.strip() or str(Path.home() / ".cache" / "monailabel" / "sessions")
+    return path.exists() and (upload or Path(sessions).resolve() in path.parents)

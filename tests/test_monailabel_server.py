@@ -214,6 +214,32 @@ def test_atlas_registration_with_a_datastore_atlas(app_server, studies):
     assert params["atlas_label"] == str(studies / "labels" / "final" / f"{case}.nii.gz")
 
 
+def test_bad_requests_are_answered_4xx_with_the_reason(app_server, studies, tmp_path):
+    """Unknown model or image, a server path outside the datastore, an atlas without a label, a blank image:
+    4xx with the reason (not 500), and the server keeps serving."""
+    def post(task, image_id="", params=None, upload=None):
+        files = {"file": (upload.name, upload.read_bytes())} if upload else None
+        return app_server.http.post(f"{app_server.url}/infer/{task}", params={"image": image_id, "output": "all"},
+                                    data={"params": json.dumps(params or {})}, files=files, timeout=INFER_S)
+
+    case = Path(STUDIES[0]).name
+    response = post("no_such_model", image_id=case)
+    assert response.status_code == 404 and "unknown model 'no_such_model'" in response.text, response.text
+    response = post("tumour_segmentation", image_id="no_such_image")
+    assert response.status_code == 404 and "unknown image 'no_such_image'" in response.text, response.text
+    outside = tmp_path / "outside.nii.gz"  # a readable image elsewhere on the server is not an input
+    outside.write_bytes((studies / f"{case}.nii.gz").read_bytes())
+    response = post("tumour_segmentation", image_id=str(outside))
+    assert response.status_code == 404 and "unknown image" in response.text, response.text
+    response = post("atlas_registration", image_id=case, params={"atlas": "no_such_atlas"})
+    assert response.status_code == 400 and "has no final label" in response.text, response.text
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), str(blank))
+    response = post("tumour_segmentation", upload=blank)
+    assert response.status_code == 400 and "constant" in response.text, response.text
+    assert app_server.info()["models"]  # still serving
+
+
 @pytest.fixture(scope="module")
 def trained(app_server) -> Path:
     """The app's train task on the datastore; returns the model it published."""
