@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,27 @@ def _check_overrides(overrides: Mapping, root: Path, files: Sequence[str], comma
                          f"and the ids of {', '.join(Path(f).name for f in files)}.")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _work_folder() -> tempfile.TemporaryDirectory:
+    """A temporary folder ``brainreg_<pid>_*`` for the one-pair datalist; the folders of killed runs (their pid is
+    gone) are removed first, so a ``kill -9`` leaves nothing behind for long."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob("brainreg_*_*"):
+        pid = stale.name.split("_")[1]
+        if stale.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"brainreg_{os.getpid()}_")
+
+
 def _write_datalist(folder: str, entry: dict) -> str:
     path = os.path.join(folder, "datalist.json")
     with open(path, "w") as f:
@@ -221,7 +243,7 @@ def register(
         "itk_export": bool(itk),
     }
     _check_overrides(overrides, root, files, "register", register)
-    with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
+    with _work_folder() as tmp:
         run_config("inference", root, files, {**overrides, **settings, "datalist": _write_datalist(tmp, entry)})
     return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
@@ -261,7 +283,7 @@ def segment(
         raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")
     settings = {**_device_override(device), "ckpt_path": ckpt_path, "output_dir": str(out_dir.parent)}
     _check_overrides(overrides, root, files, "segment", segment)
-    with tempfile.TemporaryDirectory(prefix="brainreg_") as tmp:
+    with _work_folder() as tmp:
         run_config("inference", root, files, {**overrides, **settings, "infer_section": "testing",
                                          "datalist": _write_datalist(tmp, entry)})
     return sorted(str(p) for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -9,6 +9,7 @@ written by ``register --itk`` is applied with ITK to the moving image and must g
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -174,6 +175,25 @@ def test_unusable_output_folder_is_named_before_any_computation(capsys, small_im
     assert "output folder" in err and "image.nii.gz is not a folder" in err, err
     err = _fails(capsys, "segment", small_image, "--out", small_image / "seg")
     assert "is not a folder" in err, err
+
+
+def test_work_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
+    """A ``kill -9`` leaves ``brainreg_<pid>_*`` in the temporary folder; the next command removes it (its pid is
+    gone) and keeps the folders of running commands."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"brainreg_{int(dead.stdout)}_abc"
+    (stale / "datalist.json").parent.mkdir()
+    (stale / "datalist.json").write_text("{}")
+    alive = tmp_path / f"brainreg_{os.getppid()}_def"
+    alive.mkdir()
+    with cli._work_folder() as work:
+        assert Path(work).name.startswith(f"brainreg_{os.getpid()}_") and Path(work).is_dir()
+        assert not stale.exists() and alive.exists()
+    assert not Path(work).exists()
 
 
 def test_missing_inputs_are_named(capsys, small_image, tmp_path):
