@@ -20,6 +20,7 @@ import fire
 
 from bundle.configs import config_paths, is_registration_only, read_config, run_config
 from bundle.errors import input_error
+from bundle.io.writers import writable_folder
 
 __all__ = ["find_bundle_root", "register", "segment", "evaluate", "export_torchscript", "export_itk", "demo", "COMMANDS", "main"]
 
@@ -111,22 +112,6 @@ def _prealign_override(prealign: str | None, parser) -> dict:
     if prealign == "none":
         return {}
     raise ValueError(f"--prealign {prealign}: this bundle's inference config has no pre-alignment stage ('prealign' id).")
-
-
-def _writable_folder(path: Path, what: str) -> Path:
-    """``path`` when it is (or can be created as) a writable folder: checked before any computation.
-
-    Raises:
-        ValueError: it, or its nearest existing ancestor, is not a writable folder.
-    """
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {existing} is not writable.")
-    return path
 
 
 def _check_overrides(overrides: Mapping, root: Path, files: Sequence[str], command: str, function=None) -> None:
@@ -228,7 +213,7 @@ def register(
     entry = {"moving": _existing(moving, "moving image"), "fixed": _existing(fixed, "fixed image")}
     if moving_label is not None:
         entry["moving_label"] = _existing(moving_label, "moving label map")
-    out_dir = _writable_folder(Path(str(out)).resolve(), "output folder")
+    out_dir = writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
     if refine:
@@ -275,7 +260,7 @@ def segment(
     """
     root = find_bundle_root(bundle_root)
     entry = {"image": _existing(image, "image")}
-    out_dir = _writable_folder(Path(str(out)).resolve(), "output folder")
+    out_dir = writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
     files = ["inference.json", "inference_segmentation.json"]
     ckpt_path, state = _checkpoint(model, read_config(root, files))
@@ -325,7 +310,7 @@ def evaluate(
     data = {} if datalist is None else {"datalist": _existing(datalist, "datalist")}
     files, ckpt_path = _model_configs(root, ["train.json", "evaluate.json"], model, registration_only)
     settings = {**_device_override(device), **data, "ckpt_path": ckpt_path, "eval_section": str(section)}
-    out_dir = _writable_folder(Path(str(out)).resolve() if out is not None else root / "eval", "output folder")
+    out_dir = writable_folder(Path(str(out)).resolve() if out is not None else root / "eval", "output folder")
     settings["output_dir"] = str(out_dir)
     _check_overrides(overrides, root, files, "evaluate", evaluate)
     run_config("evaluating", root, files, {**overrides, **settings})
@@ -371,7 +356,7 @@ def export_torchscript(
         channels = 2 * int(parser.get_parsed_content("num_channels"))
         input_shape = [1, channels, *([64] * int(parser.get_parsed_content("spatial_dims")))]
     out_path = Path(str(out)).resolve() if out is not None else root / "models" / "model.ts"
-    _writable_folder(out_path.parent, "output folder of")
+    writable_folder(out_path.parent, "output folder of")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     key = "network" if isinstance(load_checkpoint(ckpt_path).get("network"), Mapping) else ""
     from bundle.networks import JointRegSegNet

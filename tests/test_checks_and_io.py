@@ -24,7 +24,7 @@ from bundle.engines import (
 )
 from bundle.io import load_pairs, write_nifti
 from bundle.io import writers
-from bundle.io.writers import CommitOutputsd, SaveNiftid, staging_folder
+from bundle.io.writers import CommitOutputsd, SaveNiftid, staging_folder, writable_folder
 from bundle.transforms import CheckFinited, CheckLabeld, CheckPaird
 
 
@@ -421,6 +421,13 @@ def test_staged_outputs_replace_a_pair_folder_as_a_whole(tmp_path):
     nib.load(str(old / "ddf.nii.gz"))  # the new file
     CommitOutputsd(tmp_path)({"name": "nothing_staged"})  # writers left out (MONAI Label): no-op
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p1"]
+
+
+def test_writable_folder_names_the_blocking_path(tmp_path):
+    assert writable_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"  # created later
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"output folder .*out: .*file\.txt is not a folder"):
+        writable_folder(tmp_path / "file.txt" / "out")
 
 
 # ---------------------------------------------------------------- prepare batch / scores

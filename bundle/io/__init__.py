@@ -1,5 +1,5 @@
 from .datalist import PAIRINGS, check_label_supervision, load_pairs, load_subjects
-from .writers import CommitOutputsd, SaveNiftid, pair_folder, staging_folder, write_nifti
+from .writers import CommitOutputsd, SaveNiftid, pair_folder, staging_folder, writable_folder, write_nifti
 from .itk_export import (
     SaveITKTransformd,
     ddf_to_itk_field,

@@ -15,7 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-__all__ = ["write_atomic", "write_nifti", "SaveNiftid", "CommitOutputsd", "staging_folder", "pair_folder"]
+__all__ = ["write_atomic", "write_nifti", "SaveNiftid", "CommitOutputsd", "staging_folder", "pair_folder", "writable_folder"]
 
 
 def write_atomic(path: str | os.PathLike, suffix: str, write: Callable[[str], None]) -> Path:
@@ -71,6 +71,23 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     path = Path(path)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     write_atomic(path, suffix, lambda tmp: nib.save(image, tmp))
+
+
+def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` when it is (or can be created as) a writable folder: checked before any computation.
+
+    Raises:
+        ValueError: it, or its nearest existing ancestor, is not a writable folder.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {existing} is not writable.")
+    return path
 
 
 def pair_folder(output_dir: str | os.PathLike, data: Mapping, name_key: str = "name") -> Path:
