@@ -1,6 +1,11 @@
-from .checkpoints import ResumeFromLatest, latest_checkpoint, load_checkpoint, load_weights
+from .checkpoints import (
+    AtomicCheckpointSaver, AtomicDiskSaver, ResumeFromLatest, latest_checkpoint, load_checkpoint, load_weights,
+)
 from .prepare_batch import RegistrationPrepareBatch
 from .scores import key_metric_score
 from .acceleration import CompiledModule, accelerate, channels_last_format, compile_unavailable_reason
 from .instance_optimisation import InstanceOptimisationInferer
-from .training import AutocastInferer, GradientClipping, NonFiniteLossGuard, TrainingLog, hardware_description, read_training_log, set_threads
+from .training import (
+    AutocastInferer, GradientClipping, NonFiniteLossGuard, ReproducibleEpochs, ResumableEarlyStopHandler, TrainingLog,
+    hardware_description, read_training_log, set_threads,
+)

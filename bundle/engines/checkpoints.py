@@ -1,16 +1,28 @@
-"""Checkpoint loading with clear errors, and resuming an interrupted training run."""
+"""Checkpoint loading with clear errors, crash-safe checkpoint saving, and resuming an interrupted training run."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["load_checkpoint", "latest_checkpoint", "ResumeFromLatest", "load_weights", "network_state_dict"]
+from bundle.errors import one_line
+from bundle.io.readers import is_file
+from bundle.io.writers import write_atomic
+
+__all__ = [
+    "AtomicCheckpointSaver", "AtomicDiskSaver", "load_checkpoint", "latest_checkpoint", "ResumeFromLatest",
+    "load_weights", "network_state_dict",
+]
+
+# write_atomic's temporary files: ".<file name>.<random>.tmp" next to the checkpoint
+_TEMP_SUFFIX = ".tmp"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -21,12 +33,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         ValueError: the file is not a readable PyTorch checkpoint holding a dict.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train first, or set ckpt_path).")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}).") from e
+        raise ValueError(f"checkpoint {path} is unreadable ({one_line(e)}).") from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict.")
     return dict(ckpt)
@@ -37,10 +49,18 @@ def network_state_dict(path: str | os.PathLike) -> dict:
     prefix removed, the best-model saver's ``"checkpointer"`` record dropped.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`load_checkpoint`.
+        FileNotFoundError, ValueError: see :func:`load_checkpoint`; also keys that are not parameter names, and
+            NaN/Inf weights (a diverged run's checkpoint would give NaN outputs without an error).
     """
     ckpt = load_checkpoint(path)
     state = next((ckpt[k] for k in ("network", "model") if isinstance(ckpt.get(k), Mapping)), ckpt)
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise ValueError(f"checkpoint {path} is not a state dict: key {names[0]!r} is not a parameter name.")
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if names:
+        raise ValueError(f"checkpoint {path} holds NaN/Inf weights ({len(names)} tensors, e.g. {names[0]!r}); "
+                         "a diverged training run? Use an earlier checkpoint.")
     # "checkpointer": the best-model saver's record (CheckpointSaver key_metric_save_state), not weights
     return {k.removeprefix("module."): v for k, v in state.items() if k != "checkpointer"}  # "module.": DDP
 
@@ -54,8 +74,10 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.
     state = network_state_dict(path)
     try:
         network.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit the network: {e}") from e
+    except RuntimeError as e:  # torch lists every missing, unexpected and mismatched key over many lines
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+        raise ValueError(f"checkpoint {path} does not fit the network: {detail}") from e
     return network
 
 
@@ -66,9 +88,59 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     return candidates[-1] if candidates else None
 
 
+class AtomicDiskSaver(DiskSaver):
+    """Ignite's ``DiskSaver`` that never leaves a truncated or a missing newest checkpoint when the process dies.
+
+    Each file is written to a hidden temporary file in the same folder and renamed over its name, so a kill
+    while saving leaves the previous file whole. Ignite's ``Checkpoint`` removes the file it replaces *before*
+    writing the new one (with ``n_saved=1``, a kill in between would leave no checkpoint at all); here
+    removals wait until the next file is on disk.
+
+    Args:
+        dirname: the checkpoint folder (created if absent).
+        filename: a fixed file name for every save (MONAI's ``key_metric_filename``, e.g. ``model.pt``), or
+            ``None`` for ignite's names (``checkpoint_epoch=N.pt``).
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+        self._stale: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        stale, self._stale = self._stale, []
+        for name in stale:
+            if name != filename and idist.get_rank() == self.save_on_rank:
+                (self.dirname / name).unlink(missing_ok=True)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        write_atomic(path, _TEMP_SUFFIX, lambda tmp: func(checkpoint, tmp, **self.kwargs))
+
+    def remove(self, filename: str) -> None:
+        self._stale.append(self.filename or filename)  # deleted once the next checkpoint is written
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing through :class:`AtomicDiskSaver`.
+
+    MONAI's saver writes in place (``atomic=False``) and, like ignite, deletes the previous checkpoint before
+    writing the next: a kill at that moment left a truncated newest checkpoint, or none, for the next run to
+    resume from.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+
 class ResumeFromLatest:
     """On ``STARTED``, restore the newest interval checkpoint of ``ckpt_dir`` (if any) with MONAI's loader.
 
+    Temporary files of a save that a kill interrupted (see :class:`AtomicDiskSaver`) are removed first.
     When resuming, the best-model saver's record of the best key metric is restored too (from the
     ``"checkpointer"`` entry that ``CheckpointSaver(key_metric_save_state=True)`` stores in the best model),
     so the resumed run does not overwrite the best model with a worse one.
@@ -98,6 +170,10 @@ class ResumeFromLatest:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        # no save is in progress at STARTED: the savers write at epoch ends, on one process (rank 0)
+        for tmp in Path(self.ckpt_dir).glob(f".*.pt.*{_TEMP_SUFFIX}"):
+            engine.logger.info(f"removing {tmp}, left by an interrupted save")
+            tmp.unlink(missing_ok=True)
         path = latest_checkpoint(self.ckpt_dir, self.prefix) if self.enabled else None
         if path is None:
             return

@@ -1,22 +1,27 @@
-"""Training-loop pieces MONAI's engines lack: CPU autocast, gradient clipping and a resumable CSV training log."""
+"""Training-loop pieces MONAI's engines lack: CPU autocast, gradient clipping, a resumable CSV training log, and
+epochs that a resumed run repeats exactly (per-epoch seeds, early-stopping state in the checkpoint)."""
 
 from __future__ import annotations
 
 import csv
 import os
 import platform
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents
+from monai.handlers import EarlyStopHandler
 from monai.inferers import Inferer, SimpleInferer
 
 __all__ = [
-    "AutocastInferer", "GradientClipping", "NonFiniteLossGuard", "TrainingLog", "hardware_description", "read_training_log",
-    "set_threads",
+    "AutocastInferer", "GradientClipping", "NonFiniteLossGuard", "ReproducibleEpochs", "ResumableEarlyStopHandler",
+    "TrainingLog", "hardware_description", "read_training_log", "set_threads",
 ]
 
 
@@ -152,6 +157,65 @@ class NonFiniteLossGuard:
         self._skip_step = True
         engine.logger.warning(message + "; batch skipped.")
         engine.state.output["loss"] = torch.zeros((), device=loss.device, requires_grad=True)
+
+
+class ReproducibleEpochs:
+    """Make each training epoch a function of the seed, the epoch number and the checkpointed state, so that a run
+    resumed from an epoch checkpoint continues exactly as the uninterrupted run.
+
+    Without it, a resumed process replays the random streams of epoch 1: ``set_determinism`` seeds the global
+    generators once per process, and MONAI's ``DataLoader`` seeds the dataset's random transforms once
+    (``num_workers=0``). At each epoch start this handler seeds Python's, NumPy's and torch's generators and the
+    random transforms of ``dataset`` from ``(seed, epoch)``, like ignite's ``DeterministicEngine``, and starts
+    a new pass over the data, so that the shuffling and the workers' seeds come from that state too. The new
+    pass also matters when ``epoch_length`` is not one pass over the data: ignite would carry a partly used
+    iterator into the next epoch, which a resumed process cannot rebuild.
+
+    Args:
+        seed: base seed (per process in multi-process training).
+        dataset: the training dataset whose random transforms run in the main process (``num_workers=0``;
+            MONAI's worker init seeds workers from torch's generator).
+    """
+
+    def __init__(self, seed: int = 0, dataset=None) -> None:
+        self.seed, self.dataset = int(seed), dataset
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of ``epoch``: ``seed`` and ``epoch`` mixed (``seed + epoch`` would repeat across seeds)."""
+        return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+
+    def __call__(self, engine: Engine) -> None:
+        seed = self.epoch_seed(engine.state.epoch)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # all devices
+        if self.dataset is not None:
+            set_rnd(self.dataset, seed)
+        epoch_length = engine.state.epoch_length
+        # a resumed run starts at an epoch boundary; mid-epoch (an iteration-level checkpoint) ignite keeps its count
+        if engine.state.dataloader is not None and epoch_length and engine.state.iteration % epoch_length == 0:
+            engine.set_data(engine.state.dataloader)
+
+
+class ResumableEarlyStopHandler(EarlyStopHandler):
+    """MONAI's ``EarlyStopHandler`` (same arguments) with ``state_dict``/``load_state_dict``, so that the counter of
+    validations without improvement and the best score go into the training checkpoint and a resumed run stops
+    where the uninterrupted one would (MONAI's handler restarts its patience on every resume).
+    """
+
+    def _stopping(self):
+        if self._handler is None:
+            raise RuntimeError("EarlyStopHandler has no trainer yet: call set_trainer() before saving or restoring it.")
+        return self._handler
+
+    def state_dict(self) -> dict:
+        return dict(self._stopping().state_dict())
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self._stopping().load_state_dict(state_dict)
 
 
 class TrainingLog:
