@@ -20,6 +20,7 @@ import fire
 
 from bundle.configs import config_paths, is_registration_only, read_config, run_config
 from bundle.errors import input_error
+from bundle.io.readers import is_file
 from bundle.io.writers import writable_folder
 
 __all__ = ["find_bundle_root", "register", "segment", "evaluate", "export_torchscript", "export_itk", "demo", "COMMANDS", "main"]
@@ -48,7 +49,7 @@ def _existing(path, what: str) -> str | list[str]:
     """Absolute path of an existing file (or of each file of a list: channels of one image)."""
     if isinstance(path, (list, tuple)):
         return [_existing(p, what) for p in path]
-    if path is None or not Path(str(path)).is_file():
+    if path is None or not is_file(str(path)):
         raise FileNotFoundError(f"{what} not found: {path}")
     return str(Path(str(path)).resolve())
 
@@ -75,14 +76,12 @@ def _checkpoint(model, parser) -> tuple[str, dict]:
     """Path of the checkpoint (``--model``, else the config's ``ckpt_path``) and its loaded state dict.
 
     Raises:
-        FileNotFoundError, ValueError: missing or unreadable checkpoint (:func:`bundle.engines.load_checkpoint`).
+        FileNotFoundError, ValueError: missing or unusable checkpoint (:func:`bundle.engines.checkpoints.network_state_dict`).
     """
-    from bundle.engines import load_checkpoint
+    from bundle.engines.checkpoints import network_state_dict
 
     path = str(Path(str(model)).resolve()) if model is not None else str(parser.get_parsed_content("ckpt_path"))
-    ckpt = load_checkpoint(path)
-    state = next((ckpt[k] for k in ("network", "model") if isinstance(ckpt.get(k), Mapping)), ckpt)
-    return path, state
+    return path, network_state_dict(path)
 
 
 def _model_configs(root: Path, base: Sequence[str], model, registration_only: bool | None) -> tuple[list[str], str]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 
-__all__ = ["input_error", "install_error_hook", "TRACEBACK_ENV"]
+__all__ = ["input_error", "install_error_hook", "one_line", "TRACEBACK_ENV"]
 
 TRACEBACK_ENV = "BRAINREG_TRACEBACK"
 
@@ -28,6 +29,15 @@ def input_error(error: BaseException | None) -> BaseException | None:
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def one_line(error: BaseException) -> str:
+    """``"<type>: <line>"`` for a library error quoted inside ours, which must stay one line: the first line of
+    its message that says ``error:`` (ITK and torch put one after a preamble), else its first line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    stated = [line for line in lines if "error:" in line.lower()]
+    return f"{type(error).__name__}: {(stated or lines)[0]}" if lines else type(error).__name__
 
 
 def _show_tracebacks() -> bool:

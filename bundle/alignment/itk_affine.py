@@ -51,7 +51,9 @@ def _shrunk(image: itk.Image, spacing_mm: float | None) -> itk.Image:
     """``image`` bin-shrunk (block mean) by integer factors towards ``spacing_mm``."""
     if spacing_mm is None:
         return image
-    factors = [max(1, int(round(spacing_mm / s))) for s in image.GetSpacing()]
+    size = image.GetLargestPossibleRegion().GetSize()
+    # at most the image's size: ITK refuses a bin larger than the image (tiny voxels, e.g. 1e-4 mm)
+    factors = [max(1, min(int(round(spacing_mm / s)), int(n))) for s, n in zip(image.GetSpacing(), size)]
     return image if factors == [1, 1, 1] else itk.bin_shrink_image_filter(image, shrink_factors=factors)
 
 
@@ -133,7 +135,8 @@ def itk_affine_register(
 
     Raises:
         ValueError: unknown ``transform``, mismatched pyramid settings, bad arrays or affines, a constant
-            image, or an ITK failure (e.g. images that do not overlap after initialisation).
+            image, a single voxel along an axis, or an ITK failure (e.g. images that do not overlap after
+            initialisation).
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
@@ -146,6 +149,9 @@ def itk_affine_register(
     for name, array in (("moving", moving), ("fixed", fixed)):
         if not np.ptp(np.asarray(array)) > 0:
             raise ValueError(f"the {name} image is constant: nothing to align.")
+        if min(np.shape(array)) < 2:  # ITK would see a 2D image (MONAI's bridge drops the axis)
+            raise ValueError(f"the {name} image has shape {np.shape(array)}: {transform} pre-alignment needs 2 or "
+                             "more voxels along each axis (use prealign 'none').")
     fixed_image = _shrunk(to_itk_image(fixed, fixed_affine), working_spacing_mm)
     moving_image = _shrunk(to_itk_image(moving, moving_affine), working_spacing_mm)
     if max_samples is not None:

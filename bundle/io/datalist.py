@@ -8,23 +8,25 @@ from collections.abc import Sequence
 from itertools import permutations
 from pathlib import Path
 
+from bundle.io.readers import is_file
+
 __all__ = ["load_pairs", "load_subjects", "check_label_supervision", "PAIRINGS"]
 
 PAIRINGS = ("explicit", "atlas", "all")
 _PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour", "image", "label", "tumour")
 
 
-def _resolve(value, base: Path, where: str, check: bool):
-    """Absolute path(s) for one file or a list of files (stacked as channels); check they exist."""
-    if isinstance(value, (list, tuple)):
+def _resolve(value, base: Path, where: str, check: bool, channels: bool = True):
+    """Absolute path(s) for one file or a flat list of files (stacked as channels); check they exist."""
+    if channels and isinstance(value, (list, tuple)):
         if not value:
             raise ValueError(f"{where}: empty list of files.")
-        return [_resolve(v, base, where, check) for v in value]
+        return [_resolve(v, base, where, check, channels=False) for v in value]
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"{where}: expected a file path or a list of paths, got {value!r}.")
     path = Path(os.path.expanduser(value))
     path = path if path.is_absolute() else base / path
-    if check and not path.is_file():
+    if check and not is_file(path):
         raise FileNotFoundError(f"{where}: file not found: {path}")
     return str(path)
 
@@ -67,12 +69,16 @@ def load_subjects(datalist: str | os.PathLike, section: str = "testing", check_f
 def _read(datalist: str | os.PathLike, section: str) -> tuple[dict, Path]:
     """Parsed datalist JSON and its path; the section must be a non-empty list."""
     path = Path(datalist)
-    if not path.is_file():
+    if not is_file(path):
         raise FileNotFoundError(f"datalist not found: {path}")
     try:
         content = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not text
         raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ValueError(f"datalist {path} is not a datalist: JSON nested too deeply.") from e
+    except OSError as e:
+        raise ValueError(f"datalist {path} cannot be read: {e.strerror}.") from e
     if not isinstance(content, dict):
         raise ValueError(f"datalist {path} must hold a JSON object with a {section!r} list.")
     entries = content.get(section)

@@ -81,8 +81,11 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
     """
     path = Path(path)
     existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ValueError(f"{what} {path}: {e.strerror}.") from e
     if not existing.is_dir():
         raise ValueError(f"{what} {path}: {existing} is not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):

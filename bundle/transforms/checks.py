@@ -8,7 +8,9 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["CheckFinited", "CheckLabeld", "CheckPaird", "source_name"]
+__all__ = ["CheckFinited", "CheckLabeld", "CheckPaird", "source_name", "MAX_LABEL"]
+
+MAX_LABEL = 2**24  # the largest integer up to which float32 holds every integer
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -20,7 +22,8 @@ def source_name(data: Mapping, key: Hashable) -> str:
 
 class CheckFinited(MapTransform):
     """Raise ``ValueError`` when an image holds NaN or Inf voxels, has no voxel, or is constant in a channel
-    (an empty or blank image: nothing to register or segment, whatever the pre-alignment)."""
+    (an empty or blank image: nothing to register or segment, whatever the pre-alignment), or when its
+    voxel-to-world affine (a MetaTensor's) is not finite or singular (a zero voxel size in the header)."""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -36,11 +39,25 @@ class CheckFinited(MapTransform):
             if constant:
                 raise ValueError(f"{source_name(d, key)}: channel {constant[0]} is constant (every voxel "
                                  f"{float(flat[constant[0], 0]):g}); an empty or blank image cannot be registered.")
+            affine = getattr(d[key], "affine", None)
+            if affine is not None:
+                affine = torch.as_tensor(affine, dtype=torch.float64)
+                linear = affine[:-1, :-1]
+                if not torch.isfinite(affine).all() or torch.linalg.matrix_rank(linear) < linear.shape[0]:
+                    raise ValueError(f"{source_name(d, key)}: the voxel-to-world affine {_rounded(affine)} is "
+                                     "not finite or singular (a zero voxel size?); fix the header's sform/qform.")
         return d
+
+
+def _rounded(matrix: torch.Tensor) -> list:
+    return [[round(v, 4) for v in row] for row in matrix.tolist()]
 
 
 class CheckLabeld(MapTransform):
     """Check that label maps hold non-negative integers (floats with integer values are cast).
+
+    Label values must also be at most ``2**24``: the images are loaded and resampled in float32, which holds
+    larger integers only approximately (a label id would silently turn into a neighbouring one).
 
     Args:
         keys: label keys.
@@ -65,6 +82,9 @@ class CheckLabeld(MapTransform):
                     raise ValueError(f"{source_name(d, key)}: label values must be integers, found fractional or NaN values.")
             if values.numel() and values.min() < 0:
                 raise ValueError(f"{source_name(d, key)}: label values must be >= 0, found {values.min().item()}.")
+            if values.numel() and float(values.max()) > MAX_LABEL:  # a Python number: a uint8 tensor would wrap 2**24 to 0
+                raise ValueError(f"{source_name(d, key)}: label value {values.max().item():.0f} > 2**24, which float32 "
+                                 "(the pipeline's resampling) does not hold exactly; renumber the labels.")
             if self.num_classes is not None and values.numel() and values.max() >= self.num_classes:
                 raise ValueError(
                     f"{source_name(d, key)}: label value {int(values.max())} >= num_classes={self.num_classes}."
@@ -76,20 +96,28 @@ class CheckLabeld(MapTransform):
 class CheckPaird(MapTransform):
     """Check that channel-first moving and fixed images (and their labels) have compatible dimensions.
 
-    Moving and fixed must have the same number of spatial dims (both 2D or both 3D) and channels; a label
-    must have one channel and the spatial shape of its image.
+    Moving and fixed must have the same number of spatial dims (both 2D or both 3D) and channels (``num_channels``
+    when given: what the network takes, e.g. not the frames of a 4-D series); a label must have one channel and
+    the spatial shape of its image.
 
     Args:
         keys: ``(moving, fixed)`` image keys.
         label_keys: ``(moving_label, fixed_label)`` keys, either may be absent from the data or ``None``
             (not checked, e.g. a label that the pipeline does not load).
+        num_channels: the channels each image must have; ``None``: any, the same for both.
     """
 
-    def __init__(self, keys: KeysCollection = ("moving", "fixed"), label_keys=("moving_label", "fixed_label")) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = ("moving", "fixed"),
+        label_keys=("moving_label", "fixed_label"),
+        num_channels: int | None = None,
+    ) -> None:
         super().__init__(keys)
         if len(self.keys) != 2:
             raise ValueError(f"keys must be (moving, fixed), got {self.keys}.")
         self.label_keys = tuple(label_keys)
+        self.num_channels = num_channels
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -106,6 +134,11 @@ class CheckPaird(MapTransform):
             raise ValueError(
                 f"{source_name(d, moving_key)} has {moving.shape[0]} channels but {source_name(d, fixed_key)} "
                 f"has {fixed.shape[0]}."
+            )
+        if self.num_channels is not None and moving.shape[0] != self.num_channels:
+            raise ValueError(
+                f"{source_name(d, moving_key)} and {source_name(d, fixed_key)} have {moving.shape[0]} channels, "
+                f"expected {self.num_channels} (num_channels; a 4-D image is read as channels)."
             )
         for image_key, label_key in zip(self.keys, self.label_keys):
             if label_key is None or label_key not in d:

@@ -13,8 +13,11 @@ from monai.transforms import MapTransform
 
 from bundle.alignment import TRANSFORMS, itk_affine_register
 from bundle.spatial import compose_affine_ddf, resample_to_grid
+from bundle.transforms.checks import source_name
 
-__all__ = ["PreAlignd", "ComposePreAlignmentd"]
+__all__ = ["PreAlignd", "ComposePreAlignmentd", "GRID_SOURCE"]
+
+GRID_SOURCE = "grid_source"  # meta key of the pre-aligned items: the file of the grid they were resampled onto
 
 
 def _affine_of(item, key: str) -> torch.Tensor:
@@ -74,7 +77,8 @@ class PreAlignd(MapTransform):
         fixed, moving = d[self.fixed_key], d[image_key]
         fixed_affine, moving_affine = _affine_of(fixed, self.fixed_key), _affine_of(moving, image_key)
         if fixed.ndim != 4 or moving.ndim != 4:
-            raise ValueError(f"pre-alignment is 3D: got {self.fixed_key} {tuple(fixed.shape)}, {image_key} {tuple(moving.shape)}.")
+            raise ValueError(f"pre-alignment is 3D: got {source_name(d, self.fixed_key)} {tuple(fixed.shape)}, "
+                             f"{source_name(d, image_key)} {tuple(moving.shape)}.")
         try:
             matrix = itk_affine_register(
                 moving[0].numpy(), moving_affine.numpy(), fixed[0].numpy(), fixed_affine.numpy(),
@@ -95,6 +99,7 @@ class PreAlignd(MapTransform):
             )
             meta = copy.deepcopy(dict(fixed.meta))
             meta["filename_or_obj"] = item.meta.get("filename_or_obj", "")
+            meta[GRID_SOURCE] = fixed.meta.get("filename_or_obj", "")  # where the grid comes from, for errors
             d[key] = MetaTensor(values.to(item.dtype), affine=fixed.affine.clone(), meta=meta)
         d[self.matrix_key] = matrix
         return d
