@@ -96,8 +96,11 @@ def score(warped_label: np.ndarray, fixed: dict, jacobian: np.ndarray | None, la
     row["dice_mean"] = float(np.nanmean([row[f"dice_{n}"] for n in labels.values()]))
     spacing = np.linalg.norm(fixed["affine"][:3, :3], axis=0)
     one_hot = lambda x: torch.stack([torch.as_tensor(x == v) for v in both])[None]
-    hd = compute_hausdorff_distance(one_hot(warped_label), one_hot(fixed_label), percentile=95, spacing=spacing.tolist())
-    row["hd95_mm"] = float(hd.nanmean())
+    if both:
+        hd = compute_hausdorff_distance(one_hot(warped_label), one_hot(fixed_label), percentile=95, spacing=spacing.tolist())
+        row["hd95_mm"] = float(hd.nanmean())
+    else:  # no label in both maps (a failed registration): no surface distance, and no crash of the whole run
+        row["hd95_mm"] = float("nan")
     if jacobian is None:  # a global affine (or identity): det J constant and positive
         row["folding_pct"], row["sd_log_jacobian"] = 0.0, 0.0
     else:
@@ -466,7 +469,7 @@ def report(dataset, out: Path, section: str = "testing") -> None:
     common = set.intersection(*[{r["pair"] for r in rows if r["method"] == m} for m in methods])
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
 
-    text = (f"{dataset.describe()}; scored on the fixed image's native grid; mean ± standard deviation over pairs. "
+    text = (f"{dataset.describe(section)}; scored on the fixed image's native grid; mean ± standard deviation over pairs. "
             f"Hardware: {rows[0]['hardware']}.\n\n"
             f"Pairs every method ran ({len(common)}: {', '.join(sorted(common))}):\n\n"
             + _markdown(_summary([r for r in rows if r["pair"] in common], labels)))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, SHARED_DATA, dice
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import compare_baselines  # noqa: E402
@@ -36,6 +37,19 @@ def test_score_perfect_shifted_and_absent_labels():
     assert row["folding_pct"] == pytest.approx(100 * 4 / 8000) and row["sd_log_jacobian"] > 0
 
 
+def test_score_when_labels_are_lost():
+    """A warped map that lost label 2: Dice 0 for it, HD95 over label 1 only (present in both maps); one that lost
+    every label (a failed registration) scores Dice 0 and HD95 NaN instead of stopping the whole run."""
+    label = np.zeros((20, 20, 20), np.int16)
+    label[4:12, 4:12, 4:12], label[12:16, 4:12, 4:12] = 1, 2
+    labels = {1: "a", 2: "b"}
+    partial = np.where(label == 2, 0, label)
+    row = compare_baselines.score(partial, _subject(label), None, labels)
+    assert row["dice_a"] == 1.0 and row["dice_b"] == 0.0 and row["dice_mean"] == 0.5 and row["hd95_mm"] == 0.0
+    row = compare_baselines.score(np.zeros_like(label), _subject(label), None, labels)
+    assert row["dice_a"] == row["dice_b"] == row["dice_mean"] == 0.0 and np.isnan(row["hd95_mm"])
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "oasis" / "lapirn").is_dir(), reason="../shared/data/oasis absent")
 def test_identity_and_report_on_oasis(tmp_path, monkeypatch):
     """Identity on both OASIS pairs writes one CSV row per pair with the dataset's label columns."""
@@ -44,7 +58,11 @@ def test_identity_and_report_on_oasis(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert [r["pair"] for r in rows] == ["A_to_B", "B_to_A"]
     assert {"dice_label1", "dice_label2", "hd95_mm", "seconds"} <= set(rows[0])
-    assert all(0.3 < float(r["dice_mean"]) < 1.0 for r in rows)  # both OASIS volumes share one template space
+    # both OASIS volumes share one template-space grid: identity = the Dice of the two label maps as they are
+    a, b = (OASIS().subject(s, tmp_path / "inputs")["label_array"] for s in ("A", "B"))
+    expected = dice(a, b, [1, 2])
+    assert 0.3 < expected < 0.95
+    assert [float(r["dice_mean"]) for r in rows] == [pytest.approx(expected, abs=1e-4)] * 2  # Dice is symmetric
     compare_baselines.run(OASIS(), tmp_path, ["identity"], [0], compare_baselines.DEFAULT_CKPT, None, ["inference.json"])
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2  # resumed: nothing scored twice
@@ -164,9 +182,18 @@ def test_ours_runs_the_bundle_inference_and_scores_against_the_fixed_subject(tmp
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["pair"]) for r in rows] == [("ours", "moving_to_fixed"), ("identity", "moving_to_fixed")]
-    ours, identity = (float(r["dice_mean"]) for r in rows)
-    assert 0.0 < ours <= 1.0 and float(rows[0]["seconds"]) > 0 and float(rows[0]["folding_pct"]) < 1.0
-    assert identity < 0.6  # the blob is shifted by 3 voxels: the score is against the fixed subject's labels
+    assert float(rows[0]["seconds"]) > 0 and float(rows[0]["folding_pct"]) < 1.0
+    # the scores are against the fixed subject's labels: identity = their Dice with the moving ones (one grid), and
+    # the row of ours = the score of the warped labels and det J the bundle wrote (kept for the figure)
+    moving, fixed = _blob("moving", 3.0, tmp_path / "again"), _blob("fixed", 0.0, tmp_path / "again")
+    identity = dice(moving["label_array"], fixed["label_array"], [1, 2])
+    assert float(rows[1]["dice_mean"]) == pytest.approx(identity, abs=1e-4)
+    kept = np.load(tmp_path / "figure" / "moving_to_fixed" / "ours.npz")
+    assert kept["label"].shape == kept["jacobian"].shape == (32, 32, 32)
+    expected = compare_baselines.score(kept["label"], fixed, kept["jacobian"], Tiny.labels)
+    for key in ("dice_mean", "dice_a", "dice_b", "hd95_mm", "folding_pct", "sd_log_jacobian"):
+        assert float(rows[0][key]) == pytest.approx(expected[key], abs=1e-4), key
+    assert not np.array_equal(kept["label"], moving["label_array"])  # the network moved the labels
     compare_baselines.run(*args, overrides={"prealign": "none"})
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2  # resumed: nothing registered twice
@@ -229,6 +256,88 @@ def test_ants_syn_full_passes_its_settings_to_antspyx(tmp_path, monkeypatch):
     assert warped.dtype == np.int16 and seconds >= 0
 
 
+def _phantom(name: str, shift: float, work: Path) -> dict:
+    """The labels of :func:`_blob` in a textured 32^3 image (head, two-intensity inner ellipsoid, a small off-centre
+    blob, a smooth texture over the whole grid), all shifted ``shift`` voxels along the first axis. The plain blob
+    has too little texture for the Mattes MI affine stages of ANTs and elastix: both shrink it by about 20 %."""
+    i = np.stack(np.meshgrid(*[np.arange(32.0)] * 3, indexing="ij"))
+    x = i - np.array([15.5 + shift, 15.5, 15.5])[:, None, None, None]
+
+    def r2(radii, offset=(0, 0, 0)):
+        return sum(((x[k] - offset[k]) / s) ** 2 for k, s in enumerate(radii))
+
+    def soft(r2_, width=0.15):
+        return 1 / (1 + np.exp((np.sqrt(r2_) - 1) / width))
+
+    inner = r2((7, 6, 5))
+    texture = 0.1 * (1 + np.sin(x[0] / 2.5 + 1) * np.cos(x[1] / 3.1) * np.sin(x[2] / 2.2 + 0.5))
+    image = (texture + 0.3 * soft(r2((13, 12, 11))) + 0.4 * soft(inner) * (1 + 0.5 * (x[0] > 0))
+             + 0.3 * soft(r2((3, 3, 2), (4, -8, 5))))
+    return _write(name, image, (inner < 1) * (1 + (x[0] > 0)), _AFFINE, work)
+
+
+def _check_recovers_the_shift(warped, jacobian, ddf_file: Path, moving: dict, fixed: dict, min_dice: float) -> np.ndarray:
+    """Labels back on the fixed ones (label values only, no folding), and the tool's whole transform (an ITK
+    displacement field on the fixed grid, read as our pull-back DDF in voxels) = the 3-voxel shift along the first
+    axis. Returns that DDF."""
+    from bundle.io.itk_export import read_itk_displacement_field
+
+    labels = {1: "a", 2: "b"}
+    before = compare_baselines.score(moving["label_array"], fixed, None, labels)  # same grid: no resampling needed
+    after = compare_baselines.score(warped, fixed, jacobian, labels)
+    assert before["dice_mean"] < 0.4 and after["dice_mean"] > min_dice, (before["dice_mean"], after)
+    assert set(np.unique(warped).tolist()) <= {0, 1, 2} and after["folding_pct"] == 0.0
+    ddf, affine = read_itk_displacement_field(ddf_file)
+    np.testing.assert_allclose(affine, _AFFINE, atol=1e-4)
+    inside = fixed["label_array"] > 0
+    assert np.median(ddf[0][inside]) == pytest.approx(3.0, abs=0.5)
+    assert abs(np.median(ddf[1][inside])) < 0.5 and abs(np.median(ddf[2][inside])) < 0.5
+    return ddf
+
+
+def test_ants_syn_registers_a_shifted_phantom(tmp_path):
+    """``ants_syn`` with real antspyx (all its defaults, about a second on this pair)."""
+    pytest.importorskip("ants")
+    moving, fixed = _phantom("moving", 3.0, tmp_path), _phantom("fixed", 0.0, tmp_path)
+    warped, jacobian, seconds = compare_baselines.run_ants(moving, fixed, tmp_path)
+    assert warped.dtype == np.int16 and warped.shape == jacobian.shape == (32, 32, 32) and seconds > 0
+    composed = sorted(tmp_path.glob("ants_*.nii.gz"))
+    assert len(composed) == 1, composed
+    _check_recovers_the_shift(warped, jacobian, composed[0], moving, fixed, min_dice=0.95)
+    assert np.median(jacobian[fixed["label_array"] > 0]) == pytest.approx(1.0, abs=0.1)  # a shift: no volume change
+
+
+def test_elastix_registers_a_shifted_phantom(tmp_path, monkeypatch):
+    """``elastix`` with real itk-elastix: the runner's default affine + B-spline maps, label reslicing (nearest
+    neighbour), axis order and Jacobian (that of the deformation field transformix writes into ``work``). Faster
+    optimisation than the defaults (which take over a minute on 2 busy cores): 32 instead of 256 iterations per
+    resolution and 512 instead of 2048 samples, so the B-spline stage stops short (it still shrinks the inner
+    ellipsoid by about 10 % per axis: no det J = 1 check here)."""
+    itk = pytest.importorskip("itk")
+    import importlib.util
+
+    if importlib.util.find_spec("itk.ElastixPython") is None:
+        pytest.skip("itk-elastix not installed")
+    register, iterations = itk.elastix_registration_method, []
+
+    def fewer_iterations(fixed_image, moving_image, parameter_object, **kwargs):
+        for k in range(parameter_object.GetNumberOfParameterMaps()):
+            iterations.append(parameter_object.GetParameter(k, "MaximumNumberOfIterations"))
+            parameter_object.SetParameter(k, "MaximumNumberOfIterations", "32")
+            parameter_object.SetParameter(k, "NumberOfSpatialSamples", "512")
+        return register(fixed_image, moving_image, parameter_object=parameter_object, **kwargs)
+
+    monkeypatch.setattr(itk, "elastix_registration_method", fewer_iterations)
+    moving, fixed = _phantom("moving", 3.0, tmp_path), _phantom("fixed", 0.0, tmp_path)
+    warped, jacobian, seconds = compare_baselines.run_elastix(moving, fixed, tmp_path)
+    assert iterations == [("256",), ("256",)]  # the affine and B-spline defaults, both used
+    assert warped.dtype == np.int16 and warped.shape == jacobian.shape == (32, 32, 32) and seconds > 0
+    ddf = _check_recovers_the_shift(warped, jacobian, tmp_path / "deformationField.nii", moving, fixed, min_dice=0.75)
+    from bundle.metrics import jacobian_determinant
+
+    np.testing.assert_allclose(jacobian, jacobian_determinant(torch.as_tensor(ddf)[None])[0, 0].numpy(), atol=1e-4)
+
+
 class _FakeDataset:
     """Subjects A..E; D has no label map (an unlabelled training subject)."""
 
@@ -275,3 +384,101 @@ def test_metadata_eval_metric_is_the_published_held_out_number():
     assert rows, "no 'ours' rows in docs/results/baselines.csv"
     mean = float(np.mean([float(r["dice_mean"]) for r in rows]))
     assert meta["eval_metrics"] == {"ibsr_test_mean_dice_csf_gm_wm": round(mean, 3)}
+
+
+def _rows(*specs) -> list[dict]:
+    """Rows as ``results.csv`` gives them back (strings): ``(method, pair, dice_mean, {dice_<name>: v}, hd95_mm,
+    folding_pct, sd_log_jacobian, seconds)``."""
+    return [{"method": m, "pair": p, "dice_mean": str(d), **{k: str(v) for k, v in per_label.items()},
+             "hd95_mm": str(hd), "folding_pct": str(fold), "sd_log_jacobian": str(sd), "seconds": str(s)}
+            for m, p, d, per_label, hd, fold, sd, s in specs]
+
+
+def test_summary_means_spreads_medians_and_speed_ratio():
+    """Per method: mean ± population standard deviation over pairs (NaN pairs left out), median seconds, and the
+    ratio of ANTs SyN's median seconds to the method's."""
+    nan = float("nan")
+    rows = _rows(("identity", "p1", 0.4, {"dice_a": 0.3, "dice_b": 0.5}, 5.0, 0.0, 0.0, 0.1),
+                 ("identity", "p2", 0.6, {"dice_a": 0.5, "dice_b": 0.7}, 3.0, 0.0, 0.0, 0.3),
+                 ("ants_syn", "p1", 0.8, {"dice_a": 0.7, "dice_b": nan}, 2.0, 0.1, 0.2, 40.0),
+                 ("ants_syn", "p2", 0.9, {"dice_a": 0.9, "dice_b": 0.9}, 1.0, 0.3, 0.4, 60.0))
+    identity, ants = compare_baselines._summary(rows, {1: "a", 2: "b"})
+    assert identity == {"method": "identity", "pairs": 2, "dice_mean": "0.500 ± 0.100", "dice_a": "0.400 ± 0.100",
+                        "dice_b": "0.600 ± 0.100", "hd95_mm": "4.000 ± 1.000", "folding_pct": "0.000 ± 0.000",
+                        "sd_log_jacobian": "0.000 ± 0.000", "seconds (median)": "0.2",
+                        "× faster than ANTs SyN": "250.0"}
+    assert ants["dice_b"] == "0.900 ± 0.000" and ants["folding_pct"] == "0.200 ± 0.100"
+    assert ants["seconds (median)"] == "50.0" and ants["× faster than ANTs SyN"] == "1.0"
+    # more than 4 labels: no per-label columns (their own table); no ANTs rows: no speed ratio
+    many = {k: f"s{k}" for k in range(1, 6)}
+    (only,) = compare_baselines._summary(rows[:2], many)
+    assert list(only) == ["method", "pairs", "dice_mean", "hd95_mm", "folding_pct", "sd_log_jacobian", "seconds (median)",
+                          "× faster than ANTs SyN"]
+    assert only["× faster than ANTs SyN"] == "–"
+
+
+def test_per_structure_table_and_markdown():
+    """Mean Dice per structure and method; '–' where a method never saw the structure; no row for a structure absent
+    from every fixed map."""
+    nan = float("nan")
+    labels = {1: "L_a", 2: "R_a", 3: "b", 4: "c", 5: "never"}
+    def per_label(l_a, r_a, b, c):
+        return {"dice_L_a": l_a, "dice_R_a": r_a, "dice_b": b, "dice_c": c, "dice_never": nan}
+
+    rows = _rows(("X", "p1", 0.5, per_label(0.4, nan, 0.6, nan), 1, 0, 0, 1),
+                 ("X", "p2", 0.7, per_label(0.6, 0.8, nan, nan), 1, 0, 0, 1),
+                 ("Y", "p1", 0.9, per_label(nan, nan, nan, 0.9), 1, 0, 0, 1))
+    table = compare_baselines._per_structure(rows, labels, ["X", "Y"])
+    assert table == [{"structure": "L_a", "X": "0.500", "Y": "–"}, {"structure": "R_a", "X": "0.800", "Y": "–"},
+                     {"structure": "b", "X": "0.600", "Y": "–"}, {"structure": "c", "X": "–", "Y": "0.900"}]
+    expected = "| structure | X | Y |\n|---|---|---|\n| L_a | 0.500 | – |\n| R_a | 0.800 | – |\n"
+    assert compare_baselines._markdown(table[:2]) == expected
+
+
+def test_report_tables_the_pairs_every_method_ran(tmp_path, monkeypatch):
+    """``report`` on a hand-made ``results.csv`` (written by ``_append``): the first table only over the pairs every
+    method ran, then all pairs each method ran; the CSV copied next to it."""
+    labels = {1: "a", 2: "b"}
+
+    class Tiny:
+        name = "tiny"
+
+        def __init__(self):
+            self.labels = labels
+
+        def describe(self, section="testing"):
+            return "Tiny: 2 labels"
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for method, pair, a, b, hd, seconds in (("ours", "m_to_f", 0.8, 0.6, 2.0, 1.0),
+                                            ("ours", "f_to_m", 0.4, 0.6, 4.0, 3.0),
+                                            ("ants_syn", "m_to_f", 0.9, 0.7, 1.0, 10.0)):
+        row = {"method": method, "pair": pair, "moving": pair[0], "fixed": pair[-1], "dice_a": a, "dice_b": b,
+               "dice_mean": (a + b) / 2, "hd95_mm": hd, "folding_pct": 0.0, "sd_log_jacobian": 0.0, "seconds": seconds,
+               "hardware": "Test CPU"}
+        compare_baselines._append(out / "results.csv", row, labels)
+    monkeypatch.setattr(compare_baselines, "REPO", tmp_path)
+    compare_baselines.report(Tiny(), out)
+    text = (tmp_path / "docs" / "results" / "baselines_tiny.md").read_text()
+    header = ("| method | pairs | dice_mean | dice_a | dice_b | hd95_mm | folding_pct | sd_log_jacobian "
+              "| seconds (median) | × faster than ANTs SyN |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    zero = "0.000 ± 0.000"
+    ants = f"| ants_syn | 1 | 0.800 ± 0.000 | 0.900 ± 0.000 | 0.700 ± 0.000 | 1.000 ± 0.000 | {zero} | {zero} | 10.0 | 1.0 |\n"
+    assert text == (
+        "Tiny: 2 labels; scored on the fixed image's native grid; mean ± standard deviation over pairs. "
+        "Hardware: Test CPU.\n\nPairs every method ran (1: m_to_f):\n\n" + header
+        + f"| ours | 1 | 0.700 ± 0.000 | 0.800 ± 0.000 | 0.600 ± 0.000 | 2.000 ± 0.000 | {zero} | {zero} | 1.0 | 10.0 |\n"
+        + ants + "\nAll pairs each method ran:\n\n" + header
+        + f"| ours | 2 | 0.600 ± 0.100 | 0.600 ± 0.200 | 0.600 ± 0.000 | 3.000 ± 1.000 | {zero} | {zero} | 2.0 | 5.0 |\n"
+        + ants)
+    assert (tmp_path / "docs" / "results" / "baselines_tiny.csv").read_text() == (out / "results.csv").read_text()
+    with open(out / "results.csv") as f:
+        assert next(csv.DictReader(f))["dice_mean"] == "0.7000"  # _append: floats with 4 decimals
+
+
+def test_validation_reports_name_the_validation_subjects_not_the_test_split():
+    dataset = DATASETS["lpba40"]()
+    validation = dataset.describe("validation")
+    assert "validation" in validation and "S21, S22" in validation and "S01" not in validation
+    assert "test split" in dataset.describe() and "S01, S23, S24, S25" in dataset.describe()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss, DiffusionLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
+from monai.networks.blocks import Warp
 from torch.nn import MSELoss
 
 from bundle.losses import JointRegSegLoss, MaskedSimilarityLoss
@@ -90,7 +93,7 @@ def test_empty_mask_gives_zero_without_nan(similarity):
     value = MaskedSimilarityLoss(similarity)(pred, target, torch.zeros(2, 1, 16, 16, 16))
     assert float(value) == 0.0
     value.backward()
-    assert torch.isfinite(pred.grad).all()
+    assert torch.equal(pred.grad, torch.zeros_like(pred.grad))  # no voxel used: no gradient at all (and no NaN)
 
 
 def test_mse_is_normalised_by_the_masked_volume():
@@ -144,11 +147,26 @@ def test_gradient_flows_to_pred_only_where_masked_in(similarity):
     mask = torch.ones(1, 1, 16, 16, 16)
     mask[..., :6] = 0
     MaskedSimilarityLoss(similarity)(pred, target, mask).backward()
-    assert pred.grad.abs().sum() > 0 and target.grad.abs().sum() > 0
     if similarity == "lncc":  # the windows reach 4 voxels into the masked-out block
         assert torch.equal(pred.grad[..., :2], torch.zeros_like(pred.grad[..., :2]))
     else:
         assert torch.equal(pred.grad[..., :6], torch.zeros_like(pred.grad[..., :6]))
+    if similarity == "mse":  # d/dp of sum(mask (p - t)^2) / (sum(mask) + eps), exactly
+        expected = 2 * (pred.detach() - target.detach()) * mask / (mask.sum() + 1e-6)
+        torch.testing.assert_close(pred.grad, expected, rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(target.grad, -expected, rtol=1e-5, atol=1e-10)
+    elif similarity == "lncc":
+        # voxels >= 10 lie only in windows centred on used voxels (>= 6): the same gradient as the unmasked loss,
+        # whose mean is over 16 instead of 10 slabs of voxels
+        free = pred.detach().clone().requires_grad_(True)
+        MaskedSimilarityLoss(similarity)(free, target.detach()).backward()
+        torch.testing.assert_close(pred.grad[..., 10:], free.grad[..., 10:] * 16 / 10, rtol=1e-4, atol=1e-9)
+        assert pred.grad[..., 10:].abs().min() > 0
+    else:  # global MI of the used voxels only: their gradient ignores what lies in the masked-out block
+        other = torch.where(mask == 0, _rand(1, 1, 16, 16, 16, seed=30), pred.detach()).requires_grad_(True)
+        MaskedSimilarityLoss(similarity)(other, target.detach(), mask).backward()
+        torch.testing.assert_close(other.grad, pred.grad, rtol=0, atol=1e-9)
+        assert (pred.grad[..., 6:] != 0).float().mean() > 0.99
 
 
 def test_mi_with_bspline_kernel_matches_monai_or_is_rejected():
@@ -309,7 +327,14 @@ def test_mask_carries_no_gradient(source):
     target = {"moving": moving, "fixed": fixed, "moving_tumour": tumour, "fixed_tumour": tumour}
     mask = loss.valid_mask(ddf, seg_moving, seg_fixed, target)
     assert not mask.requires_grad
-    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    # outside the fixed tumour and outside the moving tumour warped by the DDF (bilinear, more than half inside)
+    if source == "label":
+        moving_tumour = fixed_tumour = tumour.float()
+    else:
+        moving_tumour, fixed_tumour = ((s.detach().argmax(1, keepdim=True) > 0).float() for s in (seg_moving, seg_fixed))
+    warped_tumour = Warp(mode="bilinear", padding_mode="border")(moving_tumour, ddf.detach()) > 0.5
+    expected = (1 - fixed_tumour) * (1 - warped_tumour.float())
+    assert torch.equal(mask, expected) and 0.1 < float(expected.mean()) < 0.99
     # without tumour labels the segmentation logits only enter through the mask: they get no gradient
     packed = _packed(ddf, seg_moving, seg_fixed)
     unlabelled = {"moving": moving, "fixed": fixed}
@@ -367,7 +392,9 @@ def test_multiclass_labels_mask_every_tumour_class():
               "moving_tumour": label, "fixed_tumour": label}
     mask = loss.valid_mask(torch.zeros(1, 3, *SHAPE), seg, seg, target)
     assert torch.equal(mask, (label == 0).float())
-    assert torch.isfinite(loss(_packed(torch.zeros(1, 3, *SHAPE), seg, seg), target))
+    # equal logits over 4 classes: cross-entropy log 4 per segmentation; zero DDF: no smoothness term
+    expected = MaskedSimilarityLoss("lncc")(target["moving"], target["fixed"], (label == 0).float()) + 2 * math.log(4)
+    torch.testing.assert_close(loss(_packed(torch.zeros(1, 3, *SHAPE), seg, seg), target), expected)
 
 
 def test_class_weights_weight_the_cross_entropy():

@@ -40,6 +40,13 @@ def _write(subject: str, image: np.ndarray, label: np.ndarray, affine: np.ndarra
     return out
 
 
+_SECTION_WORDS = {"testing": "test", "validation": "validation (for choosing settings; not the test pairs)"}
+
+
+def _subjects(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
 class IBSR:
     """IBSR T1 (skull-stripped, native spaces differ): CSF / GM / WM, test split of ``ibsr_split.json``."""
 
@@ -56,8 +63,9 @@ class IBSR:
         label, _ = load(DATA / "ibsr" / subject / f"{subject}_seg.nii.gz")
         return _write(subject, image, label, affine, work)
 
-    def describe(self) -> str:
-        return f"IBSR test split of `bundle/data/splits/ibsr_split.json` ({', '.join(self.testing)}), CSF/GM/WM Dice"
+    def describe(self, section: str = "testing") -> str:
+        return (f"IBSR {_SECTION_WORDS[section]} split of `bundle/data/splits/ibsr_split.json` "
+                f"({', '.join(_subjects(self.split[section]))}), CSF/GM/WM Dice")
 
 
 class SynthSeg:
@@ -96,8 +104,9 @@ class SynthSeg:
         shifted[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=float) + affine[:3, 3]
         return _write(subject, image, label, shifted, work)
 
-    def describe(self) -> str:
-        return (f"SynthSeg label maps {', '.join(self.testing)} (test split of `bundle/data/splits/synthseg_split.json`), "
+    def describe(self, section: str = "testing") -> str:
+        return (f"SynthSeg label maps {', '.join(_subjects(self.split[section]))} ({_SECTION_WORDS[section]} split of "
+                "`bundle/data/splits/synthseg_split.json`), "
                 f"images synthesised with `RandSynthesiseImaged` ({self.contrast} contrast, seed = subject number), "
                 f"Dice on the {len(self.labels)} VoxelMorph structures (mean over those present in the fixed map)")
 
@@ -119,7 +128,7 @@ class OASIS:
             raise ValueError(f"OASIS {subject}: label shape {label.shape} != image shape {image.shape}.")
         return _write(subject, image, label, affine, work)
 
-    def describe(self) -> str:
+    def describe(self, section: str = "testing") -> str:
         return "OASIS-derived `oasis/lapirn` volumes A and B (both ordered pairs), Dice of their labels 1 and 2"
 
 
@@ -158,8 +167,9 @@ class LPBA40:
             raise ValueError(f"{label_file}: label values {unknown} not in {self.split_file.name}.")
         return _write(subject, image, label, affine, work)
 
-    def describe(self) -> str:
-        return (f"LPBA40 test split of `bundle/data/splits/lpba40_split.json` ({', '.join(self.testing)}; one affinely aligned "
+    def describe(self, section: str = "testing") -> str:
+        return (f"LPBA40 {_SECTION_WORDS[section]} split of `bundle/data/splits/lpba40_split.json` "
+                f"({', '.join(_subjects(self.split[section]))}; one affinely aligned "
                 f"1 mm grid), Dice on the {len(self.labels)} manually delineated structures (LONI LPBA40, Shattuck et al., "
                 "NeuroImage 2008)")
 
