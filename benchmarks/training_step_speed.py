@@ -1,6 +1,6 @@
 """Time one training step (forward, loss, backward, Adam step) of the registration network on this machine.
 
-    python benchmarks/training_step_speed.py [--shape 80 96 80] [--threads 2] [--repeats 3] [--out CSV]
+    python benchmarks/training_step_speed.py [--model registration|joint] [--shape 80 96 80] [--threads 2] [--repeats 3] [--out CSV]
 
 Compares the recipe's choices on a 2 mm brain-sized grid: VoxelMorph's full-resolution DDF vs the
 half-resolution diffeomorphic flow (``half_res``, 7 scaling-and-squaring steps), float32 vs bfloat16 autocast
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bundle.engines.training import AutocastInferer, hardware_description  # noqa: E402
-from bundle.losses import RegistrationLoss  # noqa: E402
-from bundle.networks import VM2_CHANNELS, RegistrationUNet  # noqa: E402
+from bundle.losses import JointRegSegLoss, RegistrationLoss  # noqa: E402
+from bundle.networks import VM2_CHANNELS, JointRegSegNet, RegistrationUNet  # noqa: E402
 
 CONFIGS = (  # name, half_res + svf, autocast, label_downsample
     ("full-res DDF, fp32, labels full", False, False, 1),
@@ -35,25 +35,43 @@ CONFIGS = (  # name, half_res + svf, autocast, label_downsample
     ("half-res SVF, bf16 autocast, labels /2", True, True, 2),
 )
 
+JOINT_CONFIGS = (  # name, half_res: the joint model on 2 channels (T1c + FLAIR), tumour CE + Dice, masked LNCC
+    ("joint full-res DDF", False),
+    ("joint half-res DDF (tumour recipe)", True),
+)
+
+
+def _timed_steps(net, loss_fn, x, target, inferer, repeats: int) -> list[float]:
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    times = []
+    for _ in range(repeats + 1):  # the first step warms up the allocator and kernels
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(inferer(x, net), target)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def joint_step_seconds(shape, half_res: bool, repeats: int) -> list[float]:
+    torch.manual_seed(0)
+    net = JointRegSegNet(in_channels=2, num_classes=2, half_res=half_res)
+    moving, fixed = torch.rand(1, 2, *shape), torch.rand(1, 2, *shape)
+    tumours = (torch.rand(2, 1, *shape) > 0.9).float()
+    target = {"moving": moving, "fixed": fixed, "moving_tumour": tumours[:1], "fixed_tumour": tumours[1:]}
+    loss_fn = JointRegSegLoss(num_classes=2, mask_source="label")
+    return _timed_steps(net, loss_fn, torch.cat([moving, fixed], 1), target, AutocastInferer(enabled=False), repeats)
+
 
 def step_seconds(shape, half_res: bool, autocast: bool, label_downsample: int, repeats: int) -> list[float]:
     torch.manual_seed(0)
     net = RegistrationUNet(3, 2, VM2_CHANNELS, integration_steps=7 if half_res else 0, half_res=half_res)
     loss_fn = RegistrationLoss(label_weight=1.0, num_classes=57, label_downsample=label_downsample)
-    opt = torch.optim.Adam(net.parameters(), 1e-4)
-    inferer = AutocastInferer(enabled=autocast)
     moving, fixed = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
     labels = torch.randint(0, 57, (2, 1, *shape)).float()
     target = {"moving": moving, "fixed": fixed, "moving_label": labels[:1], "fixed_label": labels[1:]}
-    times = []
-    for _ in range(repeats + 1):  # the first step warms up the allocator and kernels
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(inferer(torch.cat([moving, fixed], 1), net), target)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+    return _timed_steps(net, loss_fn, torch.cat([moving, fixed], 1), target, AutocastInferer(enabled=autocast), repeats)
 
 
 def main() -> None:
@@ -62,28 +80,36 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated substrings of configurations to skip")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "training_step_cpu.csv")
+    parser.add_argument("--model", choices=["registration", "joint"], default="registration",
+                        help="joint: the joint tumour model (2 channels) with full- and half-resolution decoders")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default docs/results/training_step_cpu.csv (joint: training_step_joint_cpu.csv)")
     a = parser.parse_args()
+    out = a.out or REPO / "docs" / "results" / ("training_step_cpu.csv" if a.model == "registration" else "training_step_joint_cpu.csv")
+    configs = CONFIGS if a.model == "registration" else JOINT_CONFIGS
     torch.set_num_threads(a.threads)
     load = os.getloadavg()[0]
     rows = []
-    for name, half_res, autocast, down in CONFIGS:
+    for name, *settings in configs:
         if any(s and s in name for s in a.skip.split(",")):
             continue
-        times = step_seconds(a.shape, half_res, autocast, down, a.repeats)
+        if a.model == "registration":
+            times = step_seconds(a.shape, *settings, a.repeats)
+        else:
+            times = joint_step_seconds(a.shape, *settings, a.repeats)
         row = {"configuration": name, "shape": "x".join(map(str, a.shape)), "median_s_per_step": round(statistics.median(times), 3),
                "steps": len(times), "threads": a.threads, "load_1min_at_start": round(load, 2),
                "hardware": hardware_description("cpu")}
         rows.append(row)
         print(f"{name:45s} {row['median_s_per_step']:8.3f} s/step", flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_name(f".{a.out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(a.out)
-    print(f"-> {a.out}")
+    tmp.replace(out)
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -402,3 +402,150 @@ def test_logits_to_labels_matches_monai_argmax_and_keeps_meta():
     torch.testing.assert_close(ours.affine, logits.affine)
     batch = torch.randn(2, 3, 4, 4, 4)
     torch.testing.assert_close(logits_to_labels(batch), batch.argmax(dim=1, keepdim=True))
+
+
+# ------------------------------------------------------------------------------------- half resolution
+
+
+def _half_res_net(dims: int = 3, **kwargs) -> JointRegSegNet:
+    return _net(dims, half_res=True, **kwargs)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("deformation", ["ddf", "svf"])
+def test_half_res_decodes_at_half_size_and_keeps_the_output_shapes(dims, deformation):
+    full = _net(dims, deformation=deformation, num_classes=3)
+    half = _half_res_net(dims, deformation=deformation, num_classes=3)
+    decoded = []
+    for decoder in (half.reg_decoder, half.seg_decoder):
+        decoder.register_forward_hook(lambda m, args, out: decoded.append(tuple(out.shape[2:])))
+    x = torch.cat(_images(dims, batch=2), 1)
+    with torch.no_grad():
+        packed_full, packed_half = full(x), half(x)
+        fields_full, fields_half = full.fields(x), half.fields(x)
+    assert packed_half.shape == packed_full.shape == (2, dims + 6, *SIZE[dims])
+    assert {k: v.shape for k, v in fields_half.items()} == {k: v.shape for k, v in fields_full.items()}
+    assert decoded == [tuple(s // 2 for s in SIZE[dims])] * 6  # forward, fields: 1 registration + 2 segmentations each
+    assert len(half.reg_decoder.up_blocks) == len(half.seg_decoder.up_blocks) == len(full.reg_decoder.up_blocks) - 1
+    with pytest.raises(ValueError, match="cumsum"):
+        _half_res_net(dims, deformation="cumsum")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_half_res_constant_flow_is_doubled_and_constant_logits_are_not(dims):
+    net = _half_res_net(dims)
+    shift = torch.tensor([1.0, -0.5, 0.25])[:dims]
+    with torch.no_grad():
+        net.reg_head.conv.bias.copy_(shift)  # zero weights: a constant field of half-resolution voxels
+        net.seg_head.weight.zero_()
+        out = net.unpack(net(torch.cat(_images(dims), 1)))
+    for k in range(dims):  # twice as many full-resolution voxels
+        torch.testing.assert_close(out["ddf"][0, k], torch.full(SIZE[dims], 2 * float(shift[k])), rtol=0, atol=1e-6)
+    prior = net.seg_head.bias.view(1, -1, *([1] * dims)).expand_as(out["seg_moving"])
+    torch.testing.assert_close(out["seg_moving"], prior, rtol=0, atol=1e-6)  # logits are values, not vectors
+    torch.testing.assert_close(out["seg_fixed"], prior, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_half_res_svf_is_integrated_at_half_size_then_upsampled(dims):
+    from monai.networks.blocks.warp import DVF2DDF
+
+    from bundle.spatial import resize_field
+
+    net = _half_res_net(dims, deformation="svf", integration_steps=5)
+    _randomise(net.reg_head, scale=0.5, seed=11)
+    half_svf, half_logits = [], []
+    net.reg_head.conv.register_forward_hook(lambda m, args, out: half_svf.append(out))
+    net.seg_head.register_forward_hook(lambda m, args, out: half_logits.append(out))
+    x = torch.cat(_images(dims), 1)
+    with torch.no_grad():
+        fields = net.fields(x, inverse=True)
+    (v,) = half_svf
+    assert v.shape[2:] == tuple(s // 2 for s in SIZE[dims]) and v.abs().max() > 0.1
+    integrate = DVF2DDF(num_steps=5)
+    with torch.no_grad():
+        for key, expected in (("svf", v), ("ddf", integrate(v)), ("inverse_ddf", integrate(-v))):
+            torch.testing.assert_close(fields[key], resize_field(expected, SIZE[dims]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fields["svf"].mean(), 2 * v.mean())  # vectors in full-resolution voxels
+    for key, logits in zip(("seg_moving", "seg_fixed"), half_logits):
+        mode = "trilinear" if dims == 3 else "bilinear"
+        expected = F.interpolate(logits, size=SIZE[dims], mode=mode, align_corners=False)
+        torch.testing.assert_close(fields[key], expected, rtol=0, atol=1e-6)
+
+
+def test_half_res_svf_forward_and_inverse_compose_to_identity():
+    """As tests/test_inverse.py checks for the full-resolution joint net: ``exp(-svf) o exp(svf)`` ~ identity."""
+    from monai.networks.blocks import Warp
+
+    shape, margin = (32, 32, 32), 4
+    net = JointRegSegNet(channels=CHANNELS, deformation="svf", integration_steps=7, half_res=True).eval()
+    keys = set(net.state_dict())
+    x = F.avg_pool3d(torch.rand(1, 2, *shape, generator=torch.Generator().manual_seed(1)), 5, 1, 2)
+    with torch.no_grad():  # random flow layer scaled to a velocity of at most 3 voxels
+        torch.nn.init.normal_(net.reg_head.conv.weight, generator=torch.Generator().manual_seed(12), std=0.02)
+        net.reg_head.conv.weight *= 3.0 / net.fields(x)["svf"].abs().max()
+        forward, inverse = net.forward_and_inverse(x)
+        fields = net.fields(x)
+    assert set(net.state_dict()) == keys and "inverse_ddf" not in fields
+    torch.testing.assert_close(forward, fields["ddf"])
+    assert forward.abs().max() > 1.5
+    warp = Warp(mode="bilinear", padding_mode="border")
+    interior = (slice(None), *[slice(margin, -margin)] * 3)
+
+    def residual(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.maximum((v + warp(u, v)).norm(dim=1), (u + warp(v, u)).norm(dim=1))[interior]
+
+    r, naive = residual(forward, inverse), residual(forward, -forward)
+    assert r.max() < 0.4 and r.mean() < 0.1
+    assert naive.mean() > 3 * r.mean()  # negating the DDF is not its inverse
+
+
+def test_half_res_gradients_reach_both_decoders_heads_and_encoder():
+    net = _half_res_net(deformation="svf", integration_steps=5).train()
+    _randomise(net.reg_head, scale=0.05, seed=13)  # a zero head blocks the gradient to the decoder at init
+    moving, fixed = _images()
+    out = net.predict(torch.cat([moving, fixed], 1))
+    loss = F.mse_loss(out["warped"], fixed)
+    loss = loss + F.cross_entropy(out["seg_moving"], (moving[:, 0] > 0.5).long())
+    loss = loss + F.cross_entropy(out["seg_fixed"], (fixed[:, 0] > 0.5).long())
+    loss.backward()
+    for module in (net.encoder, net.reg_decoder, net.reg_head, net.seg_decoder, net.seg_head):
+        for name, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_default_net_keeps_its_checkpoint_layout_and_outputs():
+    """``half_res=False`` (the default): the committed pretrained joint checkpoint loads strictly, the outputs are
+    the full-resolution decoders' own, and a half-resolution net rejects it (its decoders differ)."""
+    from bundle.configs import REPO_ROOT
+
+    state = torch.load(REPO_ROOT / "models" / "pretrained" / "joint_t1_ibsr_4mm.pt", map_location="cpu")
+    net = JointRegSegNet().eval()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    net.load_state_dict(state)
+    with pytest.raises(RuntimeError):
+        JointRegSegNet(half_res=True).load_state_dict(state)
+    moving, fixed = (torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (14, 15))
+    with torch.no_grad():
+        out = net.fields(torch.cat([moving, fixed], 1))
+        codes = [net.encoder(moving), net.encoder(fixed)]
+        merged = [m - f for m, f in zip(*codes)]
+        assert torch.equal(out["ddf"], net.reg_head.conv(net.reg_decoder(merged)))
+        assert torch.equal(out["seg_moving"], net.seg_head(net.seg_decoder(codes[0])))
+        assert torch.equal(out["seg_fixed"], net.seg_head(net.seg_decoder(codes[1])))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_half_res_segmentation_only_net(dims):
+    from bundle.networks import TumourSegmentationNet
+
+    joint = _half_res_net(dims, num_classes=3)
+    _randomise(joint.seg_head, seed=16)
+    seg = TumourSegmentationNet(spatial_dims=dims, channels=CHANNELS, num_classes=3, half_res=True).eval()
+    seg.load_state_dict(joint.state_dict())
+    moving, fixed = _images(dims, batch=2)
+    with torch.no_grad():
+        logits = seg(moving)
+        expected = joint.fields(torch.cat([moving, fixed], 1))["seg_moving"]
+    assert logits.shape == (2, 3, *SIZE[dims])
+    torch.testing.assert_close(logits, expected)

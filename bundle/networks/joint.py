@@ -8,6 +8,8 @@ import torch
 from monai.networks.blocks import Warp
 from torch import nn
 
+from bundle.spatial import resize_field
+
 from .blocks import ConvDecoder, ConvEncoder, DeformationHead
 from .outputs import joint_output_channels, pack_joint_output, split_joint_output
 from .registration_unet import VM2_CHANNELS, check_pair_input
@@ -57,6 +59,11 @@ class JointRegSegNet(nn.Module):
     :meth:`unpack` splits it and :meth:`predict` returns the full dict (with the warped image and the
     warped moving segmentation).
 
+    With ``half_res`` both decoders stop one level early (VoxelMorph's half-resolution flow, as
+    :class:`RegistrationUNet`): the DDF or SVF is predicted (and integrated) at half resolution and upsampled
+    with its vectors doubled, the segmentation logits are upsampled (linear interpolation); the outputs keep
+    the input's size, so losses and writers are unchanged.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of ONE image (e.g. 4 BraTS sequences or 1 for T1); the input has twice that.
@@ -65,6 +72,8 @@ class JointRegSegNet(nn.Module):
         merge: ``"subtract"`` (moving - fixed), ``"concat"`` or ``"add"``.
         deformation: ``"ddf"``, ``"svf"`` or ``"cumsum"``.
         integration_steps: scaling-and-squaring steps for ``"svf"``.
+        half_res: decode at half resolution and upsample (not with ``"cumsum"``); ``False`` keeps the
+            full-resolution modules (and checkpoints) of earlier versions.
 
     Raises:
         ValueError: bad options.
@@ -79,6 +88,7 @@ class JointRegSegNet(nn.Module):
         merge: str = "subtract",
         deformation: str = "ddf",
         integration_steps: int = 7,
+        half_res: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -90,15 +100,18 @@ class JointRegSegNet(nn.Module):
         encoder, decoder = (tuple(int(c) for c in group) for group in channels)
         self.spatial_dims, self.in_channels, self.num_classes, self.merge = spatial_dims, in_channels, num_classes, merge
         self.encoder = ConvEncoder(spatial_dims, in_channels, encoder)
-        self.seg_decoder = ConvDecoder(spatial_dims, self.encoder.out_channels, decoder)
+        self.seg_decoder = ConvDecoder(spatial_dims, self.encoder.out_channels, decoder, half_res=half_res)
         conv_type = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.seg_head = conv_type(self.seg_decoder.out_channels, num_classes, kernel_size=1)
         # start by predicting "no tumour" (prior 1 %): an untrained head must not mask the whole similarity
         with torch.no_grad():
             self.seg_head.bias.copy_(torch.log(torch.tensor([0.99] + [0.01 / (num_classes - 1)] * (num_classes - 1))))
         factor = 2 if merge == "concat" else 1
-        self.reg_decoder = ConvDecoder(spatial_dims, [factor * c for c in self.encoder.out_channels], decoder)
-        self.reg_head = DeformationHead(spatial_dims, self.reg_decoder.out_channels, deformation, integration_steps)
+        merged_channels = [factor * c for c in self.encoder.out_channels]
+        self.reg_decoder = ConvDecoder(spatial_dims, merged_channels, decoder, half_res=half_res)
+        self.reg_head = DeformationHead(
+            spatial_dims, self.reg_decoder.out_channels, deformation, integration_steps, half_res=half_res
+        )
         self.size_divisor = 2 ** len(encoder)
         self.warp = Warp(mode="bilinear", padding_mode="border")
 
@@ -110,9 +123,15 @@ class JointRegSegNet(nn.Module):
         """Features of every level of ONE image (the shared encoder)."""
         return self.encoder(image)
 
+    def decode_segmentation(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Segmentation logits at the input size from the encoder features of ONE image (``features[0]`` is the
+        image itself); with ``half_res`` the logits are decoded at half size and upsampled."""
+        logits = self.seg_head(self.seg_decoder(features))
+        return resize_field(logits, features[0].shape[2:], scale_vectors=False)
+
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Tumour segmentation logits ``(B, num_classes, *spatial)`` of ONE image ``(B, in_channels, *spatial)``."""
-        return self.seg_head(self.seg_decoder(self.encode(image)))
+        return self.decode_segmentation(self.encode(image))
 
     def fields(self, x: torch.Tensor, inverse: bool = False) -> dict[str, torch.Tensor]:
         """``ddf`` (plus ``svf``/``grid_gradient``), ``seg_moving`` and ``seg_fixed`` logits for ``cat([moving, fixed])``;
@@ -122,8 +141,8 @@ class JointRegSegNet(nn.Module):
         code_moving, code_fixed = self.encode(moving), self.encode(fixed)
         merged = [merge_features(m, f, self.merge) for m, f in zip(code_moving, code_fixed)]
         out = self.reg_head(self.reg_decoder(merged), x.shape[2:], inverse=inverse)
-        out["seg_moving"] = self.seg_head(self.seg_decoder(code_moving))  # codes reused: no second encoding
-        out["seg_fixed"] = self.seg_head(self.seg_decoder(code_fixed))
+        out["seg_moving"] = self.decode_segmentation(code_moving)  # codes reused: no second encoding
+        out["seg_fixed"] = self.decode_segmentation(code_fixed)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,8 +175,9 @@ class JointRegSegNet(nn.Module):
 class TumourSegmentationNet(JointRegSegNet):
     """The joint model's segmentation path on ONE image: ``(B, in_channels, *spatial)`` -> tumour logits.
 
-    Same modules and parameters as :class:`JointRegSegNet` (its checkpoints load unchanged); only ``forward``
-    differs, so single-image tools (MONAI Label, ``verify_net_in_out``) can run the segmentation alone.
+    Same modules and parameters as :class:`JointRegSegNet` built with the same options (its checkpoints load
+    unchanged, ``half_res`` included); only ``forward`` differs, so single-image tools (MONAI Label,
+    ``verify_net_in_out``) can run the segmentation alone.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
