@@ -187,11 +187,14 @@ def prepare(out: Path = RUNS, synthetic_pairs: int = 60) -> Path:
     return path
 
 
-def training_command(datalist: Path, root: Path, threads: int, extra: list[str]) -> list[str]:
+RECIPE = ["train.json", "registration_only.json", "campaign.json"]
+
+
+def training_command(datalist: Path, root: Path, threads: int, extra: list[str], configs: list[str] = RECIPE) -> list[str]:
     from bundle.configs import bundle_command
 
     settings = {"bundle_root": root, "datalist": datalist, "training_log": root / "training_log.csv", "num_threads": threads}
-    return [*bundle_command("training", REPO, ["train.json", "registration_only.json", "campaign.json"], settings), *extra]
+    return [*bundle_command("training", REPO, configs, settings), *extra]
 
 
 def _newest_checkpoint_time(root: Path) -> float:
@@ -200,18 +203,18 @@ def _newest_checkpoint_time(root: Path) -> float:
 
 
 def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, root: Path = CAMPAIGNS / RUN,
-          grace_minutes: float = 10.0) -> int:
+          grace_minutes: float = 10.0, configs: list[str] = RECIPE, datalist: Path | None = None) -> int:
     """Start or resume the campaign; with ``minutes``, stop it cleanly after that long.
 
     The run checkpoints at the end of every epoch (``epoch_length`` iterations). After ``minutes`` it waits up
     to ``grace_minutes`` for the next checkpoint, then stops the run (SIGINT, then SIGTERM), so the state left
     on disk is a whole epoch and no more than a few minutes of training are lost.
     """
-    datalist = out / "datalist.json"
+    datalist = datalist or out / "datalist.json"
     if not datalist.is_file():
-        raise FileNotFoundError(f"{datalist} not found: run `python benchmarks/campaign.py prepare` first.")
+        raise FileNotFoundError(f"{datalist} not found: run the campaign's `prepare` first.")
     root.mkdir(parents=True, exist_ok=True)
-    args = training_command(datalist, root, threads, extra)
+    args = training_command(datalist, root, threads, extra, configs)
     with open(root / "train.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n")
         log.flush()

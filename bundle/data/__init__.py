@@ -15,7 +15,7 @@ SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 
 
 def load_split(name: str) -> dict:
-    """The committed subject split ``splits/<name>_split.json`` (``ibsr``, ``lpba40``, ``synthseg``).
+    """The committed subject split ``splits/<name>_split.json`` (``ibsr``, ``lpba40``, ``synthseg``, ``tumour``).
 
     Raises:
         FileNotFoundError: no such split (the known ones named).

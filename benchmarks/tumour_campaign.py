@@ -1,0 +1,230 @@
+"""The CPU training campaign of the joint registration + tumour segmentation model, cross-validated by subject.
+
+    python benchmarks/tumour_campaign.py prepare                          # normalised copies + one datalist per fold
+    python benchmarks/tumour_campaign.py train [--minutes M] [--threads T] # folds in turn; resumes where it stopped
+    python benchmarks/tumour_campaign.py status                           # per fold: iterations, best validation
+    python benchmarks/tumour_campaign.py evaluate                         # held-out tumour Dice per fold -> CSV
+
+Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
+``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
+any tumour label > 0, cropped to the common SRI24 brain box (``benchmarks/tumour_ablation.py prepare``). Folds are
+committed in ``bundle/data/splits/tumour_split.json``: each fold holds out 2 subjects for testing, picks 1 of the
+others for validation (best weights, learning-rate schedule, early stop) and trains on every ordered pair of the
+rest. Fold ``all`` is the model to ship (trained on every case but its validation subject).
+
+Recipe: ``configs/train.json`` + ``configs/tumour_campaign.json`` (the accuracy campaign's: foreground crop, 2 mm
+grid, Adam 1e-3 with gradient clipping and a plateau schedule, epochs of 100 iterations, validation every epoch),
+the joint model with its shared encoder and subtractive merge, cross-entropy + Dice on both images' tumours, LNCC
+masked inside the tumours; the validation key metric is the fixed image's tumour Dice. Each fold lives in
+``models/campaign/tumour_<fold>/`` like the registration run (checkpoint, ``model.pt``, ``training_log.csv``) and
+gets a ``finished.json`` when its training ends on its own (epoch budget or early stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from itertools import permutations
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+import campaign  # noqa: E402  (the resumable, time-limited training wrapper)
+from bundle.data import load_split  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+RUNS = REPO / "runs" / "tumour_campaign"
+CAMPAIGNS = REPO / "models" / "campaign"
+RESULTS = REPO / "docs" / "results" / "tumour_cv.csv"
+CONFIGS = ["train.json", "tumour_campaign.json"]
+# the validation pairs hold no anatomical labels: select on the tumour Dice of the fixed image
+TRAINING_OVERRIDES = [
+    "--validate#key_metric", "$({'val_tumour_dice_fixed': @metrics#tumour_dice_fixed})",
+    "--validate#base_metrics", "$({'val_folding_pct': @metrics#folding_pct, 'val_tumour_dice_moving': @metrics#tumour_dice_moving})",
+]
+
+
+def fold_root(fold: str) -> Path:
+    return CAMPAIGNS / f"tumour_{fold}"
+
+
+def _pair(data: Path, m: str, f: str) -> dict:
+    def files(case: str) -> list[str]:
+        return [str(data / case / "t1c.nii.gz"), str(data / case / "flair.nii.gz")]
+
+    return {"moving": files(m), "fixed": files(f), "moving_tumour": str(data / m / "tumour.nii.gz"),
+            "fixed_tumour": str(data / f / "tumour.nii.gz"), "moving_label": str(data / m / "tumour.nii.gz"),
+            "name": f"{m}_to_{f}"}
+
+
+def fold_datalist(split: dict, fold: str, data: Path) -> dict:
+    """Training, validation and testing pairs of one fold (no test subject in the first two)."""
+    spec = split["folds"][fold]
+    test, val = spec["testing"], spec["validation"]
+    train = [s for s in split["subjects"] if s not in test and s != val]
+    if val in test or not train:
+        raise ValueError(f"fold {fold}: validation subject {val} is a test subject or nothing is left to train on")
+    partners = train[:2]
+    return {
+        "training": [_pair(data, m, f) for m, f in permutations(train, 2)],
+        "validation": [_pair(data, val, t) for t in partners] + [_pair(data, t, val) for t in partners],
+        "testing": [_pair(data, m, f) for m, f in permutations(test, 2)],
+    }
+
+
+def prepare(out: Path = RUNS) -> list[Path]:
+    import tumour_ablation  # the normalised, cropped T1c/FLAIR/tumour copies
+
+    split = load_split("tumour")
+    if not (out / "data").is_dir():
+        tumour_ablation.prepare(DATA, out)
+    paths = []
+    for fold in split["folds"]:
+        path = out / fold / "datalist.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        datalist = fold_datalist(split, fold, out / "data")
+        tmp = path.with_name(".datalist.json.tmp")
+        tmp.write_text(json.dumps(datalist, indent=1))
+        tmp.replace(path)
+        print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
+        paths.append(path)
+    return paths
+
+
+def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS) -> int:
+    """Train the unfinished folds in order, within ``minutes`` in all; a fold that ends on its own is marked."""
+    deadline = None if minutes is None else time.time() + minutes * 60
+    for fold in load_split("tumour")["folds"]:
+        root = fold_root(fold)
+        if (root / "finished.json").is_file():
+            continue
+        left = None if deadline is None else (deadline - time.time()) / 60
+        if left is not None and left <= 1:
+            print("time is up: the next fold starts with the next call")
+            return 0
+        started = time.time()
+        rc = campaign.train(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=CONFIGS,
+                            datalist=out / fold / "datalist.json")
+        if rc != 0:
+            print(f"{fold}: training exited with {rc}; see {root / 'train.log'}")
+            return rc
+        if left is not None and time.time() - started >= left * 60:
+            return 0  # stopped by the clock at a checkpoint: resume with the same command
+        info = campaign.status(root)
+        (root / "finished.json").write_text(json.dumps({**info, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        print(f"{fold}: finished")
+    return 0
+
+
+def status() -> dict:
+    info = {}
+    for fold in load_split("tumour")["folds"]:
+        root = fold_root(fold)
+        if (root / "training_log.csv").is_file():
+            from bundle.engines.training import read_training_log
+
+            rows, vals = read_training_log(root / "training_log.csv")
+            best = max(vals, key=lambda r: r["metrics"].get("val_tumour_dice_fixed", -1), default=None)
+            info[fold] = {"iterations": int(rows[-1]["iteration"]) if rows else 0, "finished": (root / "finished.json").is_file(),
+                          "best_val_tumour_dice_fixed": best["metrics"].get("val_tumour_dice_fixed") if best else None,
+                          "best_iteration": int(best["iteration"]) if best else None}
+    print(json.dumps(info, indent=1))
+    return info
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else float("nan")
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def held_out_rows(fold: str, datalist: dict, out_dir: Path) -> list[dict]:
+    """Tumour Dice of each test subject, segmented as the fixed image of a test pair (and as the moving one)."""
+    rows = []
+    for pair in datalist["testing"]:
+        subject = Path(pair["fixed_tumour"]).parent.name
+        truth_fixed = _load(pair["fixed_tumour"]) > 0
+        truth_moving = _load(pair["moving_tumour"]) > 0
+        folder = out_dir / pair["name"]
+        rows.append({
+            "fold": fold, "subject": subject,
+            "labels": "expert" if subject.startswith("brats_2013") else "automatic (silver)",
+            "tumour_dice": round(dice(np.squeeze(_load(folder / "seg_fixed.nii.gz")) > 0, np.squeeze(truth_fixed)), 4),
+            "tumour_dice_as_moving_of_pair": round(dice(np.squeeze(_load(folder / "seg_moving.nii.gz")) > 0, np.squeeze(truth_moving)), 4),
+            "moving_subject": Path(pair["moving_tumour"]).parent.name,
+        })
+    return rows
+
+
+def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
+    """Run each finished cross-validation fold's best weights on its test pairs; per-subject Dice to ``target``."""
+    from bundle.configs import bundle_command
+
+    split = load_split("tumour")
+    rows = []
+    for fold, spec in split["folds"].items():
+        root = fold_root(fold)
+        if not spec["testing"]:
+            continue
+        if not (root / "finished.json").is_file():
+            print(f"{fold}: not finished, skipped")
+            continue
+        datalist_path = out / fold / "datalist.json"
+        out_dir = out / fold / "test_outputs"
+        settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
+                    "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
+        with open(out / fold / "inference.log", "a") as log:
+            subprocess.run(bundle_command("inference", REPO, ["inference.json", "tumour_campaign.json"], settings),
+                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+        finished = json.loads((root / "finished.json").read_text())
+        for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir):
+            rows.append({**row, "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
+    if not rows:
+        raise FileNotFoundError("no finished cross-validation fold: run `tumour_campaign.py train` first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(target)
+    for fold in dict.fromkeys(r["fold"] for r in rows):
+        values = [r["tumour_dice"] for r in rows if r["fold"] == fold]
+        print(f"{fold}: held-out tumour Dice {np.mean(values):.3f} ({len(values)} images)")
+    print(f"mean over folds' images: {np.mean([r['tumour_dice'] for r in rows]):.3f} -> {target}")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate"])
+    parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    a, extra = parser.parse_known_args()
+    if extra and a.command != "train":
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra), "status": status,
+                "evaluate": evaluate}
+    try:
+        result = commands[a.command]()
+    except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it
+        sys.exit(f"tumour_campaign.py {a.command}: error: {e}")
+    if a.command == "train":
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""benchmarks/tumour_campaign.py: the cross-validation folds, their datalists and the held-out scoring."""
+
+from __future__ import annotations
+
+import sys
+from itertools import chain
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import tumour_campaign  # noqa: E402
+
+from bundle.data import load_split  # noqa: E402
+from bundle.io.writers import write_nifti  # noqa: E402
+
+
+def _subjects(pairs, keys=("moving_tumour", "fixed_tumour")):
+    return {p[k].split("/")[-2] for p in pairs for k in keys}
+
+
+def test_every_subject_is_held_out_once_and_never_trained_on_in_its_fold(tmp_path):
+    split = load_split("tumour")
+    cv = {f: s for f, s in split["folds"].items() if s["testing"]}
+    tested = list(chain.from_iterable(s["testing"] for s in cv.values()))
+    assert sorted(tested) == sorted(split["subjects"])  # each subject tested exactly once
+    for fold, spec in split["folds"].items():
+        datalist = tumour_campaign.fold_datalist(split, fold, tmp_path)
+        held_out = set(spec["testing"])
+        assert not (_subjects(datalist["training"]) | _subjects(datalist["validation"])) & held_out
+        assert spec["validation"] not in _subjects(datalist["training"])
+        assert spec["validation"] in _subjects(datalist["validation"])
+        assert _subjects(datalist["testing"]) == held_out
+        trained = [s for s in split["subjects"] if s not in held_out and s != spec["validation"]]
+        assert len(datalist["training"]) == len(trained) * (len(trained) - 1)
+        assert all(len(p["moving"]) == 2 for p in datalist["training"])  # T1c and FLAIR
+
+
+def test_a_fold_whose_validation_subject_is_tested_is_refused(tmp_path):
+    split = load_split("tumour")
+    split["folds"]["bad"] = {"testing": ["TCGA-DU-7294"], "validation": "TCGA-DU-7294"}
+    with pytest.raises(ValueError, match="fold bad"):
+        tumour_campaign.fold_datalist(split, "bad", tmp_path)
+
+
+def test_held_out_rows_score_the_fixed_and_moving_segmentations(tmp_path):
+    affine = np.eye(4)
+    truth_a = np.zeros((8, 8, 8), np.uint8)
+    truth_a[2:6, 2:6, 2:6] = 1  # 64 voxels
+    truth_b = np.zeros((8, 8, 8), np.uint8)
+    truth_b[0:2, 0:2, 0:2] = 1
+    for subject, truth in (("brats_2013_pat0001_1", truth_a), ("TCGA-DU-7294", truth_b)):
+        write_nifti(truth[None], affine, tmp_path / "data" / subject / "tumour.nii.gz")
+    datalist = tumour_campaign.fold_datalist(
+        {"subjects": ["brats_2013_pat0001_1", "TCGA-DU-7294", "x", "y"], "folds": {"f": {"testing": ["brats_2013_pat0001_1", "TCGA-DU-7294"], "validation": "x"}}},
+        "f", tmp_path / "data") | {"training": [], "validation": []}
+    half = truth_a.copy()
+    half[2:4] = 0  # 32 of the 64 voxels: Dice 2*32/(32+64)
+    out = tmp_path / "out"
+    name = "TCGA-DU-7294_to_brats_2013_pat0001_1"
+    write_nifti(half[None], affine, out / name / "seg_fixed.nii.gz")
+    write_nifti(np.zeros_like(truth_b)[None], affine, out / name / "seg_moving.nii.gz")  # missed: Dice 0
+    other = "brats_2013_pat0001_1_to_TCGA-DU-7294"
+    write_nifti(truth_b[None], affine, out / other / "seg_fixed.nii.gz")
+    write_nifti(truth_a[None], affine, out / other / "seg_moving.nii.gz")
+    rows = {r["subject"]: r for r in tumour_campaign.held_out_rows("f", datalist, out)}
+    assert rows["brats_2013_pat0001_1"]["tumour_dice"] == pytest.approx(2 * 32 / 96, abs=1e-4)
+    assert rows["brats_2013_pat0001_1"]["labels"] == "expert"
+    assert rows["brats_2013_pat0001_1"]["tumour_dice_as_moving_of_pair"] == 0.0
+    assert rows["TCGA-DU-7294"]["tumour_dice"] == 1.0 and rows["TCGA-DU-7294"]["labels"] == "automatic (silver)"
+    assert rows["TCGA-DU-7294"]["tumour_dice_as_moving_of_pair"] == 1.0
+
+
+def test_training_selects_on_the_tumour_dice_of_validation_pairs():
+    command = tumour_campaign.campaign.training_command(
+        REPO_ROOT / "d.json", REPO_ROOT / "r", 1, tumour_campaign.TRAINING_OVERRIDES, tumour_campaign.CONFIGS)
+    config = command[command.index("--config_file") + 1]
+    assert "train.json" in config and "tumour_campaign.json" in config and "registration_only" not in config
+    assert "@metrics#tumour_dice_fixed" in command[command.index("--validate#key_metric") + 1]
