@@ -152,7 +152,8 @@ def _load(path: Path) -> np.ndarray:
 
 
 def held_out_rows(fold: str, datalist: dict, out_dir: Path) -> list[dict]:
-    """Tumour Dice of each test subject, segmented as the fixed image of a test pair (and as the moving one)."""
+    """Tumour Dice of each test subject segmented as the fixed image of a test pair (its own grid), and of the pair's
+    moving subject segmented on that grid."""
     rows = []
     for pair in datalist["testing"]:
         subject = Path(pair["fixed_tumour"]).parent.name
@@ -163,8 +164,9 @@ def held_out_rows(fold: str, datalist: dict, out_dir: Path) -> list[dict]:
             "fold": fold, "subject": subject,
             "labels": "expert" if subject.startswith("brats_2013") else "automatic (silver)",
             "tumour_dice": round(dice(np.squeeze(_load(folder / "seg_fixed.nii.gz")) > 0, np.squeeze(truth_fixed)), 4),
-            "tumour_dice_as_moving_of_pair": round(dice(np.squeeze(_load(folder / "seg_moving.nii.gz")) > 0, np.squeeze(truth_moving)), 4),
+            # the pair's other (also held-out) image, segmented as the moving one on this image's grid
             "moving_subject": Path(pair["moving_tumour"]).parent.name,
+            "moving_subject_tumour_dice": round(dice(np.squeeze(_load(folder / "seg_moving.nii.gz")) > 0, np.squeeze(truth_moving)), 4),
         })
     return rows
 

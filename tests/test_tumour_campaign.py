@@ -68,9 +68,10 @@ def test_held_out_rows_score_the_fixed_and_moving_segmentations(tmp_path):
     rows = {r["subject"]: r for r in tumour_campaign.held_out_rows("f", datalist, out)}
     assert rows["brats_2013_pat0001_1"]["tumour_dice"] == pytest.approx(2 * 32 / 96, abs=1e-4)
     assert rows["brats_2013_pat0001_1"]["labels"] == "expert"
-    assert rows["brats_2013_pat0001_1"]["tumour_dice_as_moving_of_pair"] == 0.0
+    assert rows["brats_2013_pat0001_1"]["moving_subject"] == "TCGA-DU-7294"
+    assert rows["brats_2013_pat0001_1"]["moving_subject_tumour_dice"] == 0.0
     assert rows["TCGA-DU-7294"]["tumour_dice"] == 1.0 and rows["TCGA-DU-7294"]["labels"] == "automatic (silver)"
-    assert rows["TCGA-DU-7294"]["tumour_dice_as_moving_of_pair"] == 1.0
+    assert rows["TCGA-DU-7294"]["moving_subject_tumour_dice"] == 1.0
 
 
 def test_training_selects_on_the_tumour_dice_of_validation_pairs():
