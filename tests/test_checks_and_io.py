@@ -25,7 +25,8 @@ from bundle.engines import (
 from bundle.io import load_pairs, write_nifti
 from bundle.io import writers
 from bundle.io.writers import CommitOutputsd, SaveNiftid, staging_folder, writable_folder
-from bundle.transforms import CheckFinited, CheckLabeld, CheckPaird
+from bundle.transforms import CheckFinited, CheckLabeld, CheckMemoryd, CheckPaird
+from bundle.transforms.checks import estimate_memory_bytes
 
 
 def _meta(array, name: str) -> MetaTensor:
@@ -409,18 +410,39 @@ def test_staged_outputs_replace_a_pair_folder_as_a_whole(tmp_path):
     old.mkdir()
     (old / "ddf.nii.gz").write_text("old")
     (old / "seg_fixed.nii.gz").write_text("old output this run does not write")
+    (old / writers.OUTPUTS_MANIFEST).write_text(json.dumps(["ddf.nii.gz", "seg_fixed.nii.gz"]))  # an earlier run's
     item = {"pred": torch.zeros(3, 4, 4, 4), "name": "p1"}
     save = SaveNiftid(["pred"], ["ddf.nii.gz"], tmp_path, staged=True)
     save(item)
-    assert sorted(p.name for p in old.iterdir()) == ["ddf.nii.gz", "seg_fixed.nii.gz"]  # nothing replaced yet
+    assert sorted(p.name for p in old.iterdir()) == [writers.OUTPUTS_MANIFEST, "ddf.nii.gz", "seg_fixed.nii.gz"]
     assert (old / "ddf.nii.gz").read_text() == "old" and (staging_folder(old) / "ddf.nii.gz").is_file()
     save(item)  # a killed run's staging folder is emptied and rewritten, not mixed
     CommitOutputsd(tmp_path)(item)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p1"]  # no staging or old folder left
-    assert [p.name for p in old.iterdir()] == ["ddf.nii.gz"]
+    assert sorted(p.name for p in old.iterdir()) == [writers.OUTPUTS_MANIFEST, "ddf.nii.gz"]
+    assert writers.written_outputs(old) == ["ddf.nii.gz"]
     nib.load(str(old / "ddf.nii.gz"))  # the new file
     CommitOutputsd(tmp_path)({"name": "nothing_staged"})  # writers left out (MONAI Label): no-op
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p1"]
+
+
+def test_committing_outputs_keeps_the_users_own_files(tmp_path):
+    """An output folder that also holds the user's files (never written by a run) keeps them: only outputs are
+    replaced (a same-named file is an output's place and is replaced, as documented)."""
+    folder = tmp_path / "out"
+    (folder / "subdir").mkdir(parents=True)
+    (folder / "keep_me.txt").write_text("mine")
+    (folder / "subdir" / "notes.txt").write_text("mine too")
+    (folder / "ddf.nii.gz").write_text("the user's file in an output's place")
+    item = {"pred": torch.zeros(3, 4, 4, 4), "name": "out"}
+    SaveNiftid(["pred"], ["ddf.nii.gz"], tmp_path, staged=True)(item)
+    CommitOutputsd(tmp_path)(item)
+    assert (folder / "keep_me.txt").read_text() == "mine" and (folder / "subdir" / "notes.txt").read_text() == "mine too"
+    nib.load(str(folder / "ddf.nii.gz"))
+    assert writers.written_outputs(folder) == ["ddf.nii.gz"]
+    SaveNiftid(["pred"], ["warped.nii.gz"], tmp_path, staged=True)(item)  # a re-run writing another output
+    CommitOutputsd(tmp_path)(item)
+    assert sorted(p.name for p in folder.iterdir()) == [writers.OUTPUTS_MANIFEST, "keep_me.txt", "subdir", "warped.nii.gz"]
 
 
 def test_writable_folder_names_the_blocking_path(tmp_path):
@@ -600,3 +622,44 @@ def test_resume_from_corrupt_checkpoint_raises_clear_error(tmp_path):
     ResumeFromLatest(tmp_path, {"network": net}).attach(trainer)
     with pytest.raises(ValueError, match="unreadable"):
         trainer.run([torch.rand(2, 3)], max_epochs=1)
+
+
+# ---------------------------------------------------------------- memory estimate
+
+
+def test_memory_estimate_matches_the_measured_peaks():
+    """The constants reproduce the peaks that benchmarks/memory_peak.py measured (its committed CSV) within 12 %,
+    and a 512x512x400 pair needs far more than a 16 GB laptop has."""
+    import csv
+
+    with open(Path(__file__).resolve().parents[1] / "docs" / "results" / "memory_peak_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 3
+    for row in rows:
+        voxels = float(np.prod([int(n) for n in row["shape"].split("x")]))
+        estimate = estimate_memory_bytes(2 * voxels, voxels / float(row["pixdim_mm"]) ** 3) / 2**30
+        assert estimate == pytest.approx(float(row["estimate_gib"]), abs=0.002)  # the CSV's estimate is this one
+        assert abs(estimate - float(row["peak_gib"])) / float(row["peak_gib"]) < 0.12, row
+    assert estimate_memory_bytes(2 * 512 * 512 * 400, 512 * 512 * 400 / 64) / 2**30 > 12
+
+
+def test_memory_check_refuses_with_options_that_fit_and_can_be_disabled():
+    image = _meta(torch.rand(1, 64, 64, 64), "f.nii.gz")  # identity affine: 1 mm voxels
+    item = {"moving": _meta(torch.rand(1, 64, 64, 64), "m.nii.gz"), "fixed": image}
+    need = estimate_memory_bytes(2 * 64**3, 64**3)  # 1 mm network grid
+    assert CheckMemoryd(["moving", "fixed"], pixdim=[1, 1, 1], available=need * 1.01)(item)["fixed"] is image
+    coarse = estimate_memory_bytes(2 * 64**3, 64**3 / 8)
+    with pytest.raises(MemoryError) as error:
+        CheckMemoryd(["moving", "fixed"], pixdim=[1, 1, 1], available=(need + coarse) / 2)(item)
+    message = str(error.value)
+    assert "m.nii.gz" in message and "f.nii.gz" in message and "GiB" in message
+    assert "--pixdim [2.0, 2.0, 2.0]" in message and "memory_check False" in message
+    with pytest.raises(MemoryError, match="resampled to voxels") as error:  # not even a coarser grid fits
+        CheckMemoryd(["moving", "fixed"], pixdim=[1, 1, 1], available=coarse * 0.99)(item)
+    assert "--pixdim" not in str(error.value)
+    from bundle.errors import input_error
+
+    wrapped = RuntimeError("applying transform")  # as MONAI's Compose wraps it: still reported as the input error
+    wrapped.__cause__ = error.value
+    assert input_error(wrapped) is error.value
+    assert CheckMemoryd(["moving", "fixed"], pixdim=[1, 1, 1], enabled=False, available=1.0)(item)["fixed"] is image

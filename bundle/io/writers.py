@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -93,6 +94,9 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
     return path
 
 
+OUTPUTS_MANIFEST = ".bundle_outputs.json"
+
+
 def pair_folder(output_dir: str | os.PathLike, data: Mapping, name_key: str = "name") -> Path:
     """``<output_dir>/<name>``: the folder of one pair's outputs (its ``name``, else ``0``)."""
     return Path(output_dir) / str(data.get(name_key, "0"))
@@ -108,7 +112,9 @@ class CommitOutputsd(Transform):
     """Move a pair's staged outputs (see ``SaveNiftid(staged=True)``) into ``<output_dir>/<name>`` as a whole.
 
     A folder already there (an earlier run) is replaced, not mixed with: it is renamed aside, the staged folder
-    takes its place, and the old one is deleted. Nothing staged (e.g. writers left out by MONAI Label): no-op.
+    takes its place, and the old one is deleted. Only outputs go with it: the committed folder lists its outputs in a
+    hidden manifest (``.bundle_outputs.json``), and any other entry of the old folder (the user's own files) is moved
+    into the new one first; an entry with the name of a new output is replaced. Nothing staged (e.g. writers left out by MONAI Label): no-op.
     A run killed before this step leaves only the hidden ``.<name>.partial`` folder, which the next
     ``SaveNiftid(staged=True)`` of that pair removes.
 
@@ -124,12 +130,27 @@ class CommitOutputsd(Transform):
         folder = pair_folder(self.output_dir, data, self.name_key)
         staged = staging_folder(folder)
         if staged.is_dir():
+            (staged / OUTPUTS_MANIFEST).write_text(json.dumps(sorted(p.name for p in staged.iterdir())))
+            if folder.is_dir():
+                ours = set(written_outputs(folder))
+                for entry in folder.iterdir():  # the user's own files (not written by an earlier run) stay
+                    if entry.name != OUTPUTS_MANIFEST and entry.name not in ours and not (staged / entry.name).exists():
+                        os.replace(entry, staged / entry.name)
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
             if folder.exists():
                 os.replace(folder, old)
             os.replace(staged, folder)
             shutil.rmtree(old, ignore_errors=True)
         return dict(data)
+
+
+def written_outputs(folder: str | os.PathLike) -> list[str]:
+    """The names of the outputs a run committed into ``folder`` (its hidden manifest; none when absent or unreadable)."""
+    try:
+        names = json.loads((Path(folder) / OUTPUTS_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 class SaveNiftid(MapTransform):
