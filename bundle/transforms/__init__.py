@@ -1,4 +1,4 @@
-from .checks import CheckFinited, CheckLabeld, CheckPaird
+from .checks import CheckFinited, CheckLabeld, CheckMemoryd, CheckPaird
 from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOriginald, Warpd
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd

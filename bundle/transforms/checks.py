@@ -8,7 +8,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["CheckFinited", "CheckLabeld", "CheckPaird", "source_name", "MAX_LABEL"]
+__all__ = [
+    "CheckFinited", "CheckLabeld", "CheckMemoryd", "CheckPaird", "InsufficientMemoryError", "MAX_LABEL", "available_memory_bytes", "estimate_memory_bytes",
+    "source_name",
+]
 
 MAX_LABEL = 2**24  # the largest integer up to which float32 holds every integer
 
@@ -150,3 +153,93 @@ class CheckPaird(MapTransform):
                     f"{', '.join(map(str, image.shape[1:]))}) like {source_name(d, image_key)}."
                 )
         return d
+
+
+# Peak host memory of `configs/inference.json` (forward pass, no refinement) measured by
+# `benchmarks/memory_peak.py` (docs/results/memory_peak_cpu.csv): a fixed cost plus bytes per native voxel of each
+# input image (resampling, warping, Jacobian and writers on the fixed grid) plus bytes per network-grid voxel.
+MEMORY_BASE_BYTES = 0.8e9
+MEMORY_BYTES_PER_INPUT_VOXEL = 60.0
+MEMORY_BYTES_PER_NETWORK_VOXEL = 70.0
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """A pair too large for this machine's memory: a ``MemoryError`` that is also an input error (a ``ValueError``:
+    reported as one line naming the files, like any bad input)."""
+
+
+def available_memory_bytes() -> float | None:
+    """Memory the system can still give this process (``MemAvailable`` of ``/proc/meminfo``, else psutil's), or
+    ``None`` where neither is available."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def estimate_memory_bytes(input_voxels: float, network_voxels: float) -> float:
+    """Peak host memory of one inference pair (see the constants above)."""
+    return MEMORY_BASE_BYTES + MEMORY_BYTES_PER_INPUT_VOXEL * input_voxels + MEMORY_BYTES_PER_NETWORK_VOXEL * network_voxels
+
+
+class CheckMemoryd(MapTransform):
+    """Refuse, before any computation, a pair whose estimated peak memory exceeds what the machine has, naming the
+    files, the estimate and the options that would fit (a coarser network grid, images resampled to coarser voxels),
+    instead of being killed by the system half-way.
+
+    Args:
+        keys: image keys (each image's voxels count, channels included).
+        pixdim: network grid spacing in mm (its voxels are counted over the fixed image's field of view).
+        fixed_key: the image that defines the output grid and the field of view.
+        enabled: ``False`` skips the check (``memory_check`` config id).
+        available: bytes available (default: :func:`available_memory_bytes` at each call).
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim, fixed_key: str = "fixed", enabled: bool = True,
+                 available: float | None = None) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.pixdim = [float(p) for p in pixdim]
+        self.fixed_key, self.enabled, self.available = fixed_key, bool(enabled), available
+
+    def network_voxels(self, image, pixdim) -> float:
+        affine = torch.as_tensor(getattr(image, "affine", torch.eye(4)), dtype=torch.float64)
+        spatial = image.shape[1:]
+        spacing = torch.linalg.norm(affine[: len(spatial), : len(spatial)], dim=0).tolist()
+        voxels = 1.0
+        for n, s, p in zip(spatial, spacing, pixdim):
+            voxels *= max(1.0, n * s / p)
+        return voxels
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        available = self.available if self.available is not None else available_memory_bytes()
+        if not self.enabled or available is None or self.fixed_key not in d:
+            return d
+        inputs = sum(float(torch.as_tensor(d[k]).numel()) for k in self.key_iterator(d))
+        channels = d[self.fixed_key].shape[0]
+        network = self.network_voxels(d[self.fixed_key], self.pixdim) * channels
+        need = estimate_memory_bytes(inputs, network)
+        if need <= available:
+            return d
+        gib = 2.0**30
+        options = []
+        coarser = [2 * p for p in self.pixdim]
+        if estimate_memory_bytes(inputs, self.network_voxels(d[self.fixed_key], coarser) * channels) <= available:
+            options.append(f"a coarser network grid (--pixdim {coarser})")
+        spare = available - MEMORY_BASE_BYTES
+        if spare > 0:
+            factor = ((MEMORY_BYTES_PER_INPUT_VOXEL * inputs + MEMORY_BYTES_PER_NETWORK_VOXEL * network) / spare) ** (1 / 3)
+            options.append(f"the images resampled to voxels about {factor * 1.05:.1f}x larger along each axis")
+        options.append("a machine with more memory, or memory_check False to try anyway")
+        files = ", ".join(source_name(d, k) for k in self.key_iterator(d))
+        raise InsufficientMemoryError(f"{files}: this pair needs about {need / gib:.1f} GiB of memory, {available / gib:.1f} GiB "
+                          f"are available; options: {'; '.join(options)}.")
