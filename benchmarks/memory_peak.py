@@ -11,7 +11,6 @@ its constants come from these runs.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bundle.engines.training import hardware_description  # noqa: E402
+from bundle.io.writers import write_csv  # noqa: E402
 from bundle.transforms.checks import estimate_memory_bytes  # noqa: E402
 
 SHAPES = {96: (96, 96, 96), 192: (192, 192, 160), 256: (256, 256, 200)}
@@ -69,13 +69,7 @@ def main() -> None:
                              "hardware": hardware_description("cpu")})
                 print(f"{rows[-1]['shape']:>12s} at {pixdim} mm: peak {rows[-1]['peak_gib']:.2f} GiB, estimate "
                       f"{rows[-1]['estimate_gib']:.2f} GiB", flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_csv = a.out.with_name(f".{a.out.name}.tmp")
-    with open(tmp_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp_csv.replace(a.out)
+    write_csv(a.out, rows)
     print(f"-> {a.out}")
 
 

@@ -12,7 +12,6 @@ step, the hardware and the 1-minute load average at the start (another process o
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bundle.engines.training import AutocastInferer, hardware_description  # noqa: E402
+from bundle.io.writers import write_csv  # noqa: E402
 from bundle.losses import JointRegSegLoss, RegistrationLoss  # noqa: E402
 from bundle.networks import VM2_CHANNELS, JointRegSegNet, RegistrationUNet  # noqa: E402
 
@@ -102,13 +102,7 @@ def main() -> None:
                "hardware": hardware_description("cpu")}
         rows.append(row)
         print(f"{name:45s} {row['median_s_per_step']:8.3f} s/step", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out)
+    write_csv(out, rows)
     print(f"-> {out}")
 
 

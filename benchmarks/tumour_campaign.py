@@ -23,7 +23,6 @@ gets a ``finished.json`` when its training ends on its own (epoch budget or earl
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -41,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 import campaign  # noqa: E402  (the resumable, time-limited training wrapper)
 from bundle.data import load_split  # noqa: E402
+from bundle.io.writers import write_csv  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 RUNS = REPO / "runs" / "tumour_campaign"
@@ -196,13 +196,7 @@ def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
             rows.append({**row, "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
     if not rows:
         raise FileNotFoundError("no finished cross-validation fold: run `tumour_campaign.py train` first")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(target)
+    write_csv(target, rows)
     for fold in dict.fromkeys(r["fold"] for r in rows):
         values = [r["tumour_dice"] for r in rows if r["fold"] == fold]
         print(f"{fold}: held-out tumour Dice {np.mean(values):.3f} ({len(values)} images)")

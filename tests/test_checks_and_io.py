@@ -663,3 +663,9 @@ def test_memory_check_refuses_with_options_that_fit_and_can_be_disabled():
     wrapped.__cause__ = error.value
     assert input_error(wrapped) is error.value
     assert CheckMemoryd(["moving", "fixed"], pixdim=[1, 1, 1], enabled=False, available=1.0)(item)["fixed"] is image
+
+
+def test_write_csv_writes_rows_in_column_order_and_leaves_no_temporary_file(tmp_path):
+    writers.write_csv(tmp_path / "r.csv", [{"b": 1, "a": 2.5}, {"b": 3, "a": "x"}])
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["b,a", "1,2.5", "3,x"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]

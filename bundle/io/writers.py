@@ -19,6 +19,19 @@ from monai.transforms import MapTransform, Transform
 __all__ = ["write_atomic", "write_nifti", "SaveNiftid", "CommitOutputsd", "staging_folder", "pair_folder", "writable_folder"]
 
 
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
+    """Rows (dicts with the same keys, in column order) as a CSV file, written atomically (:func:`write_atomic`)."""
+    import csv
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomic(path, ".csv", write)
+
+
 def write_atomic(path: str | os.PathLike, suffix: str, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path`` (with ``suffix``, so writers pick the format), then
     rename it to ``path``: a failure leaves no half-written file.
