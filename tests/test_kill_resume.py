@@ -30,6 +30,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.data.demo import build_demo_dataset
 from bundle.engines import AtomicCheckpointSaver, ResumableEarlyStopHandler, read_training_log
 from conftest import CONFIGS, REPO_ROOT
 
@@ -113,16 +114,16 @@ class Training:
         return self.output()[-n:]
 
 
-def _bundle_root(root: Path) -> Path:
-    """A bundle root with the demo files of the chosen pairs and their datalist."""
-    demo = json.loads((REPO_ROOT / "demo_data" / "datalist.json").read_text())
+def _bundle_root(root: Path, demo_dir: Path) -> Path:
+    """A bundle root with the demo files (built in ``demo_dir``) of the chosen pairs and their datalist."""
+    demo = json.loads((demo_dir / "datalist.json").read_text())
     sections = {"training": TRAIN_PAIRS, "validation": VAL_PAIRS}
     datalist = {s: [p for p in demo[s] if p["name"] in names] for s, names in sections.items()}
     (root / "data").mkdir(parents=True)
     for pair in datalist["training"] + datalist["validation"]:
         for key, name in pair.items():
             if key != "name":
-                shutil.copy2(REPO_ROOT / "demo_data" / name, root / "data" / name)
+                shutil.copy2(demo_dir / name, root / "data" / name)
     (root / "data" / "datalist.json").write_text(json.dumps(datalist, indent=1))
     return root
 
@@ -179,7 +180,9 @@ def _nan_run(root: Path, mode: str) -> Training:
 def runs(tmp_path_factory):
     """The uninterrupted run and then the two NaN runs on one thread, the kill-and-resume chain on the other."""
     base = tmp_path_factory.mktemp("kill_resume")
-    reference, killed = _bundle_root(base / "reference"), _bundle_root(base / "killed")
+    demo_dir = base / "demo_data"  # built here: a clean clone has no demo_data/ until a command makes it
+    build_demo_dataset(str(demo_dir))
+    reference, killed = _bundle_root(base / "reference", demo_dir), _bundle_root(base / "killed", demo_dir)
 
     def reference_then_nan():
         uninterrupted = Training(reference, "uninterrupted")
