@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import sys
@@ -92,10 +93,13 @@ class Training:
             pytest.fail(f"training timed out after {RUN_TIMEOUT} s: {self.tail()}")
         return self.process.exitcode
 
-    def kill_when(self, condition, poll: float = 0.001) -> bool:
-        """SIGKILL the run as soon as ``condition()`` holds; ``False`` if it ended first."""
+    def kill_when(self, condition, poll: float = 0.001, delay: float = 0.0) -> bool:
+        """SIGKILL the run ``delay`` seconds after ``condition()`` holds; ``False`` if it ended first."""
         while self.process.is_alive() and time.monotonic() - self.start < RUN_TIMEOUT:
             if condition():
+                time.sleep(delay)
+                if not self.process.is_alive():
+                    break
                 self.kill()
                 return True
             time.sleep(poll)
@@ -168,6 +172,39 @@ def _kill_and_resume(root: Path) -> dict:
     return {"runs": runs, "kills": kills, "returncode": final.wait()}
 
 
+RANDOM_KILLS = 10
+
+
+def _kill_at_random_points(root: Path, seed: int = 0) -> dict:
+    """Kill the training ``RANDOM_KILLS`` times at seeded random points, restarting it each time; then let it end.
+
+    The points are sorted random iterations of the run (1-12: 4 epochs of 3), each plus a random 0-300 ms: a
+    restarted run is killed that long after it logs an iteration at or past the point, which lands in training
+    steps, validation, checkpoint writes and the next start-up alike, in every epoch.
+    """
+    rng = random.Random(seed)
+    targets = sorted(rng.randint(1, EPOCHS * len(TRAIN_PAIRS)) for _ in range(RANDOM_KILLS))
+    runs, points = [], []
+    for target in targets:
+        logged, delay = _all_training_rows(root), rng.uniform(0.0, 0.3)
+        runs.append(Training(root, f"random{len(runs) + 1}"))
+        reached = lambda: _all_training_rows(root) > logged and _last_iteration(root) >= target  # noqa: E731,B023
+        if not runs[-1].kill_when(reached, poll=0.01, delay=delay):
+            break  # the run ended before the point
+        points.append((target, round(delay, 3), sorted(int(p.stem.split("=")[1]) for p in root.glob("models/checkpoint_*.pt"))))
+    final = Training(root, "random_final")
+    return {"runs": runs, "points": points, "returncode": final.wait(), "final": final}
+
+
+def _all_training_rows(root: Path) -> int:
+    log = root / "eval" / "training_log.csv"
+    return len(read_training_log(log)[0]) if log.is_file() else 0
+
+
+def _last_iteration(root: Path) -> int:
+    return int(read_training_log(root / "eval" / "training_log.csv")[0][-1]["iteration"])
+
+
 def _nan_run(root: Path, mode: str) -> Training:
     """One more epoch of the uninterrupted run (a copy), with the poisoned pair and ``nonfinite_loss=mode``."""
     run = Training(root, f"nan_{mode}", **{"max_epochs": EPOCHS + 1, "nonfinite_loss": mode,
@@ -183,6 +220,7 @@ def runs(tmp_path_factory):
     demo_dir = base / "demo_data"  # built here: a clean clone has no demo_data/ until a command makes it
     build_demo_dataset(str(demo_dir))
     reference, killed = _bundle_root(base / "reference", demo_dir), _bundle_root(base / "killed", demo_dir)
+    randomly_killed = _bundle_root(base / "randomly_killed", demo_dir)
 
     def reference_then_nan():
         uninterrupted = Training(reference, "uninterrupted")
@@ -194,13 +232,14 @@ def runs(tmp_path_factory):
 
     start = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
-        chain = pool.submit(_kill_and_resume, killed)
+        chain = pool.submit(lambda: (_kill_and_resume(killed), _kill_at_random_points(randomly_killed)))
         first = pool.submit(reference_then_nan)
         uninterrupted, nan_runs, nan_roots = first.result()
-        chain = chain.result()
-    print(f"kill/resume and NaN runs: {time.monotonic() - start:.1f} s; kills {chain['kills']}")
+        chain, random_chain = chain.result()
+    print(f"kill/resume and NaN runs: {time.monotonic() - start:.1f} s; kills {chain['kills']}; "
+          f"random kill points (iteration reached, then delay s; checkpoints on disk) {random_chain['points']}")
     return {"reference": reference, "killed": killed, "uninterrupted": uninterrupted, "chain": chain,
-            "nan": nan_runs, "nan_roots": nan_roots}
+            "nan": nan_runs, "nan_roots": nan_roots, "randomly_killed": randomly_killed, "random_chain": random_chain}
 
 
 def _load(path: Path) -> dict:
@@ -250,6 +289,22 @@ def test_killed_training_resumes_to_the_uninterrupted_result(runs):
         assert row["metrics"] == expected[int(row["epoch"])], f"epoch {row['epoch']}"
     train = {(r["iteration"], r["loss"]) for r in read_training_log(killed / "eval" / "training_log.csv")[0]}
     assert train == {(r["iteration"], r["loss"]) for r in read_training_log(reference / "eval" / "training_log.csv")[0]}
+
+
+def test_training_killed_at_ten_random_points_ends_as_the_uninterrupted_run(runs):
+    reference, killed, chain = runs["reference"], runs["randomly_killed"], runs["random_chain"]
+    assert runs["uninterrupted"].wait() == 0, runs["uninterrupted"].tail()
+    assert len(chain["points"]) == RANDOM_KILLS, f"training ended after {len(chain['points'])} kills: {chain['points']}"
+    assert all(r.process.exitcode == -signal.SIGKILL for r in chain["runs"])
+    assert chain["returncode"] == 0, chain["final"].tail()
+    assert not list((killed / "models").glob(".*.tmp")), "a killed save's temporary file was left behind"
+    _assert_same(_load(_checkpoint(killed, EPOCHS)), _load(_checkpoint(reference, EPOCHS)), "checkpoint")
+    _assert_same(_load(killed / "models" / "model.pt"), _load(reference / "models" / "model.pt"), "model.pt")
+    expected = _validation_by_epoch(reference)
+    final = _validation_by_epoch(killed)
+    assert final[EPOCHS] == expected[EPOCHS]  # the final validation metric, exactly (the done-when asks 1e-6)
+    for row in read_training_log(killed / "eval" / "training_log.csv")[1]:
+        assert row["metrics"] == expected[int(row["epoch"])], f"epoch {row['epoch']}"
 
 
 def test_nan_loss_in_stop_mode_names_the_pair_and_keeps_the_last_checkpoint(runs):
