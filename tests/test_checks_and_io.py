@@ -426,6 +426,23 @@ def test_staged_outputs_replace_a_pair_folder_as_a_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p1"]
 
 
+def test_a_commit_killed_between_its_renames_is_undone_by_the_next(tmp_path):
+    """A kill after the earlier folder was set aside (``.out.old-<pid>``) and before the staged one took its place
+    leaves no ``out``; the next commit puts the earlier folder back first, so the user's file survives."""
+    aside = tmp_path / ".out.old-99999"
+    aside.mkdir()
+    (aside / "keep_me.txt").write_text("mine")
+    (aside / "ddf.nii.gz").write_text("old")
+    (aside / writers.OUTPUTS_MANIFEST).write_text(json.dumps(["ddf.nii.gz"]))
+    item = {"pred": torch.zeros(3, 4, 4, 4), "name": "out"}
+    SaveNiftid(["pred"], ["ddf.nii.gz"], tmp_path, staged=True)(item)
+    CommitOutputsd(tmp_path)(item)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [writers.OUTPUTS_MANIFEST, "ddf.nii.gz", "keep_me.txt"]
+    assert (tmp_path / "out" / "keep_me.txt").read_text() == "mine"
+    nib.load(str(tmp_path / "out" / "ddf.nii.gz"))  # the new output
+
+
 def test_committing_outputs_keeps_the_users_own_files(tmp_path):
     """An output folder that also holds the user's files (never written by a run) keeps them: only outputs are
     replaced (a same-named file is an output's place and is replaced, as documented)."""

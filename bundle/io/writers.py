@@ -143,6 +143,7 @@ class CommitOutputsd(Transform):
         folder = pair_folder(self.output_dir, data, self.name_key)
         staged = staging_folder(folder)
         if staged.is_dir():
+            _restore_set_aside(folder)
             (staged / OUTPUTS_MANIFEST).write_text(json.dumps(sorted(p.name for p in staged.iterdir())))
             if folder.is_dir():
                 ours = set(written_outputs(folder))
@@ -155,6 +156,17 @@ class CommitOutputsd(Transform):
             os.replace(staged, folder)
             shutil.rmtree(old, ignore_errors=True)
         return dict(data)
+
+
+def _restore_set_aside(folder: Path) -> None:
+    """Undo a commit killed between its two renames: ``folder`` gone, the earlier one still set aside as
+    ``.<name>.old-<pid>``. The newest such folder becomes ``folder`` again (so its user files are carried over)."""
+    set_aside = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not folder.exists() and set_aside:
+        os.replace(set_aside[-1], folder)
+        set_aside.pop()
+    for old in set_aside:  # the earlier outputs of a killed commit whose folder is already back: nothing to keep
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def written_outputs(folder: str | os.PathLike) -> list[str]:
