@@ -515,8 +515,10 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01 definitely not a checkpoint" * 10)
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="unreadable") as error:
         load_checkpoint(garbage)
+    assert str(garbage) in str(error.value) and "file an issue" not in str(error.value)  # torch's preamble is dropped
+    assert "not a PyTorch checkpoint" in str(error.value) and "\n" not in str(error.value)
     listed = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], listed)
     with pytest.raises(ValueError, match="list"):

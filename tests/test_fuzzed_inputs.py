@@ -246,7 +246,7 @@ def test_datalists(tmp_path_factory):
     root = tmp_path_factory.mktemp("datalists")
     start = time.monotonic()
 
-    @fuzz(300)
+    @fuzz(330)
     @given(
         document=datalists(),
         encoding=st.sampled_from(("json",) * 8 + ("truncated", "latin1", "binary", "deep", "empty")),
@@ -487,7 +487,7 @@ def test_images(tmp_path_factory, inference_parser, good_image):
     pixdim = [float(p) for p in inference_parser.get_parsed_content("pixdim")]
     start = time.monotonic()
 
-    @fuzz(300)
+    @fuzz(330)
     @given(spec=image_specs(), role=st.sampled_from(("moving", "fixed", "both")))
     @example(spec=image_spec(kind="truncated"), role="moving")  # EOFError without the file name
     @example(spec=image_spec(kind="garbage", noise=b"hello"), role="fixed")  # nibabel's ImageFileError
@@ -848,3 +848,16 @@ def test_brainreg_commands(tmp_path, cli_inputs):
         _error_line(run.returncode, err, expected)
     assert not (tmp_path / "out").exists()
     _tried("brainreg (subprocess)", start)
+
+
+FUZZ_TESTS = ("test_datalists", "test_images", "test_images_prealigned", "test_label_maps", "test_checkpoints",
+              "test_cli_options", "test_brainreg_commands")
+MIN_CASES = 1000
+
+
+def test_the_campaign_tried_at_least_1000_cases(request):
+    """Runs last in this module: when every fuzz test above ran (a full run), their cases add up to 1,000 or more."""
+    ran = {item.name for item in request.session.items if item.module is request.module}
+    if not ran.issuperset(FUZZ_TESTS):
+        pytest.skip(f"only part of the campaign was selected ({sorted(ran & set(FUZZ_TESTS))})")
+    assert sum(CASES.values()) >= MIN_CASES, dict(CASES)

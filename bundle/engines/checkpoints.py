@@ -38,10 +38,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"checkpoint {path} is unreadable ({one_line(e)}).") from e
+        raise ValueError(f"checkpoint {path} is unreadable ({_load_failure(e)}).") from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict.")
     return dict(ckpt)
+
+
+def _load_failure(error: Exception) -> str:
+    """What went wrong, in one line: torch's weights-only refusal is reduced to its reason (its own text asks
+    the reader to file an issue with torch and suggests ``weights_only=False``, neither of which applies here)."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+        reason = " ".join(reason.split()) if "WeightsUnpickler error:" in text else ""
+        reason = reason or "unsupported content"
+        return f"not a PyTorch checkpoint of tensors and plain containers; torch's safe loader says: {reason}"
+    return one_line(error)
 
 
 def network_state_dict(path: str | os.PathLike) -> dict:
