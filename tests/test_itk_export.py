@@ -226,17 +226,22 @@ def test_bad_suffix_and_missing_file(tmp_path):
         read_itk_displacement_field(tmp_path / "absent.nii.gz")
 
 
-def test_itk_resampling_matches_our_warp_on_oblique_grids():
-    """ITK resamples an analytic image stored on an oblique moving grid as our ``Warpd`` does."""
-    ddf = _smooth_ddf(FIXED_SHAPE, amplitude=3.0)
-    # the moving grid: other rotation, axis 0 flipped, finer voxels, covering the fixed grid's field of view
+def _oblique_moving() -> tuple[np.ndarray, np.ndarray]:
+    """An analytic image on an oblique moving grid (other rotation, axis 0 flipped, finer voxels) that covers the
+    fixed grid's field of view: (image, affine)."""
     moving_affine = _affine((-8.0, 25.0, 10.0), (-1.0, 1.1, 0.9), (0.0, 0.0, 0.0))
     corners = _world(FIXED_AFFINE, np.stack(np.meshgrid(*[[-4, s + 3] for s in FIXED_SHAPE], indexing="ij")).reshape(3, -1))
     corner_idx = np.linalg.solve(moving_affine[:3, :3], corners - moving_affine[:3, 3:])
     low, high = np.floor(corner_idx.min(1)), np.ceil(corner_idx.max(1))
     moving_affine[:3, 3] = moving_affine[:3, :3] @ low
     moving_shape = tuple(int(s) for s in high - low + 1)
-    moving = _analytic(_world(moving_affine, np.indices(moving_shape, dtype=np.float64)))
+    return _analytic(_world(moving_affine, np.indices(moving_shape, dtype=np.float64))), moving_affine
+
+
+def test_itk_resampling_matches_our_warp_on_oblique_grids():
+    """ITK resamples an analytic image stored on an oblique moving grid as our ``Warpd`` does."""
+    ddf = _smooth_ddf(FIXED_SHAPE, amplitude=3.0)
+    moving, moving_affine = _oblique_moving()
 
     sample_points = np.indices(FIXED_SHAPE, dtype=np.float64) + ddf
     truth = _analytic(_world(FIXED_AFFINE, sample_points))
@@ -268,6 +273,31 @@ def test_itk_resampling_matches_our_warp_on_oblique_grids():
     wrong = _itk_resample(_itk_image(moving, moving_affine), _itk_image(np.zeros(FIXED_SHAPE), FIXED_AFFINE),
                           ddf_to_itk_transform(ddf[[1, 0, 2]], FIXED_AFFINE))
     assert np.abs(wrong - truth)[inside].mean() > 10 * itk_error.mean()
+
+
+def test_ants_applies_the_export_like_our_warp_on_oblique_grids(tmp_path):
+    """ANTs (``antspyx``; CI installs it in an environment of its own) reads both exported files and resamples an
+    analytic image stored on an oblique grid as our ``Warpd`` does, as NIfTI files on disk."""
+    ants = pytest.importorskip("ants")
+    ddf = _smooth_ddf(FIXED_SHAPE, amplitude=3.0)
+    moving, moving_affine = _oblique_moving()
+    moving_path = save_nifti(moving.astype(np.float32), moving_affine, tmp_path / "moving.nii.gz")
+    fixed_path = save_nifti(np.zeros(FIXED_SHAPE, np.float32), FIXED_AFFINE, tmp_path / "fixed.nii.gz")
+    data = {"moving": MetaTensor(moving[None], affine=moving_affine), "pred": MetaTensor(ddf, affine=FIXED_AFFINE)}
+    ours = np.asarray(Warpd("moving", names=["warped"], padding_mode="zeros")(data)["warped"][0], dtype=np.float64)
+    truth = _analytic(_world(FIXED_AFFINE, np.indices(FIXED_SHAPE, dtype=np.float64) + ddf))
+    inside = _inside(np.indices(FIXED_SHAPE, dtype=np.float64) + ddf, FIXED_SHAPE)
+    fixed, moving_image = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
+    for path in (write_itk_displacement_field(ddf, FIXED_AFFINE, tmp_path / "warp.nii.gz"),
+                 write_itk_transform(ddf, FIXED_AFFINE, tmp_path / "warp.h5")):
+        warped = ants.apply_transforms(fixed, moving_image, transformlist=[str(path)], interpolator="linear").numpy()
+        diff = np.abs(warped.astype(np.float64) - ours)[inside]
+        print(f"ANTs {path.name} on oblique grids (image range 3): |ANTs - ours| max {diff.max():.2e}")
+        assert diff.max() < 1e-3, f"ANTs with {path.name}: max |ANTs - ours| = {diff.max():.2e}"
+        assert np.abs(warped.astype(np.float64) - truth)[inside].max() < 0.02  # linear interpolation error only
+    # without the transform ANTs' output is far from ours: the check can tell a wrong export
+    identity = ants.resample_image_to_target(moving_image, fixed, interp_type="linear").numpy()
+    assert np.abs(identity.astype(np.float64) - ours)[inside].max() > 0.1
 
 
 # ----------------------------------------------------------------------------------- real pair (IBSR)
