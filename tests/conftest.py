@@ -359,6 +359,28 @@ def nearest_resample(label: np.ndarray, src_affine, dst_affine, dst_shape, fill=
     return out.reshape(dst_shape)
 
 
+def raw_metric_rows(folder: str | os.PathLike, metric: str) -> dict[str, list[float]]:
+    """``{item name: [value per class]}`` of a MONAI ``MetricsSaver`` ``<metric>_raw.csv`` (without its mean column)."""
+    lines = (Path(folder) / f"{metric}_raw.csv").read_text().splitlines()
+    header = re.split(r"[\t,]", lines[0])
+    classes = [i for i, name in enumerate(header) if name.startswith("class")]
+    rows = [re.split(r"[\t,]", line) for line in lines[1:] if line.strip()]
+    return {row[0]: [float(row[i]) for i in classes] for row in rows}
+
+
+def assert_summary_is_mean_of_pairs(folder: str | os.PathLike, metric: str) -> dict[str, list[float]]:
+    """The metric in ``metrics.csv`` is the mean over items and classes (NaN skipped) of its per-item raw values:
+    the summary and the per-pair file describe the same computation. Returns the raw rows."""
+    import numpy as np
+
+    rows = raw_metric_rows(folder, metric)
+    summary = metric_lines(Path(folder) / "metrics.csv")[metric]
+    values = np.array([v for row in rows.values() for v in row], dtype=float)
+    assert np.isfinite(values).any(), f"{metric}: no finite per-pair value in {folder}"
+    assert abs(np.nanmean(values) - summary) < 1e-5, f"{metric}: summary {summary} != mean of {rows}"
+    return rows
+
+
 def metric_lines(csv_path: str | os.PathLike) -> dict[str, float]:
     """``{name: value}`` of a MONAI ``MetricsSaver`` ``metrics.csv`` (one ``name<delim>value`` per line)."""
     values = {}

@@ -24,6 +24,7 @@ from conftest import (
     CONFIGS,
     REPO_ROOT,
     JobGraph,
+    assert_summary_is_mean_of_pairs,
     check_outputs_on_grid,
     config,
     load_nifti,
@@ -291,7 +292,9 @@ def test_campaign_recipe_trains_logs_and_resumes(e2e):
     assert [int(r["iteration"]) for r in train] == [1, 2, 3, 4]
     assert [int(v["iteration"]) for v in val] == [2, 4]
     assert all(r["similarity"] and r["smoothness"] and r["label_dice"] and r["grad_norm"] for r in train)
-    assert all(0.0 <= v["metrics"]["val_mean_dice"] <= 1.0 and "val_folding_pct" in v["metrics"] for v in val)
+    # the demo's labels overlap at about 0.68 before registration (see test_evaluating_writes_metrics); a pipeline
+    # comparing them on mismatched grids falls far below, and 4 iterations do not move far from it
+    assert all(0.5 < v["metrics"]["val_mean_dice"] < 0.95 and v["metrics"]["val_folding_pct"] < 1.0 for v in val), val
     walls = [float(r["wall_s"]) for r in train]
     assert walls == sorted(walls) and "CPU" in train[0]["hardware"]
     ckpt = torch.load(root / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
@@ -382,8 +385,18 @@ def test_evaluating_writes_metrics(e2e):
     values = metric_lines(summary)
     dice = {k: v for k, v in values.items() if "dice" in k}
     assert dice, f"no Dice metric in {summary}: {values}"
-    assert all(0.0 <= v <= 1.0 for v in dice.values()), dice
     _, datalist = _demo_datalist(e2e["bundle_root"])
+    after = assert_summary_is_mean_of_pairs(out, "val_mean_dice")
+    before = assert_summary_is_mean_of_pairs(out, "dice_before")
+    assert sorted(after) == sorted(before) == sorted(p["name"] for p in datalist["testing"])
+    # Dice before registration is symmetric: the reversed healthy pair compares the same two label maps
+    healthy = [p["name"] for p in datalist["testing"] if "lesion" not in p["name"]]
+    assert len(healthy) == 2
+    np.testing.assert_allclose(before[healthy[0]], before[healthy[1]], atol=1e-6)
+    # the demo subjects are smooth warps of one template: their grey/white matter overlap clearly but not fully;
+    # a pipeline comparing labels on mismatched grids or orientations falls far below
+    assert 0.5 < values["dice_before"] < 0.95, values
+    assert values["val_mean_dice"] >= values["dice_before"] - 0.02, values  # registration does not make it worse
     raw = sorted(out.glob("*dice*_raw.csv"))
     assert raw, sorted(p.name for p in out.glob("*"))
     text = raw[0].read_text()

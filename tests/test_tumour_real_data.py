@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, config, load_nifti, metric_lines, run
+from conftest import SHARED_DATA, assert_summary_is_mean_of_pairs, config, load_nifti, metric_lines, run
 
 CASES = [SHARED_DATA / "brats2013" / "train" / f"brats_2013_pat000{k}_1" for k in (5, 6)]
 pytestmark = pytest.mark.skipif(
@@ -62,7 +62,8 @@ def test_evaluation_reports_tumour_dice(trained):
     metrics = metric_lines(root / "eval" / "metrics.csv")
     for key in ("val_tumour_dice_fixed", "val_tumour_dice_moving", "val_folding_pct", "sd_log_jacobian"):
         assert key in metrics and np.isfinite(metrics[key]), metrics
-    assert 0.0 <= metrics["val_tumour_dice_fixed"] <= 1.0
+    rows = assert_summary_is_mean_of_pairs(root / "eval", "val_tumour_dice_fixed")  # the pair's own value, summarised
+    assert list(rows) == [json.loads((root / "datalist.json").read_text())["testing"][0]["name"]]
 
 
 def test_pair_inference_writes_segmentations_on_fixed_grid(trained):

@@ -43,6 +43,7 @@ class InstanceOptimisationInferer(Inferer):
         residual: ``"ddf"`` or ``"svf"`` (see above).
         integration_steps: scaling-and-squaring steps of ``exp(v)`` for ``residual="svf"``.
         integration_downsample: the velocity's grid is this many times coarser (``residual="svf"`` only).
+        progress_every: print ``refinement step k/steps: loss L`` every this many steps (0: silent).
 
     Raises:
         ValueError: negative ``steps``, non-positive ``learning_rate``, unknown ``residual``,
@@ -59,8 +60,10 @@ class InstanceOptimisationInferer(Inferer):
         residual: str = "ddf",
         integration_steps: int = 7,
         integration_downsample: int = 1,
+        progress_every: int = 0,
     ) -> None:
         super().__init__()
+        self.progress_every = max(0, int(progress_every))
         if steps < 0 or learning_rate <= 0:
             raise ValueError(f"steps must be >= 0 and learning_rate > 0, got {steps} and {learning_rate}.")
         if residual not in RESIDUALS:
@@ -100,9 +103,12 @@ class InstanceOptimisationInferer(Inferer):
                 parameter = start.new_zeros(*start.shape[:2], *coarse)
             parameter.requires_grad_(True)
             optimiser = torch.optim.Adam([parameter], lr=self.learning_rate)
-            for _ in range(self.steps):
+            for step in range(1, self.steps + 1):
                 optimiser.zero_grad()
-                self.loss(join_ddf(self._refined(start, parameter), rest), target).backward()
+                loss = self.loss(join_ddf(self._refined(start, parameter), rest), target)
+                loss.backward()
                 optimiser.step()
+                if self.progress_every and (step % self.progress_every == 0 or step == self.steps):
+                    print(f"refinement step {step}/{self.steps}: loss {float(loss):.4f}", flush=True)
             ddf = self._refined(start, parameter).detach()
         return join_ddf(ddf.to(prediction.dtype), rest)
