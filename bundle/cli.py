@@ -419,7 +419,8 @@ def demo(
 ) -> list[str]:
     """Build the embedded demo data set, train the joint model on it and register its test pairs.
 
-    Same as the README's two commands. Training shows a progress bar; on 2 CPU cores it takes about 7 minutes.
+    Same as the README's two commands. Training shows a progress bar; on 2 CPU cores it takes about 11 minutes
+    (docs/results/demo_timing.csv).
 
     Args:
         root: folder for demo_data/, models/, outputs/ and eval/; default the bundle folder.

@@ -24,6 +24,14 @@ def test_one_line_per_pair_then_the_output_folder(tmp_path):
     assert len(lines) == 4
 
 
+def test_names_come_from_the_batch_when_the_outputs_drop_them():
+    engine = Engine(lambda engine, batch: [{"pred": 0}])  # post-processing kept no name
+    stream = io.StringIO()
+    PairProgressHandler(stream=stream).attach(engine)
+    engine.run([{"name": ["x_to_y"]}])
+    assert stream.getvalue().startswith("pair 1 x_to_y: ")
+
+
 def test_the_total_comes_from_the_data_loader(tmp_path):
     loader = torch.utils.data.DataLoader([{"name": f"p{i}"} for i in range(3)], batch_size=1,
                                          collate_fn=lambda items: items)

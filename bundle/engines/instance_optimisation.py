@@ -109,6 +109,6 @@ class InstanceOptimisationInferer(Inferer):
                 loss.backward()
                 optimiser.step()
                 if self.progress_every and (step % self.progress_every == 0 or step == self.steps):
-                    print(f"refinement step {step}/{self.steps}: loss {float(loss):.4f}", flush=True)
+                    print(f"refinement step {step}/{self.steps}: loss {loss.item():.4f}", flush=True)
             ddf = self._refined(start, parameter).detach()
         return join_ddf(ddf.to(prediction.dtype), rest)

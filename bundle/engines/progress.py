@@ -59,7 +59,7 @@ class PairProgressHandler:
 
     def _iteration_completed(self, engine: Engine) -> None:
         now = time.monotonic()
-        names = _names(engine.state.output, self.name_key)
+        names = _names(engine.state.output, self.name_key) or _names(engine.state.batch, self.name_key)
         total = self._total(engine)
         for name in names or ["?"]:
             self._done += 1
@@ -74,7 +74,8 @@ class PairProgressHandler:
 
 
 def _names(output, key: str) -> list[str]:
-    """The names of a batch's items: post-processed outputs are a list of dicts (one per item)."""
+    """The names of a batch's items: post-processed outputs are a list of dicts (one per item); a collated batch
+    is a dict holding a list of names."""
     if isinstance(output, dict):
         output = [output]
     if not isinstance(output, Sequence):
