@@ -7,9 +7,11 @@ from monai.losses import GlobalMutualInformationLoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from bundle.spatial import compose_ddf
+
 from .registration import SIMILARITIES, make_similarity, reduce
 
-__all__ = ["MaskedSimilarityLoss", "masked_mean"]
+__all__ = ["MaskedSimilarityLoss", "consistency_mask", "masked_mean"]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -89,3 +91,59 @@ class MaskedSimilarityLoss(_Loss):
         nr, dr = self.mi.smooth_nr, self.mi.smooth_dr
         mi = torch.sum(p_ab * torch.log((p_ab + nr) / (p_a_p_b + dr) + dr), dim=(1, 2))
         return -mi  # (B,)
+
+
+def consistency_mask(
+    ddf_forward: torch.Tensor,
+    ddf_backward: torch.Tensor,
+    threshold: float | None = None,
+    k: float = 2.0,
+    min_threshold: float = 0.5,
+    roi: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Where a forward and a backward registration agree: 1 = corresponding voxel, 0 = inconsistent.
+
+    In the spirit of DIRAC (Mok & Chung, MICCAI 2022): a voxel ``x`` of the fixed grid whose forward map, followed
+    by the backward one, does not come back to ``x`` has no reliable correspondence (e.g. a tumour present in one
+    image only), so the similarity should ignore it. The inconsistency is
+    ``e(x) = |u_f(x) + u_b(x + u_f(x))|`` (:func:`bundle.spatial.compose_ddf`), in voxels.
+
+    Threshold rule: ``threshold`` (voxels) when given; otherwise, per pair, ``max(min_threshold, mean + k * std)``
+    of ``e`` over ``roi``. A relative rule because the overall level of inconsistency depends on the network and
+    on the pair (an absolute value masks everything for one model and nothing for another); ``k = 2`` keeps the
+    voxels that stand out from that level (DIRAC thresholds its smoothed error at its brain mean plus a small
+    margin, which also adapts to the pair). The floor of half a voxel keeps an (almost) exactly inverse pair, whose
+    errors are interpolation noise, from having its noise tail masked.
+
+    Args:
+        ddf_forward: ``(B, ndim, *spatial)`` pull-back DDF of moving -> fixed (on the fixed grid), voxel units.
+        ddf_backward: ``(B, ndim, *spatial)`` DDF of fixed -> moving (on the moving grid, the same grid here).
+        threshold: fixed threshold in voxels, or ``None`` for the relative rule.
+        k: standard deviations above the mean (relative rule).
+        min_threshold: floor of the relative threshold, in voxels.
+        roi: ``(B, 1, *spatial)`` voxels whose errors set the relative threshold (e.g. the brain); default all.
+
+    Returns:
+        ``(B, 1, *spatial)`` float mask, 1 where ``e <= threshold``.
+
+    Raises:
+        ValueError: fields of different shapes, a ``roi`` that does not match them, a negative threshold or ``k``.
+    """
+    if ddf_forward.shape != ddf_backward.shape:
+        raise ValueError(f"ddf_forward {tuple(ddf_forward.shape)} and ddf_backward {tuple(ddf_backward.shape)} "
+                         "must have the same shape.")
+    if (threshold is not None and threshold < 0) or k < 0 or min_threshold < 0:
+        raise ValueError(f"threshold, k and min_threshold must be >= 0, got {threshold}, {k} and {min_threshold}.")
+    error = torch.linalg.vector_norm(compose_ddf(ddf_backward, ddf_forward), dim=1, keepdim=True)
+    if threshold is not None:
+        return (error <= threshold).to(ddf_forward.dtype)
+    if roi is None:
+        roi = torch.ones_like(error, dtype=torch.bool)
+    if roi.shape != error.shape:
+        raise ValueError(f"roi {tuple(roi.shape)} must be (B, 1, *spatial) = {tuple(error.shape)}.")
+    limits = []
+    for e, r in zip(error, roi.bool()):
+        values = e[r] if r.any() else e.flatten()
+        limits.append(max(min_threshold, float(values.mean() + k * values.std(unbiased=False))))
+    limit = torch.as_tensor(limits, dtype=error.dtype, device=error.device).view(-1, *([1] * (error.ndim - 1)))
+    return (error <= limit).to(ddf_forward.dtype)

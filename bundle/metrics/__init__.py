@@ -8,7 +8,12 @@ from .handlers import (
     ddf_output_transform,
 )
 from .jacobian import FoldingMetric, LogJacobianStdMetric, jacobian_determinant
-from .regions import REGIONS, region_registration_metrics, tumour_regions
+from .regions import (
+    REGIONS,
+    endpoint_error_by_region,
+    region_registration_metrics,
+    tumour_regions,
+)
 from .tre import TREMetric, target_registration_error
 
 __all__ = [
@@ -21,6 +26,7 @@ __all__ = [
     "REGIONS",
     "TREMetric",
     "ddf_output_transform",
+    "endpoint_error_by_region",
     "jacobian_determinant",
     "region_registration_metrics",
     "target_registration_error",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
@@ -13,7 +14,7 @@ from bundle.losses.masked_similarity import masked_mean
 from bundle.losses.registration import make_similarity
 from bundle.spatial import jacobian_determinant
 
-__all__ = ["tumour_regions", "region_registration_metrics", "REGIONS"]
+__all__ = ["tumour_regions", "region_registration_metrics", "endpoint_error_by_region", "REGIONS"]
 
 REGIONS = ("tumour", "band", "outside")
 
@@ -89,4 +90,62 @@ def region_registration_metrics(
             masked = [one_hot(torch.as_tensor(lab).long().unsqueeze(0), num_classes) * region for lab in (warped_label, fixed_label)]
             dice = DiceMetric(include_background=False, ignore_empty=True)(*masked)
             out[f"dice_{name}"] = float(torch.nanmean(dice))
+    return out
+
+
+def endpoint_error_by_region(
+    pred_ddf: torch.Tensor,
+    true_ddf: torch.Tensor,
+    tumour: torch.Tensor,
+    spacing: Sequence[float],
+    brain_mask: torch.Tensor | None = None,
+    band_mm: float = 10.0,
+) -> dict[str, dict[str, float]]:
+    """Endpoint error of a predicted DDF against the true one, and folding, per region of the fixed grid.
+
+    The endpoint error of a voxel is ``|pred - true|`` in millimetres, each axis' voxel units scaled by the
+    spacing along that axis. Regions are :func:`tumour_regions` of ``tumour`` (for a known-deformation pair the
+    fixed tumour united with the non-corresponding region), each restricted to ``brain_mask`` when given, so
+    the three regions partition the brain (the whole grid without one). Folding is the % of the region's voxels
+    where the Jacobian determinant of ``pred_ddf`` (:func:`bundle.spatial.jacobian_determinant`) is <= 0.
+
+    Args:
+        pred_ddf, true_ddf: ``(ndim, *spatial)`` pull-back DDFs on the fixed grid, voxel units.
+        tumour: ``(1, *spatial)`` mask.
+        spacing: voxel size in mm per axis.
+        brain_mask: optional ``(1, *spatial)`` mask.
+        band_mm: width of the band around the tumour.
+
+    Returns:
+        ``{region: {"epe_mean_mm", "epe_median_mm", "folding_pct", "voxels"}}`` for ``tumour``, ``band`` and
+        ``outside``; an empty region has NaN values and 0 voxels.
+
+    Raises:
+        ValueError: fields of different shapes, or masks / spacing that do not match them.
+    """
+    pred, true = torch.as_tensor(pred_ddf).float(), torch.as_tensor(true_ddf).float()
+    ndim = pred.shape[0]
+    if pred.shape != true.shape or pred.ndim != ndim + 1 or len(spacing) != ndim:
+        raise ValueError(f"pred_ddf {tuple(pred.shape)} and true_ddf {tuple(true.shape)} must be the same (ndim, *spatial) "
+                         f"with {ndim} spacings, got spacing {tuple(spacing)}.")
+    masks = {"tumour": torch.as_tensor(tumour)} | ({} if brain_mask is None else {"brain_mask": torch.as_tensor(brain_mask)})
+    for name, mask in masks.items():
+        if tuple(mask.shape) != (1, *pred.shape[1:]):
+            raise ValueError(f"{name} {tuple(mask.shape)} must be (1, *spatial) for fields {tuple(pred.shape)}.")
+    scale = torch.as_tensor(spacing, dtype=torch.float32).view(ndim, *([1] * ndim))
+    error = torch.sqrt((((pred - true) * scale) ** 2).sum(0)).numpy()
+    folding = (jacobian_determinant(pred[None])[0, 0] <= 0).numpy()
+    brain = None if brain_mask is None else torch.as_tensor(brain_mask)[0] > 0
+    out = {}
+    for name, region in tumour_regions(tumour, spacing, band_mm).items():
+        region = region[0] if brain is None else region[0] & brain
+        selected = region.numpy()
+        count = int(selected.sum())
+        nan = float("nan")
+        out[name] = {
+            "epe_mean_mm": float(error[selected].mean()) if count else nan,
+            "epe_median_mm": float(np.median(error[selected])) if count else nan,
+            "folding_pct": 100.0 * float(folding[selected].mean()) if count else nan,
+            "voxels": count,
+        }
     return out
