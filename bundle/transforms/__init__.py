@@ -2,6 +2,7 @@ from .checks import CheckFinited, CheckLabeld, CheckMemoryd, CheckPaird
 from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOriginald, Warpd
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
+from .channels import RandDropChanneld
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
 from .synthesis import FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird
