@@ -77,7 +77,9 @@ def fold_datalist(split: dict, fold: str, data: Path) -> dict:
     partners = train[:2]
     return {
         "training": [_pair(data, m, f) for m, f in permutations(train, 2)],
-        "validation": [_pair(data, val, t) for t in partners] + [_pair(data, t, val) for t in partners],
+        # the validation subject is the FIXED image of every validation pair: the key metric (the fixed image's
+        # tumour Dice) is then measured on it alone, never on a training image
+        "validation": [_pair(data, t, val) for t in partners],
         "testing": [_pair(data, m, f) for m, f in permutations(test, 2)],
     }
 

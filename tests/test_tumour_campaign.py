@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ def test_every_subject_is_held_out_once_and_never_trained_on_in_its_fold(tmp_pat
         assert not (_subjects(datalist["training"]) | _subjects(datalist["validation"])) & held_out
         assert spec["validation"] not in _subjects(datalist["training"])
         assert spec["validation"] in _subjects(datalist["validation"])
+        # selection (the fixed image's tumour Dice) on the validation subject only, never on a training image
+        assert {Path(p["fixed_tumour"]).parent.name for p in datalist["validation"]} == {spec["validation"]}
         assert _subjects(datalist["testing"]) == held_out
         trained = [s for s in split["subjects"] if s not in held_out and s != spec["validation"]]
         assert len(datalist["training"]) == len(trained) * (len(trained) - 1)
