@@ -1,16 +1,20 @@
 """Peak host memory of one registration (``brainreg register``, ``configs/inference.json``) against image size.
 
-    python benchmarks/memory_peak.py [--sizes 96 192 256] [--pixdim 4 1.5] [--out CSV]
+    python benchmarks/memory_peak.py [--sizes 96 192 256] [--pixdim 4 1.5] [--refine] [--out CSV]
+    python benchmarks/memory_peak.py --refresh-estimates     # the estimate column again, after changing its constants
 
 Each run registers a synthetic pair (an ellipsoid plus noise, 1 mm voxels, ``--prealign none``, the shipped weights)
 in its own process and records that process's peak resident memory (``ru_maxrss``). The estimate that
 ``bundle.transforms.CheckMemoryd`` makes up front (``estimate_memory_bytes``) is printed beside each measurement;
-its constants come from these runs.
+its constants come from these runs. ``--refine`` registers with ``brainreg register --refine`` (instance
+optimisation, ``configs/instance_optimisation.json``) and adds rows with ``refine`` true to the CSV (rows of the
+other setting already there are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -39,20 +43,43 @@ def synthetic_image(shape, seed: int, path: Path) -> None:
     nib.save(nib.Nifti1Image(inside.astype(np.float32) + 0.1 * rng.random(shape, dtype=np.float32), np.eye(4)), path)
 
 
-def peak_bytes(moving: Path, fixed: Path, out: Path, pixdim: float) -> float:
+def peak_bytes(moving: Path, fixed: Path, out: Path, pixdim: float, refine: bool = False) -> float:
     command = [sys.executable, "-m", "bundle", "register", str(moving), str(fixed), str(out), "--prealign", "none",
-               "--pixdim", str([pixdim] * 3)]
+               "--pixdim", str([pixdim] * 3), *(["--refine"] if refine else [])]
     result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True, cwd=REPO)
     return float(result.stdout.split()[-1]) * 1024  # Linux reports kilobytes
+
+
+def refresh_estimates(path: Path) -> None:
+    """Recompute the estimate column of a CSV written by this script from its shapes and settings."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        voxels = float(np.prod([int(n) for n in r["shape"].split("x")]))
+        estimate = estimate_memory_bytes(2 * voxels, voxels / float(r["pixdim_mm"]) ** 3, refinement=r["refine"] == "True")
+        r["estimate_gib"] = round(estimate / 2**30, 3)
+        print(f"{r['shape']:>12s} at {r['pixdim_mm']} mm, refine {r['refine']}: peak {r['peak_gib']} GiB, estimate {r['estimate_gib']} GiB")
+    write_csv(path, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 192, 256], choices=sorted(SHAPES))
     parser.add_argument("--pixdim", type=float, nargs="+", default=[4.0])
+    parser.add_argument("--refine", action="store_true", help="with instance optimisation (brainreg register --refine)")
+    parser.add_argument("--refresh-estimates", action="store_true",
+                        help="recompute only the estimate column of --out (the measured peaks are kept)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "memory_peak_cpu.csv")
     a = parser.parse_args()
+    if a.refresh_estimates:
+        refresh_estimates(a.out)
+        return
     rows = []
+    if a.out.is_file():  # keep the rows of the other setting
+        with open(a.out, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if (r.get("refine", "False") == "True") != a.refine]
+        for r in rows:
+            r.setdefault("refine", "False")
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes:
@@ -61,15 +88,17 @@ def main() -> None:
             synthetic_image(shape, 0, moving)
             synthetic_image(shape, 1, fixed)
             for pixdim in a.pixdim:
-                peak = peak_bytes(moving, fixed, Path(tmp) / f"out{size}_{pixdim}", pixdim)
+                peak = peak_bytes(moving, fixed, Path(tmp) / f"out{size}_{pixdim}", pixdim, a.refine)
                 voxels = float(np.prod(shape))
-                estimate = estimate_memory_bytes(2 * voxels, voxels / pixdim**3)
-                rows.append({"shape": "x".join(map(str, shape)), "pixdim_mm": pixdim, "peak_gib": round(peak / 2**30, 3),
+                estimate = estimate_memory_bytes(2 * voxels, voxels / pixdim**3, refinement=a.refine)
+                rows.append({"shape": "x".join(map(str, shape)), "pixdim_mm": pixdim, "refine": a.refine,
+                             "peak_gib": round(peak / 2**30, 3),
                              "estimate_gib": round(estimate / 2**30, 3), "load_1min_at_start": round(load, 2),
                              "hardware": hardware_description("cpu")})
                 print(f"{rows[-1]['shape']:>12s} at {pixdim} mm: peak {rows[-1]['peak_gib']:.2f} GiB, estimate "
                       f"{rows[-1]['estimate_gib']:.2f} GiB", flush=True)
-    write_csv(a.out, rows)
+    columns = ["shape", "pixdim_mm", "refine", "peak_gib", "estimate_gib", "load_1min_at_start", "hardware"]
+    write_csv(a.out, [{c: r.get(c, "") for c in columns} for r in rows])
     print(f"-> {a.out}")
 
 

@@ -161,6 +161,9 @@ class CheckPaird(MapTransform):
 MEMORY_BASE_BYTES = 0.8e9
 MEMORY_BYTES_PER_INPUT_VOXEL = 60.0
 MEMORY_BYTES_PER_NETWORK_VOXEL = 70.0
+# Refinement (instance optimisation: autograd through the warp, LNCC and the velocity integration on the network
+# grid), on top of the above; from `benchmarks/memory_peak.py --refine` (same CSV, rows with refine True).
+MEMORY_BYTES_PER_REFINED_VOXEL = 520.0  # the largest per-voxel excess measured (2 mm grid, 3 sizes): never under
 
 
 class InsufficientMemoryError(MemoryError, ValueError):
@@ -186,9 +189,10 @@ def available_memory_bytes() -> float | None:
         return None
 
 
-def estimate_memory_bytes(input_voxels: float, network_voxels: float) -> float:
-    """Peak host memory of one inference pair (see the constants above)."""
-    return MEMORY_BASE_BYTES + MEMORY_BYTES_PER_INPUT_VOXEL * input_voxels + MEMORY_BYTES_PER_NETWORK_VOXEL * network_voxels
+def estimate_memory_bytes(input_voxels: float, network_voxels: float, refinement: bool = False) -> float:
+    """Peak host memory of one inference pair, with or without refinement (see the constants above)."""
+    per_network_voxel = MEMORY_BYTES_PER_NETWORK_VOXEL + (MEMORY_BYTES_PER_REFINED_VOXEL if refinement else 0.0)
+    return MEMORY_BASE_BYTES + MEMORY_BYTES_PER_INPUT_VOXEL * input_voxels + per_network_voxel * network_voxels
 
 
 class CheckMemoryd(MapTransform):
@@ -202,11 +206,13 @@ class CheckMemoryd(MapTransform):
         fixed_key: the image that defines the output grid and the field of view.
         enabled: ``False`` skips the check (``memory_check`` config id).
         available: bytes available (default: :func:`available_memory_bytes` at each call).
+        refinement: the pair's field is refined (instance optimisation) on the network grid: counted too.
     """
 
     def __init__(self, keys: KeysCollection, pixdim, fixed_key: str = "fixed", enabled: bool = True,
-                 available: float | None = None) -> None:
+                 available: float | None = None, refinement: bool = False) -> None:
         super().__init__(keys, allow_missing_keys=True)
+        self.refinement = bool(refinement)
         self.pixdim = [float(p) for p in pixdim]
         self.fixed_key, self.enabled, self.available = fixed_key, bool(enabled), available
 
@@ -227,18 +233,21 @@ class CheckMemoryd(MapTransform):
         inputs = sum(float(torch.as_tensor(d[k]).numel()) for k in self.key_iterator(d))
         channels = d[self.fixed_key].shape[0]
         network = self.network_voxels(d[self.fixed_key], self.pixdim) * channels
-        need = estimate_memory_bytes(inputs, network)
+        need = estimate_memory_bytes(inputs, network, self.refinement)
         if need <= available:
             return d
         gib = 2.0**30
         options = []
         coarser = [2 * p for p in self.pixdim]
-        if estimate_memory_bytes(inputs, self.network_voxels(d[self.fixed_key], coarser) * channels) <= available:
+        if estimate_memory_bytes(inputs, self.network_voxels(d[self.fixed_key], coarser) * channels, self.refinement) <= available:
             options.append(f"a coarser network grid (--pixdim {coarser})")
         spare = available - MEMORY_BASE_BYTES
         if spare > 0:
-            factor = ((MEMORY_BYTES_PER_INPUT_VOXEL * inputs + MEMORY_BYTES_PER_NETWORK_VOXEL * network) / spare) ** (1 / 3)
+            per_network_voxel = MEMORY_BYTES_PER_NETWORK_VOXEL + (MEMORY_BYTES_PER_REFINED_VOXEL if self.refinement else 0.0)
+            factor = ((MEMORY_BYTES_PER_INPUT_VOXEL * inputs + per_network_voxel * network) / spare) ** (1 / 3)
             options.append(f"the images resampled to voxels about {factor * 1.05:.1f}x larger along each axis")
+        if self.refinement:
+            options.append("no refinement (instance_optimisation_steps 0, or brainreg register without --refine)")
         options.append("a machine with more memory, or memory_check False to try anyway")
         files = ", ".join(source_name(d, k) for k in self.key_iterator(d))
         raise InsufficientMemoryError(f"{files}: this pair needs about {need / gib:.1f} GiB of memory, {available / gib:.1f} GiB "
