@@ -173,8 +173,34 @@ def held_out_rows(fold: str, datalist: dict, out_dir: Path) -> list[dict]:
     return rows
 
 
+def zero_flair(flair: str | Path) -> Path:
+    """An all-zero image with FLAIR's grid next to it (``flair_missing.nii.gz``): how a missing FLAIR is given to
+    the 2-channel model, which saw FLAIR dropped (zeroed) in a quarter of its training images."""
+    flair = Path(flair)
+    path = flair.with_name("flair_missing.nii.gz")
+    if not path.is_file():
+        image = nib.load(str(flair))
+        tmp = path.with_name(".flair_missing.tmp.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.float32), image.affine, image.header), str(tmp))
+        tmp.replace(path)
+    return path
+
+
+def without_flair(datalist: dict) -> dict:
+    """The same datalist with every FLAIR channel (the second file of each image) replaced by :func:`zero_flair`."""
+    def strip(files):
+        return [files[0], str(zero_flair(files[1])), *files[2:]] if isinstance(files, list) and len(files) > 1 else files
+
+    return {section: [{**p, "moving": strip(p["moving"]), "fixed": strip(p["fixed"])} for p in pairs]
+            for section, pairs in datalist.items()}
+
+
+SEQUENCES = {"T1c+FLAIR": ("datalist.json", "test_outputs"), "T1c only (FLAIR zero)": ("datalist_no_flair.json", "test_outputs_no_flair")}
+
+
 def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
-    """Run each finished cross-validation fold's best weights on its test pairs; per-subject Dice to ``target``."""
+    """Run each finished cross-validation fold's best weights on its test pairs, with both sequences and with FLAIR
+    missing (zeroed); per-subject Dice to ``target``."""
     from bundle.configs import bundle_command
 
     split = load_split("tumour")
@@ -186,23 +212,30 @@ def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
         if not (root / "finished.json").is_file():
             print(f"{fold}: not finished, skipped")
             continue
-        datalist_path = out / fold / "datalist.json"
-        out_dir = out / fold / "test_outputs"
-        settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
-                    "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
-        with open(out / fold / "inference.log", "a") as log:
-            subprocess.run(bundle_command("inference", REPO, ["inference.json", "tumour_campaign.json"], settings),
-                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
         finished = json.loads((root / "finished.json").read_text())
-        for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir):
-            rows.append({**row, "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
+        full = json.loads((out / fold / "datalist.json").read_text())
+        for sequences, (datalist_name, outputs) in SEQUENCES.items():
+            datalist_path, out_dir = out / fold / datalist_name, out / fold / outputs
+            if datalist_name != "datalist.json":
+                datalist_path.write_text(json.dumps(without_flair(full), indent=1))
+            settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
+                        "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
+            with open(out / fold / "inference.log", "a") as log:
+                subprocess.run(bundle_command("inference", REPO, ["inference.json", "tumour_campaign.json"], settings),
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+            for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir):
+                rows.append({**row, "sequences": sequences, "best_iteration": finished.get("best_iteration"),
+                             "hardware": finished.get("hardware")})
     if not rows:
         raise FileNotFoundError("no finished cross-validation fold: run `tumour_campaign.py train` first")
     write_csv(target, rows)
-    for fold in dict.fromkeys(r["fold"] for r in rows):
-        values = [r["tumour_dice"] for r in rows if r["fold"] == fold]
-        print(f"{fold}: held-out tumour Dice {np.mean(values):.3f} ({len(values)} images)")
-    print(f"mean over folds' images: {np.mean([r['tumour_dice'] for r in rows]):.3f} -> {target}")
+    for sequences in SEQUENCES:
+        for fold in dict.fromkeys(r["fold"] for r in rows):
+            values = [r["tumour_dice"] for r in rows if r["fold"] == fold and r["sequences"] == sequences]
+            print(f"{fold}, {sequences}: held-out tumour Dice {np.mean(values):.3f} ({len(values)} images)")
+        values = [r["tumour_dice"] for r in rows if r["sequences"] == sequences]
+        print(f"{sequences}: mean over folds' images {np.mean(values):.3f}")
+    print(f"-> {target}")
     return target
 
 

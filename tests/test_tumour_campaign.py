@@ -6,6 +6,7 @@ import sys
 from itertools import chain
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -83,3 +84,20 @@ def test_training_selects_on_the_tumour_dice_of_validation_pairs():
     config = command[command.index("--config_file") + 1]
     assert "train.json" in config and "tumour_campaign.json" in config and "registration_only" not in config
     assert "@metrics#tumour_dice_fixed" in command[command.index("--validate#key_metric") + 1]
+
+
+def test_a_missing_flair_is_given_as_a_zero_image_on_its_grid(tmp_path):
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    for case in ("a", "b"):
+        (tmp_path / case).mkdir()
+        write_nifti(np.full((1, 4, 4, 4), 0.5, np.float32), affine, tmp_path / case / "t1c.nii.gz")
+        write_nifti(np.full((1, 4, 4, 4), 0.7, np.float32), affine * 2, tmp_path / case / "flair.nii.gz")
+    pair = tumour_campaign._pair(tmp_path, "a", "b")
+    stripped = tumour_campaign.without_flair({"testing": [pair]})["testing"][0]
+    assert stripped["moving"][0] == pair["moving"][0] and stripped["fixed"][0] == pair["fixed"][0]  # T1c kept
+    assert stripped["moving_tumour"] == pair["moving_tumour"]
+    for image in ("moving", "fixed"):
+        zero = nib.load(stripped[image][1])
+        flair = nib.load(pair[image][1])
+        assert zero.shape == flair.shape and np.allclose(zero.affine, flair.affine)
+        assert not np.asarray(zero.dataobj).any()
