@@ -22,7 +22,7 @@ from bundle.engines import (
     load_checkpoint,
     load_weights,
 )
-from bundle.io import load_pairs, write_nifti
+from bundle.io import LoadImaged, load_pairs, write_nifti
 from bundle.io import writers
 from bundle.io.writers import CommitOutputsd, SaveNiftid, staging_folder, writable_folder
 from bundle.transforms import CheckFinited, CheckLabeld, CheckMemoryd, CheckPaird
@@ -702,3 +702,28 @@ def test_write_csv_writes_rows_in_column_order_and_leaves_no_temporary_file(tmp_
     writers.write_csv(tmp_path / "r.csv", [{"b": 1, "a": 2.5}, {"b": 3, "a": "x"}])
     assert (tmp_path / "r.csv").read_text().splitlines() == ["b,a", "1,2.5", "3,x"]
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
+
+
+def test_one_loader_shared_by_threads_keeps_every_channel(tmp_path):
+    """CacheDataset's threads share one LoadImaged: MONAI's reader keeps the file names of a read for its get_data, so
+    without our lock a 2-file (2-channel) image read beside a 1-file mask came back with 1 channel."""
+    import threading
+
+    for name in ("t1c", "flair", "mask"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((6, 6, 6), dtype=np.float32), np.eye(4)),
+                 str(tmp_path / f"{name}.nii.gz"))
+    load = LoadImaged(["image", "mask"], ensure_channel_first=True)
+    item = {"image": [str(tmp_path / "t1c.nii.gz"), str(tmp_path / "flair.nii.gz")], "mask": str(tmp_path / "mask.nii.gz")}
+    shapes = []
+
+    def work():
+        for _ in range(100):
+            out = load(dict(item))
+            shapes.append((out["image"].shape[0], out["mask"].shape[0]))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(shapes) == 400 and set(shapes) == {(2, 1)}, sorted(set(shapes))

@@ -5,6 +5,7 @@ often without the file name, and casts complex data to real without a word."""
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from monai.utils import ensure_tuple
 from bundle.errors import one_line
 
 __all__ = ["LoadImage", "LoadImaged", "is_file"]
+
+# MONAI's readers keep the file names of ``read`` on the reader for ``get_data`` (NibabelReader.filenames): two
+# threads sharing one LoadImage (CacheDataset's num_workers threads) mix them, and a 2-file image comes back with
+# 1 channel. One read at a time per process (a module lock: nothing to pickle for DataLoader worker processes).
+_READ_LOCK = threading.Lock()
 
 
 def is_file(path: str | os.PathLike) -> bool:
@@ -37,7 +43,7 @@ class LoadImage(transforms.LoadImage):
 
     def __call__(self, filename, reader=None):
         try:
-            with warnings.catch_warnings():
+            with _READ_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("error", np.exceptions.ComplexWarning)
                 return super().__call__(filename, reader)
         except FileNotFoundError:
