@@ -20,7 +20,7 @@ except FileNotFoundError:
 
 pytestmark = pytest.mark.skipif(not HAS_TEMPLATE, reason="nilearn (and its MNI ICBM152 template) is not installed")
 
-NUM_SUBJECTS = 4
+NUM_SUBJECTS = 6
 SPACING = 4.0
 KEYS = ("moving", "fixed", "moving_label", "fixed_label")
 
@@ -49,22 +49,32 @@ def test_datalist_structure(dataset):
     with open(dataset) as f:
         datalist = json.load(f)
     assert set(datalist) == {"training", "validation", "testing"}
-    n_train = NUM_SUBJECTS - 2
+    n_train = NUM_SUBJECTS - 4
     assert len(datalist["training"]) == n_train * (n_train - 1)
-    assert len(datalist["validation"]) == 4
-    assert datalist["testing"] == datalist["validation"]
-    train_subjects = {item[k][:10] for item in datalist["training"] for k in ("moving", "fixed")}
-    val_subjects = {item[k][:10] for item in datalist["validation"] for k in ("moving", "fixed")}
-    assert not train_subjects & val_subjects
+    assert len(datalist["validation"]) == len(datalist["testing"]) == 4
+
+    def subjects(section):
+        return {item[k][:10] for item in datalist[section] for k in ("moving", "fixed")}
+
+    # training, validation and test subjects are three disjoint sets: the test pairs were never used for selection
+    assert not subjects("training") & subjects("validation")
+    assert not subjects("training") & subjects("testing")
+    assert not subjects("validation") & subjects("testing")
     assert {(x["moving"], x["fixed"]) for x in datalist["validation"]} == {
         ("subject_02_lesion.nii.gz", "subject_03.nii.gz"),
         ("subject_03_lesion.nii.gz", "subject_02.nii.gz"),
         ("subject_02.nii.gz", "subject_03.nii.gz"),
         ("subject_03.nii.gz", "subject_02.nii.gz"),
     }
+    assert {(x["moving"], x["fixed"]) for x in datalist["testing"]} == {
+        ("subject_04_lesion.nii.gz", "subject_05.nii.gz"),
+        ("subject_05_lesion.nii.gz", "subject_04.nii.gz"),
+        ("subject_04.nii.gz", "subject_05.nii.gz"),
+        ("subject_05.nii.gz", "subject_04.nii.gz"),
+    }
     for item in datalist["training"]:
         assert "moving_tumour" not in item and "fixed_tumour" not in item
-    for item in datalist["training"] + datalist["validation"]:
+    for item in datalist["training"] + datalist["validation"] + datalist["testing"]:
         assert item["moving"] != item["fixed"]
         assert item["moving_label"] == item["moving"].replace(".nii.gz", "_seg.nii.gz")
         assert item["fixed_label"] == item["fixed"].replace(".nii.gz", "_seg.nii.gz")
@@ -73,7 +83,7 @@ def test_datalist_structure(dataset):
         for key in [k for k in ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour") if k in item]:
             assert not os.path.isabs(item[key])
             assert os.path.isfile(os.path.join(folder, item[key]))
-    for item in datalist["validation"]:
+    for item in datalist["validation"] + datalist["testing"]:
         assert item["moving_tumour"] == item["moving"].replace(".nii.gz", "_tumour.nii.gz")
         assert item["fixed_tumour"] == item["fixed"].replace(".nii.gz", "_tumour.nii.gz")
         moving_tumour = nib.load(os.path.join(folder, item["moving_tumour"])).get_fdata()
@@ -134,7 +144,7 @@ def test_deterministic_and_reused(dataset, tmp_path):
 
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError):
-        build_demo_dataset(str(tmp_path), num_subjects=3)
+        build_demo_dataset(str(tmp_path), num_subjects=5)
     with pytest.raises(ValueError):
         build_demo_dataset(str(tmp_path), spacing=0)
 

@@ -40,7 +40,7 @@ __all__ = ["DEMO_VERSION", "build_demo_dataset", "template_paths"]
 logger = logging.getLogger(__name__)
 
 # bump when the generated data changes, so that cached data sets are rebuilt
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: separate validation and test subjects
 
 _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -201,12 +201,12 @@ def _is_complete(output_dir: str, params: dict) -> bool:
         for key in ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour")
         if key in item
     }
-    expected = params["num_subjects"] * 2 + 2 * 4  # + lesion image, label, tumour and empty tumour of 2 subjects
+    expected = params["num_subjects"] * 2 + 4 * 4  # + lesion image, label, tumour and empty tumour of 4 subjects
     return len(names) == expected and all(os.path.isfile(os.path.join(output_dir, n)) for n in names)
 
 
 def build_demo_dataset(
-    output_dir: str, num_subjects: int = 6, spacing: float = 3.0, seed: int = 0, overwrite: bool = False
+    output_dir: str, num_subjects: int = 8, spacing: float = 3.0, seed: int = 0, overwrite: bool = False
 ) -> str:
     """Build the embedded demo registration data set from the MNI ICBM152 2009a template shipped with nilearn.
 
@@ -218,20 +218,22 @@ def build_demo_dataset(
     bilinear for the image, nearest for the label) with a random bias field, gamma and Gaussian noise
     (inside the brain). Everything is drawn from ``seed``, so the result is deterministic.
 
-    The two held-out subjects also get a version with a synthetic tumour (:class:`RandLesionImplantd`: mass
-    effect, lesion intensity, mask) and an empty tumour mask for their healthy version.
+    The last four subjects are held out: two for validation, two for testing (never the same subjects, so the
+    test pairs score weights that were not selected on them). Each also gets a version with a synthetic tumour
+    (:class:`RandLesionImplantd`: mass effect, lesion intensity, mask) and an empty tumour mask for its healthy
+    version.
 
     Files written to ``output_dir``: ``subject_XX.nii.gz`` (float32), ``subject_XX_seg.nii.gz`` (uint8),
     for the held-out subjects ``subject_XX_tumour.nii.gz`` (empty) and ``subject_XX_lesion[_seg|_tumour].nii.gz``,
     ``datalist.json`` and ``demo_params.json``. The datalist has ``"training"`` (all ordered healthy pairs
-    of the first ``num_subjects - 2`` subjects), ``"validation"`` and ``"testing"`` (between the last two
-    subjects: tumour-to-healthy pairs, then healthy pairs, all with ``moving_tumour``/``fixed_tumour``), with
-    paths relative to ``output_dir``. A complete data set already made with the
+    of the first ``num_subjects - 4`` subjects), ``"validation"`` (between subjects ``num_subjects - 4`` and
+    ``num_subjects - 3``) and ``"testing"`` (between the last two): tumour-to-healthy pairs, then healthy pairs,
+    all with ``moving_tumour``/``fixed_tumour``, with paths relative to ``output_dir``. A complete data set already made with the
     same parameters is reused unless ``overwrite`` is True.
 
     Args:
         output_dir: folder to write the data set to (created if needed).
-        num_subjects: number of synthetic subjects, at least 4.
+        num_subjects: number of synthetic subjects, at least 6.
         spacing: isotropic voxel size in mm.
         seed: random seed.
         overwrite: rebuild even if a complete data set with the same parameters exists.
@@ -240,12 +242,12 @@ def build_demo_dataset(
         the path of ``datalist.json``.
 
     Raises:
-        ValueError: when ``num_subjects < 4`` or ``spacing <= 0``.
+        ValueError: when ``num_subjects < 6`` or ``spacing <= 0``.
         FileNotFoundError: when the nilearn template files are missing.
     """
     num_subjects, spacing, seed = int(num_subjects), float(spacing), int(seed)
-    if num_subjects < 4:
-        raise ValueError(f"num_subjects must be at least 4 (2 training + 2 validation), got {num_subjects}.")
+    if num_subjects < 6:
+        raise ValueError(f"num_subjects must be at least 6 (2 training + 2 validation + 2 test), got {num_subjects}.")
     if spacing <= 0:
         raise ValueError(f"spacing must be positive, got {spacing}.")
     output_dir = os.path.abspath(os.path.expanduser(str(output_dir)))
@@ -263,7 +265,8 @@ def build_demo_dataset(
     transform = _subject_transform(spacing, seed)
     lesion = RandLesionImplantd("image", mask_key="tumour", label_keys="label", prob=1.0)
     lesion.set_random_state(seed=seed)
-    held_out = [num_subjects - 2, num_subjects - 1]
+    validation, testing = [num_subjects - 4, num_subjects - 3], [num_subjects - 2, num_subjects - 1]
+    held_out = validation + testing
     for i in range(num_subjects):
         subject = transform({key: value.clone() for key, value in template.items()})
         _write(subject, output_dir, f"subject_{i:02d}", ("image", "label"))
@@ -272,8 +275,11 @@ def build_demo_dataset(
             _write({**subject, **tumour}, output_dir, f"subject_{i:02d}", ("tumour",))
             _write(lesion(dict(subject)), output_dir, f"subject_{i:02d}_lesion", ("image", "label", "tumour"))
 
-    held_out_pairs = _lesion_pairs(held_out) + _pairs(held_out, tumour=True)
-    datalist = {"training": _pairs(list(range(num_subjects - 2))), "validation": held_out_pairs, "testing": held_out_pairs}
+    datalist = {
+        "training": _pairs(list(range(num_subjects - 4))),
+        "validation": _lesion_pairs(validation) + _pairs(validation, tumour=True),
+        "testing": _lesion_pairs(testing) + _pairs(testing, tumour=True),
+    }
     _save_json(datalist, datalist_path)
     _save_json(params, params_path)
     logger.info("built demo data set (%d subjects, %s mm) in %s", num_subjects, spacing, output_dir)
