@@ -191,7 +191,7 @@ def register(
         fixed: fixed image (same channels as the moving one).
         out: output folder (created; existing files of the same names are replaced).
         moving_label: label map of the moving image, warped with nearest neighbour.
-        model: checkpoint; default the config's ckpt_path (models/model.pt of the bundle).
+        model: checkpoint; default the config's ckpt_path (the shipped models/pretrained/joint_t1_ibsr_4mm.pt).
         device: cpu, cuda or cuda:N; default CUDA when available.
         prealign: none, rigid or affine pre-alignment before the deformable step (default: the config's).
         itk: also write itk_displacement.nii.gz and itk_transform.h5 (ITK/ANTs, physical LPS mm).
