@@ -23,7 +23,8 @@ from monai.networks.blocks import Warp
 from monai.transforms.utils import distance_transform_edt
 from scipy import ndimage
 
-from bundle.spatial import index_grid, resize_field
+from bundle.spatial import resize_field
+from bundle.transforms.lesion import radial_push_ddf
 
 __all__ = ["CHANGES", "brain_mask", "known_deformation_pair", "mass_effect_ddf", "smooth_random_ddf"]
 
@@ -46,7 +47,7 @@ def mass_effect_ddf(
     In millimetres ``u(x) = -k (x - c) exp(-|x - c|^2 / (2 s^2))`` with ``k = amplitude e^(1/2) / s``: the push is
     largest (``amplitude_mm``) at distance ``s = sigma_mm`` from the centre, falls linearly to 0 towards the centre
     and like a Gaussian away from it; the form of :class:`bundle.transforms.RandLesionImplantd`'s mass effect,
-    parameterised by its peak. The map is invertible when ``k < 1``, i.e. ``amplitude_mm < 0.607 sigma_mm``.
+    parameterised by its peak (:func:`bundle.transforms.lesion.radial_push_ddf`). The map is invertible when ``k < 1``, i.e. ``amplitude_mm < 0.607 sigma_mm``.
 
     Raises:
         ValueError: ``k >= 1`` (the map would fold).
@@ -54,12 +55,7 @@ def mass_effect_ddf(
     k = amplitude_mm * np.exp(0.5) / sigma_mm
     if k >= 1:
         raise ValueError(f"amplitude_mm {amplitude_mm} is too large for sigma_mm {sigma_mm}: the map folds (k = {k:.2f} >= 1).")
-    ndim = len(shape)
-    view = (ndim, *([1] * ndim))
-    spacing_t = torch.as_tensor(spacing, dtype=torch.float32).view(view)
-    offset_mm = (index_grid(shape) - torch.as_tensor(centre, dtype=torch.float32).view(view)) * spacing_t
-    ddf_mm = -k * offset_mm * torch.exp(-(offset_mm**2).sum(0, keepdim=True) / (2 * sigma_mm**2))
-    return ddf_mm / spacing_t
+    return radial_push_ddf(shape, centre, spacing, k, sigma_mm)
 
 
 def smooth_random_ddf(

@@ -243,8 +243,7 @@ class CheckMemoryd(MapTransform):
             options.append(f"a coarser network grid (--pixdim {coarser})")
         spare = available - MEMORY_BASE_BYTES
         if spare > 0:
-            per_network_voxel = MEMORY_BYTES_PER_NETWORK_VOXEL + (MEMORY_BYTES_PER_REFINED_VOXEL if self.refinement else 0.0)
-            factor = ((MEMORY_BYTES_PER_INPUT_VOXEL * inputs + per_network_voxel * network) / spare) ** (1 / 3)
+            factor = ((need - MEMORY_BASE_BYTES) / spare) ** (1 / 3)
             options.append(f"the images resampled to voxels about {factor * 1.05:.1f}x larger along each axis")
         if self.refinement:
             options.append("no refinement (instance_optimisation_steps 0, or brainreg register without --refine)")

@@ -16,7 +16,19 @@ from bundle.spatial import index_grid
 
 from .warping import copy_grid_meta
 
-__all__ = ["RandLesionImplantd"]
+__all__ = ["RandLesionImplantd", "radial_push_ddf"]
+
+
+def radial_push_ddf(shape, centre, spacing, k: float, sigma_mm: float) -> torch.Tensor:
+    """A lesion's mass effect: the pull-back DDF ``u(x) = -k (x - c) exp(-|x - c|^2 / (2 s^2))`` (millimetres), which
+    pushes tissue away from ``centre`` (voxel indices); returned in voxel units, ``(ndim, *shape)``. The map is
+    invertible for ``k < 1``."""
+    ndim = len(shape)
+    view = (ndim, *([1] * ndim))
+    spacing_t = torch.as_tensor(spacing, dtype=torch.float32).view(view)
+    offset_mm = (index_grid(shape) - torch.as_tensor(centre, dtype=torch.float32).view(view)) * spacing_t
+    ddf_mm = -k * offset_mm * torch.exp(-(offset_mm**2).sum(0, keepdim=True) / (2 * sigma_mm**2))
+    return ddf_mm / spacing_t
 
 
 class RandLesionImplantd(RandomizableTransform, MapTransform):
@@ -101,9 +113,7 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
         # mass effect: pull-back displacement towards the centre pushes tissue outwards
         k = self.R.uniform(*self.mass_effect)
         sigma = float(radii.mean()) * 1.5
-        dist2 = (offset_mm**2).sum(0, keepdim=True)
-        ddf_mm = -k * offset_mm * torch.exp(-dist2 / (2 * sigma**2))
-        ddf = (ddf_mm / spacing).unsqueeze(0)
+        ddf = radial_push_ddf(spatial, centre.flatten(), spacing.flatten(), k, sigma).unsqueeze(0)
         for key in keys:
             d[key] = copy_grid_meta(self.warp_image(torch.as_tensor(d[key]).float().unsqueeze(0), ddf)[0], d[key])
         for key in self.label_keys:
