@@ -9,8 +9,8 @@ network grid, the network, the DDF to the native grid, composition, warping, Jac
 run once untimed (warm-up: ITK and torch initialise lazily), then every pair is timed. The peers (greedy, ANTs SyN;
 ``benchmarks/compare_baselines.py``'s runners) register the same pairs in the same run, so the ratio is measured.
 
-Writes ``<out>/stages.csv`` (pair, stage, seconds) and ``<out>/summary.csv`` (stage, median seconds over the
-pairs; ``total``; each peer's median and the ratio peer / ours), and prints the summary with the hardware and the
+Writes ``<out>/stages.csv`` (pair, stage, wall seconds, process CPU seconds) and ``<out>/summary.csv`` (stage,
+median wall and CPU seconds over the pairs; ``total``; each peer's median and the ratio peer / ours), and prints the summary with the hardware and the
 load average at the start.
 """
 
@@ -43,8 +43,22 @@ def _stage_names(transforms) -> list[str]:
     return names
 
 
-def time_pair(parts: dict, item: dict) -> list[tuple[str, float]]:
-    """Run one pair through the pipeline ``parts`` (parsed config objects), timing every stage."""
+class _Clock:
+    """Wall-clock and process CPU seconds (all threads) of one stage: on a CPU shared with other jobs the CPU
+    time is the steadier figure."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return False
+
+
+def time_pair(parts: dict, item: dict) -> list[tuple[str, float, float]]:
+    """Run one pair through the pipeline ``parts`` (parsed config objects), timing every stage:
+    ``(stage, wall seconds, CPU seconds)``."""
     import torch
     from monai.data import decollate_batch, list_data_collate
     from monai.transforms import apply_transform
@@ -53,21 +67,21 @@ def time_pair(parts: dict, item: dict) -> list[tuple[str, float]]:
     data = dict(item)
     pre = parts["preprocessing"].transforms
     for name, transform in zip(_stage_names(pre), pre):
-        start = time.perf_counter()
-        data = apply_transform(transform, data)
-        timings.append((f"pre:{name}", time.perf_counter() - start))
+        with _Clock() as clock:
+            data = apply_transform(transform, data)
+        timings.append((f"pre:{name}", clock.wall, clock.cpu))
     batch = list_data_collate([data])
-    start = time.perf_counter()
-    inputs, _ = parts["prepare_batch"](batch, parts["device"])
-    with torch.no_grad():
-        pred = parts["inferer"](inputs, parts["network"])
-    timings.append(("network" if not getattr(parts["inferer"], "steps", 0) else "network+refinement", time.perf_counter() - start))
+    with _Clock() as clock:
+        inputs, _ = parts["prepare_batch"](batch, parts["device"])
+        with torch.no_grad():
+            pred = parts["inferer"](inputs, parts["network"])
+    timings.append(("network" if not getattr(parts["inferer"], "steps", 0) else "network+refinement", clock.wall, clock.cpu))
     data = {**decollate_batch(batch)[0], "pred": pred[0]}
     post = parts["postprocessing"].transforms
     for name, transform in zip(_stage_names(post), post):
-        start = time.perf_counter()
-        data = apply_transform(transform, data)
-        timings.append((f"post:{name}", time.perf_counter() - start))
+        with _Clock() as clock:
+            data = apply_transform(transform, data)
+        timings.append((f"post:{name}", clock.wall, clock.cpu))
     return timings
 
 
@@ -96,17 +110,20 @@ def run(dataset, out: Path, ckpt: Path, configs: list[str], pairs_limit: int | N
     time_pair(parts, parts["data"][0])  # warm-up, not recorded
     rows = []
     for item in parts["data"]:
-        for stage, seconds in time_pair(parts, item):
-            rows.append({"pair": item["name"], "stage": stage, "seconds": seconds})
-        rows.append({"pair": item["name"], "stage": "total", "seconds": sum(r["seconds"] for r in rows if r["pair"] == item["name"])})
+        timings = time_pair(parts, item)
+        for stage, seconds, cpu in timings:
+            rows.append({"pair": item["name"], "stage": stage, "seconds": seconds, "cpu_seconds": cpu})
+        rows.append({"pair": item["name"], "stage": "total", "seconds": sum(t[1] for t in timings),
+                     "cpu_seconds": sum(t[2] for t in timings)})
     for peer in peers:
         runner = compare_baselines.RUNNERS[peer]
         for m, f in pairs:
             work = out / "peers" / peer / f"{m['name']}_to_{f['name']}"
             work.mkdir(parents=True, exist_ok=True)
-            rows.append({"pair": f"{m['name']}_to_{f['name']}", "stage": f"peer:{peer}", "seconds": runner(m, f, work)[2]})
+            rows.append({"pair": f"{m['name']}_to_{f['name']}", "stage": f"peer:{peer}", "seconds": runner(m, f, work)[2],
+                         "cpu_seconds": ""})  # the peers run in other processes (and their threads): wall clock only
     with open(out / "stages.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["pair", "stage", "seconds"])
+        writer = csv.DictWriter(fh, fieldnames=["pair", "stage", "seconds", "cpu_seconds"])
         writer.writeheader()
         writer.writerows(rows)
     summary = summarise(rows, compare_baselines.hardware(), load)
@@ -121,11 +138,14 @@ def summarise(rows: list[dict], hardware: str, load: float) -> list[dict]:
     """Median seconds per stage over the pairs (stages in pipeline order), and each peer's ratio to our total."""
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     medians = {s: statistics.median(float(r["seconds"]) for r in rows if r["stage"] == s) for s in stages}
+    cpu = {s: statistics.median(float(r["cpu_seconds"]) for r in rows if r["stage"] == s)
+           for s in stages if all(r.get("cpu_seconds", "") != "" for r in rows if r["stage"] == s)}
     pairs = len({r["pair"] for r in rows if r["stage"] == "total"})
     summary = []
     for stage in stages:
         ratio = medians[stage] / medians["total"] if stage.startswith("peer:") and medians.get("total") else None
-        summary.append({"stage": stage, "median_seconds": round(medians[stage], 4), "pairs": pairs,
+        summary.append({"stage": stage, "median_seconds": round(medians[stage], 4),
+                        "median_cpu_seconds": round(cpu[stage], 4) if stage in cpu else "", "pairs": pairs,
                         "ratio_to_ours": "" if ratio is None else round(ratio, 2),
                         "hardware": hardware, "load_at_start": round(load, 2)})
     return summary
@@ -154,7 +174,8 @@ def main() -> None:
     print(f"{summary[0]['hardware']}; load {summary[0]['load_at_start']} at start; median of {summary[0]['pairs']} pairs")
     for row in summary:
         ratio = f"  ({row['ratio_to_ours']}x ours)" if row["ratio_to_ours"] != "" else ""
-        print(f"{row['stage']:36s} {row['median_seconds']:9.3f} s{ratio}")
+        cpu = f"{row['median_cpu_seconds']:9.3f} s CPU" if row["median_cpu_seconds"] != "" else " " * 15
+        print(f"{row['stage']:36s} {row['median_seconds']:9.3f} s {cpu}{ratio}")
 
 
 if __name__ == "__main__":

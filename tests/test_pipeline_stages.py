@@ -50,9 +50,13 @@ def test_every_stage_is_timed_and_summarised(tmp_path, monkeypatch):
         network = [float(r["seconds"]) for r in rows if r["pair"] == pair and r["stage"] == "network"]
         total = [float(r["seconds"]) for r in rows if r["pair"] == pair and r["stage"] == "total"]
         assert all(t >= 0 for t in timed) and abs(sum(timed) + network[0] - total[0]) < 1e-9
+        cpu = [float(r["cpu_seconds"]) for r in rows if r["pair"] == pair and r["stage"] not in ("total",) and not r["stage"].startswith("peer")]
+        cpu_total = [float(r["cpu_seconds"]) for r in rows if r["pair"] == pair and r["stage"] == "total"]
+        assert all(c >= 0 for c in cpu) and abs(sum(cpu) - cpu_total[0]) < 1e-9 and cpu_total[0] > 0
     assert (tmp_path / "outputs" / "moving_to_fixed" / "ddf.nii.gz").is_file()  # the real pipeline ran
     by_stage = {r["stage"]: r for r in summary}
     assert by_stage["peer:fake_peer"]["median_seconds"] == 2.5
+    assert by_stage["peer:fake_peer"]["median_cpu_seconds"] == "" and by_stage["total"]["median_cpu_seconds"] > 0
     # the ratio is taken before the median is rounded for the table: equal to the rounded figures within a unit of the last place
     assert by_stage["peer:fake_peer"]["ratio_to_ours"] == pytest.approx(2.5 / by_stage["total"]["median_seconds"], abs=0.011)
     assert all(r["pairs"] == 2 and r["hardware"] for r in summary)

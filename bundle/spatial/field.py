@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-from .grid import ddf_source_points, index_grid
+from .grid import affine_points
 
 __all__ = ["resize_field", "pool_field", "compose_ddf", "compose_affine_ddf", "jacobian_determinant"]
 
@@ -97,8 +97,17 @@ def compose_affine_ddf(matrix: torch.Tensor, ddf: torch.Tensor, grid_affine: tor
     """
     grid_affine = torch.as_tensor(grid_affine, dtype=torch.float64)
     matrix = torch.as_tensor(matrix, dtype=torch.float64)
-    points = ddf_source_points(torch.as_tensor(ddf), matrix @ grid_affine, grid_affine)
-    return (points - index_grid(ddf.shape[1:], dtype=torch.float64, device=ddf.device)).to(torch.float32)
+    ndim = ddf.shape[0]
+    ddf = torch.as_tensor(ddf).to(torch.float32)
+    # x + result(x) = M (x + ddf(x)) + m  with  [M m] = A^-1 T A:  result = M ddf + (M - I) x + m, in float32
+    # without an index grid (the affine part is built from 1-D float64 terms)
+    m = torch.linalg.solve(grid_affine, matrix @ grid_affine)
+    out = torch.einsum("kl,l...->k...", m[:ndim, :ndim].to(ddf), ddf)
+    m_minus_identity = m.clone()
+    m_minus_identity[:ndim, :ndim] -= torch.eye(ndim, dtype=torch.float64)
+    for k, term in enumerate(affine_points(m_minus_identity, ddf.shape[1:], device=ddf.device)):
+        out[k] += term
+    return out
 
 
 def _check_ddf(ddf: torch.Tensor) -> int:
