@@ -727,3 +727,19 @@ def test_one_loader_shared_by_threads_keeps_every_channel(tmp_path):
     for t in threads:
         t.join()
     assert len(shapes) == 400 and set(shapes) == {(2, 1)}, sorted(set(shapes))
+
+
+def test_output_files_name_what_was_asked_for_and_refuse_unknown_outputs():
+    from bundle.io import OUTPUTS, output_files
+
+    assert output_files() == {"warped": "warped.nii.gz", "pred": "ddf.nii.gz", "jacobian_det": "jacobian_det.nii.gz",
+                              "warped_label": "warped_label.nii.gz", "seg_moving": "seg_moving.nii.gz",
+                              "seg_fixed": "seg_fixed.nii.gz"}
+    assert output_files(["ddf", "warped"], ".nii") == {"warped": "warped.nii", "pred": "ddf.nii"}
+    assert output_files("jacobian") == {"jacobian_det": "jacobian_det.nii.gz"}
+    for bad, message in ((["warped", "wraped"], "outputs must be"), ([], "outputs must be")):
+        with pytest.raises(ValueError, match=message):
+            output_files(bad)
+    with pytest.raises(ValueError, match="output_extension"):
+        output_files(["ddf"], ".mha")
+    assert set(OUTPUTS) == {"warped", "ddf", "jacobian", "labels", "segmentations"}

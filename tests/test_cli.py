@@ -63,6 +63,14 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                 "--model", ctx["ckpt"], "--device", "cpu", "--prealign", "none", "--itk", "--pixdim", PIXDIM]
         return run(args, module="bundle", timeout=300, log=root / "register.log"), p
 
+    def register_fast():  # pre-alignment on a 2 mm network grid, only the warped image and the DDF, uncompressed
+        graph.result("cli_demo").check()
+        p = pair()
+        args = ["register", p["moving"], p["fixed"], "--out", root / "fast", "--moving-label", p["moving_label"],
+                "--model", ctx["ckpt"], "--device", "cpu", "--prealign", "affine", "--itk", "--pixdim", "[2.0,2.0,2.0]",
+                "--outputs", "['warped','ddf']", "--output_extension", ".nii"]
+        return run(args, module="bundle", timeout=300, log=root / "register_fast.log"), p
+
     def register_refined():  # --refine (instance optimisation overlay); the network as in register(), 4 mm, 15 steps
         graph.result("cli_demo").check()
         p = pair()
@@ -85,6 +93,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
 
     graph.add("cli_demo", demo, priority=1)
     graph.add("cli_register", register, deps=["cli_demo"], priority=1)
+    graph.add("cli_register_fast", register_fast, deps=["cli_demo"])
     graph.add("cli_register_refined", register_refined, deps=["cli_demo"])
     graph.add("cli_segment", segment, deps=["cli_demo"])
     graph.add("cli_evaluate", evaluate, deps=["cli_demo"])
@@ -246,8 +255,6 @@ def test_demo_builds_the_data(jobs):
 
 
 def test_register_writes_outputs_and_itk_files_that_itk_applies(jobs):
-    import itk
-
     graph, ctx = jobs
     result, pair = graph.result("cli_register")
     result.check()
@@ -260,18 +267,41 @@ def test_register_writes_outputs_and_itk_files_that_itk_applies(jobs):
     assert str(folder / "warped.nii.gz") in result.output  # the written files are listed
     ddf, affine = read_ddf_nifti(folder / "ddf.nii.gz")
     assert np.abs(ddf).max() > 0.2, "the random flow layer should give a non-zero DDF"
-    back, back_affine = read_itk_displacement_field(folder / "itk_displacement.nii.gz")
+    _check_itk_files_reproduce_warped(folder, pair, ddf, affine, arrays["warped"], "register --itk")
+
+
+def _check_itk_files_reproduce_warped(folder, pair, ddf, affine, ours, what, field="itk_displacement.nii.gz"):
+    """The ITK files hold our DDF, and ITK applying the transform to the moving image as loaded gives ``ours``."""
+    import itk
+
+    back, back_affine = read_itk_displacement_field(folder / field)
     np.testing.assert_allclose(back, ddf, atol=1e-4)
     np.testing.assert_allclose(back_affine, affine, atol=1e-4)
-    # ITK applies the written transform to the moving image as loaded: the same as our warped.nii.gz
     moving, reference = itk.imread(pair["moving"], itk.F), itk.imread(pair["fixed"], itk.F)
     transform = itk.transformread(str(folder / "itk_transform.h5"))[0]
     warped = itk.resample_image_filter(moving, transform=transform, use_reference_image=True, reference_image=reference)
-    warped = np.transpose(itk.array_from_image(warped), (2, 1, 0))
-    diff = np.abs(warped - arrays["warped"])
-    print(f"register --itk: |ITK - warped.nii.gz| max {diff.max():.2e}, mean {diff.mean():.2e} "
-          f"(intensity max {arrays['warped'].max():.2f})")
-    assert diff.max() < 1e-4 * max(1.0, float(np.abs(arrays["warped"]).max()))
+    warped = np.transpose(itk.array_from_image(warped), (2, 1, 0)).reshape(ours.shape)
+    diff = np.abs(warped - ours)
+    print(f"{what}: |ITK - warped| max {diff.max():.2e}, mean {diff.mean():.2e} (intensity max {ours.max():.2f})")
+    assert diff.max() < 1e-4 * max(1.0, float(np.abs(ours).max()))
+
+
+def test_register_writes_only_the_outputs_asked_for_with_prealignment_on_the_network_grid(jobs):
+    """--outputs / --output_extension: exactly warped.nii and ddf.nii (plus the ITK files of --itk); at 2 mm the
+    affine pre-alignment runs on the network grid (prealign_grid 'network'), and the composed DDF still
+    reproduces the warped image through ITK."""
+    graph, ctx = jobs
+    result, pair = graph.result("cli_register_fast")
+    result.check()
+    folder = ctx["root"] / "fast"
+    written = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the hidden manifest
+    assert written == ["ddf.nii", "itk_displacement.nii.gz", "itk_transform.h5", "warped.nii"]
+    fixed = nib.load(pair["fixed"])
+    warped = nib.load(folder / "warped.nii")
+    assert warped.shape[:3] == fixed.shape[:3] and np.allclose(warped.affine, fixed.affine, atol=1e-4)
+    ddf, affine = read_ddf_nifti(folder / "ddf.nii")
+    ours = np.asarray(warped.dataobj, dtype=np.float32)
+    _check_itk_files_reproduce_warped(folder, pair, ddf, affine, ours, "register --outputs")
 
 
 def test_register_refine_improves_the_random_network_field_without_folding(jobs):

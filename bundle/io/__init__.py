@@ -1,6 +1,6 @@
 from .datalist import PAIRINGS, check_label_supervision, load_pairs, load_subjects
 from .readers import LoadImage, LoadImaged, is_file
-from .writers import CommitOutputsd, SaveNiftid, pair_folder, staging_folder, writable_folder, write_nifti
+from .writers import EXTENSIONS, OUTPUTS, CommitOutputsd, SaveNiftid, output_files, pair_folder, staging_folder, writable_folder, write_nifti
 from .itk_export import (
     SaveITKTransformd,
     ddf_to_itk_field,

@@ -16,7 +16,39 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-__all__ = ["write_atomic", "write_nifti", "SaveNiftid", "CommitOutputsd", "staging_folder", "pair_folder", "writable_folder"]
+__all__ = ["OUTPUTS", "EXTENSIONS", "output_files", "write_atomic", "write_nifti", "SaveNiftid", "CommitOutputsd", "staging_folder", "pair_folder", "writable_folder"]
+
+
+# what a user can ask inference to write (config id ``outputs``): output name -> {item key: file stem}
+OUTPUTS = {
+    "warped": {"warped": "warped"},
+    "ddf": {"pred": "ddf"},
+    "jacobian": {"jacobian_det": "jacobian_det"},
+    "labels": {"warped_label": "warped_label"},
+    "segmentations": {"seg_moving": "seg_moving", "seg_fixed": "seg_fixed"},
+}
+EXTENSIONS = (".nii.gz", ".nii")  # gzip (nibabel's level 1, the fastest) or uncompressed
+
+
+def output_files(outputs: Sequence[str] = tuple(OUTPUTS), extension: str = ".nii.gz") -> dict[str, str]:
+    """Item key -> file name of the outputs asked for, e.g. ``{"warped": "warped.nii", "pred": "ddf.nii"}``.
+
+    Args:
+        outputs: names from :data:`OUTPUTS` (``labels`` and ``segmentations`` are written only where the pair
+            has a moving label map / the model segments).
+        extension: one of :data:`EXTENSIONS`.
+
+    Raises:
+        ValueError: an unknown output name or extension, or no output at all.
+    """
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be a non-empty list of {list(OUTPUTS)}, got {list(outputs)}.")
+    if extension not in EXTENSIONS:
+        raise ValueError(f"output_extension must be one of {list(EXTENSIONS)}, got {extension!r}.")
+    return {key: stem + extension for name in OUTPUTS if name in outputs for key, stem in OUTPUTS[name].items()}
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
