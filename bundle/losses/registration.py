@@ -19,7 +19,7 @@ from torch.nn.modules.loss import MSELoss, _Loss
 from bundle.spatial import pool_field
 
 __all__ = [
-    "RegistrationLoss", "make_similarity", "make_smoothness", "present_class_dice_loss", "per_sample", "reduce",
+    "RegistrationLoss", "smoothness_weights", "make_similarity", "make_smoothness", "present_class_dice_loss", "per_sample", "reduce",
     "SIMILARITIES", "SMOOTHNESS",
 ]
 
@@ -61,6 +61,22 @@ def make_smoothness(name: str, reduction: str = "mean") -> _Loss:
     if name == "bending":
         return BendingEnergyLoss(reduction=reduction)
     raise ValueError(f"smoothness must be one of {SMOOTHNESS}, got {name!r}.")
+
+
+def smoothness_weights(target: Mapping, default: float, like: torch.Tensor) -> torch.Tensor | float:
+    """The smoothness weight per pair: ``target["regularisation_weight"]`` ``(B,)`` when the batch carries one
+    (a network conditioned on λ), else the loss's own ``default``.
+
+    Raises:
+        ValueError: a weight tensor that does not hold one value per pair.
+    """
+    weights = target.get("regularisation_weight") if isinstance(target, Mapping) else None
+    if weights is None:
+        return default
+    weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device).flatten()
+    if weights.numel() != like.shape[0]:
+        raise ValueError(f"regularisation_weight must hold one value per pair ({like.shape[0]}), got {weights.numel()}.")
+    return weights
 
 
 def per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
@@ -209,10 +225,12 @@ class RegistrationLoss(_Loss):
         return out
 
     def forward(self, ddf: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Weighted sum of the terms per pair, reduced over the batch by ``reduction``."""
+        """Weighted sum of the terms per pair, reduced over the batch by ``reduction``; a
+        ``target["regularisation_weight"]`` (one λ per pair, from a conditioned network's prepare_batch) replaces
+        ``smoothness_weight``."""
         terms = self.sample_terms(ddf, target)
         self.last_terms = {k: float(v.detach().mean()) for k, v in terms.items()}
-        total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
+        total = terms["similarity"] + smoothness_weights(target, self.smoothness_weight, ddf) * terms["smoothness"]
         if "label_dice" in terms:
             total = total + self.label_weight * terms["label_dice"]
         return reduce(total, self.reduction)

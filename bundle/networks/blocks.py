@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,13 @@ class ConvEncoder(nn.Module):
             conv_block(spatial_dims, c_in, c_out, strides=2) for c_in, c_out in zip(self.out_channels, channels)
         )
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[x, level 1, ..., level L]`` features, finest first."""
+    def forward(self, x: torch.Tensor, modulate: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``[x, level 1, ..., level L]`` features, finest first; ``modulate(i, h)``, when given, transforms the
+        output of block ``i`` (e.g. FiLM conditioning)."""
         features = [x]
-        for block in self.blocks:
-            features.append(block(features[-1]))
+        for i, block in enumerate(self.blocks):
+            h = block(features[-1])
+            features.append(h if modulate is None else modulate(i, h))
         return features
 
 
@@ -87,15 +89,26 @@ class ConvDecoder(nn.Module):
             prev = c
         self.out_channels = prev
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Decode ``[input, level 1, ..., level L]`` features (as :class:`ConvEncoder` returns them)."""
+    @property
+    def block_channels(self) -> list[int]:
+        """Output channels of every convolution block, in the order ``modulate`` sees them."""
+        return [b.conv.out_channels for b in (*self.up_blocks, *self.extra)]
+
+    def forward(
+        self, features: Sequence[torch.Tensor], modulate: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Decode ``[input, level 1, ..., level L]`` features (as :class:`ConvEncoder` returns them);
+        ``modulate(i, h)``, when given, transforms the output of convolution block ``i`` (up blocks, then the rest)."""
         h = features[-1]
         for i, block in enumerate(self.up_blocks):
             skip = features[-2 - i]
-            h = F.interpolate(block(h), size=skip.shape[2:], mode="nearest")
+            out = block(h)
+            out = out if modulate is None else modulate(i, out)
+            h = F.interpolate(out, size=skip.shape[2:], mode="nearest")
             h = torch.cat([h, skip], dim=1)
-        for block in self.extra:
+        for j, block in enumerate(self.extra):
             h = block(h)
+            h = h if modulate is None else modulate(len(self.up_blocks) + j, h)
         return h
 
 

@@ -1,0 +1,115 @@
+"""The network conditioned on the regularisation weight (FiLM), the λ channel of the prepare_batch and the
+loss's per-pair smoothness weight (issue: regularisation chosen by learning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bundle.engines import RegistrationPrepareBatch
+from bundle.losses import RegistrationLoss
+from bundle.networks import ConditionedRegistrationUNet, RegistrationUNet, regularisation_code
+
+
+def _pair(shape=(16, 16, 16), batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"moving": torch.rand(batch, 1, *shape, generator=g), "fixed": torch.rand(batch, 1, *shape, generator=g)}
+
+
+def test_zero_initialised_film_makes_the_conditioned_network_the_plain_one_for_every_weight():
+    torch.manual_seed(0)
+    plain = RegistrationUNet(3, 2, half_res=True, integration_steps=3)
+    torch.nn.init.normal_(plain.head.conv.weight, std=0.1)  # a non-zero field
+    conditioned = ConditionedRegistrationUNet(3, 2, half_res=True, integration_steps=3)
+    missing, unexpected = conditioned.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("embed.", "film_")) for k in missing)
+    batch = _pair()
+    expected = plain(torch.cat([batch["moving"], batch["fixed"]], 1))
+    assert expected.abs().max() > 1e-3
+    for weight in (0.01, 1.0, 10.0):
+        inputs, targets = RegistrationPrepareBatch(regularisation_weight=weight)(batch)
+        assert inputs.shape[1] == 3 and torch.all(inputs[:, 2] == weight)
+        torch.testing.assert_close(conditioned(inputs), expected)
+
+
+def test_the_weight_changes_the_field_once_film_is_trained():
+    torch.manual_seed(0)
+    net = ConditionedRegistrationUNet(3, 2)
+    torch.nn.init.normal_(net.head.conv.weight, std=0.1)
+    for film in (*net.film_encoder, *net.film_decoder):
+        torch.nn.init.normal_(film.linear.weight, std=0.5)
+    batch = _pair()
+    low = net(RegistrationPrepareBatch(regularisation_weight=0.01)(batch)[0])
+    high = net(RegistrationPrepareBatch(regularisation_weight=10.0)(batch)[0])
+    assert low.shape == high.shape == (2, 3, 16, 16, 16)
+    assert (low - high).abs().max() > 1e-4
+
+
+def test_a_plain_batch_given_to_the_conditioned_network_is_explained():
+    net = ConditionedRegistrationUNet(3, 2)
+    inputs, _ = RegistrationPrepareBatch()(_pair())
+    with pytest.raises(ValueError, match="regularisation weight as an extra input channel"):
+        net(inputs)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        regularisation_code(torch.tensor([1.0, 0.0]), (0.01, 10.0))
+    with pytest.raises(ValueError, match="weight_range"):
+        ConditionedRegistrationUNet(3, 2, weight_range=(1.0, 0.1))
+    assert regularisation_code(torch.tensor([0.01, 10.0]), (0.01, 10.0)).flatten().tolist() == pytest.approx([-1, 1])
+
+
+def test_training_weights_are_drawn_log_uniformly_in_the_range_and_follow_the_seed():
+    prepare = RegistrationPrepareBatch(regularisation_range=(0.01, 10.0))
+    torch.manual_seed(3)
+    weights = torch.cat([prepare(_pair(batch=4))[1]["regularisation_weight"] for _ in range(250)])
+    assert weights.min() >= 0.01 and weights.max() <= 10.0
+    logs = torch.log10(weights)
+    # log-uniform over 3 decades: each decade gets about a third
+    for low in (-2, -1, 0):
+        share = float(((logs >= low) & (logs < low + 1)).float().mean())
+        assert abs(share - 1 / 3) < 0.06, (low, share)
+    torch.manual_seed(3)
+    again = prepare(_pair(batch=4))[1]["regularisation_weight"]
+    torch.testing.assert_close(again, weights[:4])
+    for bad in ({"regularisation_weight": 0.0}, {"regularisation_range": (1.0, 0.1)}, {"regularisation_range": (0.0, 1.0)}):
+        with pytest.raises(ValueError, match="regularisation_"):
+            RegistrationPrepareBatch(**bad)
+
+
+def test_the_loss_uses_each_pairs_weight():
+    torch.manual_seed(0)
+    batch = _pair()
+    ddf = torch.randn(2, 3, 16, 16, 16) * 0.5
+    loss = RegistrationLoss(smoothness_weight=1.0, reduction="none", similarity="mse")
+    terms = loss.sample_terms(ddf, batch)
+    weights = torch.tensor([0.1, 5.0])
+    per_pair = loss(ddf, {**batch, "regularisation_weight": weights})
+    torch.testing.assert_close(per_pair, terms["similarity"] + weights * terms["smoothness"])
+    torch.testing.assert_close(loss(ddf, batch), terms["similarity"] + terms["smoothness"])  # the config's weight
+    with pytest.raises(ValueError, match="one value per pair"):
+        loss(ddf, {**batch, "regularisation_weight": torch.tensor([1.0, 2.0, 3.0])})
+
+
+def test_one_network_trained_over_weights_gives_smoother_fields_for_larger_weights():
+    """A few hundred steps on one synthetic 2D pair (a shifted blob) with λ drawn per step: the trained network's
+    field is smoother at λ = 10 than at λ = 0.01 and fits the pair better at λ = 0.01 — the trade-off is an input."""
+    torch.manual_seed(0)
+    i = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
+    blob = lambda cx, cy: torch.exp(-(((i[0] - cx) / 5) ** 2 + ((i[1] - cy) / 4) ** 2) / 2)[None, None]  # noqa: E731
+    batch = {"moving": blob(14.0, 17.0), "fixed": blob(17.0, 15.0)}
+    net = ConditionedRegistrationUNet(2, 2, channels=((8, 16, 16, 16), (16, 16, 16, 16, 8, 8)))
+    loss = RegistrationLoss(similarity="mse", smoothness_weight=1.0, spatial_dims=2)
+    prepare = RegistrationPrepareBatch(regularisation_range=(0.01, 10.0))
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(300):
+        inputs, targets = prepare(batch)
+        optimiser.zero_grad()
+        loss(net(inputs), targets).backward()
+        optimiser.step()
+    with torch.no_grad():
+        out = {}
+        for weight in (0.01, 10.0):
+            inputs, targets = RegistrationPrepareBatch(regularisation_weight=weight)(batch)
+            out[weight] = loss.sample_terms(net(inputs), targets)
+    print({w: {k: float(v) for k, v in t.items()} for w, t in out.items()})
+    assert out[10.0]["smoothness"] < 0.5 * out[0.01]["smoothness"]
+    assert out[0.01]["similarity"] < out[10.0]["similarity"]
