@@ -21,6 +21,7 @@ __all__ = [
     "run_config",
     "bundle_command",
     "is_registration_only",
+    "is_regularisation_conditioned",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,12 @@ def bundle_command(
     for key, value in {"bundle_root": str(bundle_root), **dict(overrides or {})}.items():
         args += [f"--{key}", str(value)]
     return args
+
+
+def is_regularisation_conditioned(state: Mapping) -> bool:
+    """A network conditioned on the regularisation weight has FiLM layers: it needs
+    ``configs/regularisation_conditioned.json`` (and ``registration_only.json``)."""
+    return any(k.removeprefix("module.").startswith("film_") for k in state)
 
 
 def is_registration_only(state: Mapping) -> bool:

@@ -113,3 +113,34 @@ def test_one_network_trained_over_weights_gives_smoother_fields_for_larger_weigh
     print({w: {k: float(v) for k, v in t.items()} for w, t in out.items()})
     assert out[10.0]["smoothness"] < 0.5 * out[0.01]["smoothness"]
     assert out[0.01]["similarity"] < out[10.0]["similarity"]
+
+
+def test_the_overlay_wires_a_drawn_weight_into_training_and_the_configured_one_into_validation_and_inference(tmp_path):
+    """configs/regularisation_conditioned.json on the registration-only configs: the conditioned network, λ drawn
+    per pair by the trainer's prepare_batch, the fixed ``regularisation_weight`` for validation and inference,
+    and a training step through the parsed objects."""
+    from bundle.configs import is_regularisation_conditioned, read_config
+    from conftest import REPO_ROOT
+
+    train = read_config(REPO_ROOT, ["train.json", "registration_only.json", "regularisation_conditioned.json"],
+                        {"regularisation_weight": 0.5, "spatial_dims": 3})
+    net = train.get_parsed_content("network_def")
+    assert isinstance(net, ConditionedRegistrationUNet) and net.weight_range == (0.01, 10.0)
+    trainer_batch = train.get_parsed_content("train_prepare_batch")
+    validator_batch = train.get_parsed_content("prepare_batch")
+    assert trainer_batch.regularisation_range == (0.01, 10.0) and validator_batch.regularisation_weight == 0.5
+    assert train["train#trainer"]["prepare_batch"] == "@train_prepare_batch"
+    loss = train.get_parsed_content("loss")
+    inputs, targets = trainer_batch(_pair(shape=(16, 16, 16), batch=2))
+    value = loss(net(inputs), targets)
+    value.backward()
+    assert torch.isfinite(value) and targets["regularisation_weight"].shape == (2,)
+    assert is_regularisation_conditioned(net.state_dict()) and not is_regularisation_conditioned(RegistrationUNet().state_dict())
+
+    infer = read_config(REPO_ROOT, ["inference.json", "registration_only.json", "regularisation_conditioned.json"],
+                        {"regularisation_weight": 2.0})
+    assert infer.get_parsed_content("prepare_batch").regularisation_weight == 2.0
+    assert isinstance(infer.get_parsed_content("network_def"), ConditionedRegistrationUNet)
+    # a plain training config keeps one prepare_batch for both
+    plain = read_config(REPO_ROOT, ["train.json", "registration_only.json"])
+    assert plain["train_prepare_batch"] == "@prepare_batch"
