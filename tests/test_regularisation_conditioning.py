@@ -144,3 +144,18 @@ def test_the_overlay_wires_a_drawn_weight_into_training_and_the_configured_one_i
     # a plain training config keeps one prepare_batch for both
     plain = read_config(REPO_ROOT, ["train.json", "registration_only.json"])
     assert plain["train_prepare_batch"] == "@prepare_batch"
+
+
+def test_refinement_runs_on_a_conditioned_network():
+    """Instance optimisation refines the conditioned network's field on the images (the λ map is input only)."""
+    from bundle.engines import InstanceOptimisationInferer
+
+    torch.manual_seed(0)
+    net = ConditionedRegistrationUNet(3, 2)
+    torch.nn.init.normal_(net.head.conv.weight, std=0.1)
+    inputs, _ = RegistrationPrepareBatch(regularisation_weight=1.0)(_pair(batch=1))
+    inferer = InstanceOptimisationInferer(RegistrationLoss(similarity="mse"), steps=3, learning_rate=0.05,
+                                          progress_every=0, spatial_dims=3)
+    with torch.no_grad():
+        start, refined = net(inputs), inferer(inputs, net)
+    assert refined.shape == start.shape and (refined - start).abs().max() > 0

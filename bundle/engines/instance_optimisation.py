@@ -90,8 +90,10 @@ class InstanceOptimisationInferer(Inferer):
         prediction = network(inputs, *args, **kwargs)
         if self.steps == 0:
             return prediction
-        if inputs.shape[1] != 2 * self.num_channels:
-            raise ValueError(f"inputs must be cat([moving, fixed]) with {2 * self.num_channels} channels, got {inputs.shape[1]}.")
+        if inputs.shape[1] not in (2 * self.num_channels, 2 * self.num_channels + 1):
+            raise ValueError(f"inputs must be cat([moving, fixed]) with {2 * self.num_channels} channels (plus the "
+                             f"regularisation weight map of a conditioned network), got {inputs.shape[1]}.")
+        inputs = inputs[:, : 2 * self.num_channels]  # the images (a conditioned network's λ map is not refined)
         target = {"moving": inputs[:, : self.num_channels].detach(), "fixed": inputs[:, self.num_channels :].detach()}
         start, rest = split_ddf(torch.as_tensor(prediction).detach(), self.spatial_dims)
         start = start.clone()
