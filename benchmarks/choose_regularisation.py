@@ -1,0 +1,138 @@
+"""Choose the regularisation weight λ of a conditioned model on validation pairs (the bilevel upper level).
+
+    python benchmarks/choose_regularisation.py --ckpt CKPT [--dataset lpba40] [--weights 0.01,0.03,0.1,0.3,1,3,10]
+        [--max-folding 0.05] [--refine 2] [--configs inference.json,registration_only.json,regularisation_conditioned.json]
+        [--out runs/choose_regularisation_<dataset>] [--set ID=VALUE]
+
+One network conditioned on λ (``configs/regularisation_conditioned.json``) is run on every validation pair of the
+data set (``compare_baselines.split_pairs(..., "validation")``; the test split is never read) at each weight of a
+log-spaced grid, through the bundle's own inference config (``--set regularisation_weight=λ``). The chosen λ
+maximises the mean validation Dice among the weights whose mean folding (% of voxels with det J <= 0) is at most
+``--max-folding``; ``--refine N`` then evaluates the geometric midpoints between the best weight and its grid
+neighbours, N times (a bracketing search in log λ). Rows accumulate in ``<out>/results.csv`` (one per pair and λ,
+``compare_baselines``'s format, so an interrupted run resumes); ``<out>/curve.csv`` holds the validation curve
+(λ, pairs, mean Dice, mean folding, admissible) and ``<out>/choice.json`` the choice. Prints both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import compare_baselines  # noqa: E402
+
+DEFAULT_CONFIGS = "inference.json,registration_only.json,regularisation_conditioned.json"
+
+
+def method_name(weight: float) -> str:
+    return f"lambda_{weight:.6g}"
+
+
+def curve(results_csv: Path) -> list[dict]:
+    """Mean Dice and folding per λ from the rows of ``results_csv``, sorted by λ."""
+    with open(results_csv) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["method"].startswith("lambda_")]
+    weights = sorted({float(r["method"].removeprefix("lambda_")) for r in rows})
+    out = []
+    for w in weights:
+        mine = [r for r in rows if r["method"] == method_name(w)]
+        out.append({"weight": w, "pairs": len(mine),
+                    "dice_mean": statistics.mean(float(r["dice_mean"]) for r in mine),
+                    "folding_pct": statistics.mean(float(r["folding_pct"]) for r in mine)})
+    return out
+
+
+def choose(points: list[dict], max_folding: float) -> dict:
+    """The admissible point (mean folding <= ``max_folding``) of highest mean Dice; ties go to the larger λ
+    (the smoother field).
+
+    Raises:
+        ValueError: no point, or none admissible (the message gives the least folding reached).
+    """
+    if not points:
+        raise ValueError("no validation results to choose from.")
+    admissible = [p for p in points if p["folding_pct"] <= max_folding]
+    if not admissible:
+        least = min(points, key=lambda p: p["folding_pct"])
+        raise ValueError(f"no weight keeps the mean folding at or below {max_folding} % of voxels (least: "
+                         f"{least['folding_pct']:.4f} % at λ = {least['weight']:g}); widen the grid towards larger weights.")
+    return max(admissible, key=lambda p: (round(p["dice_mean"], 6), p["weight"]))
+
+
+def refinement_weights(points: list[dict], best: float) -> list[float]:
+    """Geometric midpoints between ``best`` and its neighbours on the evaluated grid (not yet evaluated)."""
+    weights = sorted(p["weight"] for p in points)
+    i = weights.index(best)
+    mids = [math.sqrt(best * weights[j]) for j in (i - 1, i + 1) if 0 <= j < len(weights)]
+    return [w for w in mids if all(abs(math.log(w / v)) > 1e-6 for v in weights)]
+
+
+def run(dataset, out: Path, ckpt: Path, configs: list[str], weights: list[float], max_folding: float, refine: int,
+        overrides: dict | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(ws):
+        for w in ws:
+            compare_baselines.run(dataset, out, ["ours"], [0], ckpt, None, configs, name=method_name(w),
+                                  overrides={**(overrides or {}), "regularisation_weight": float(w)}, section="validation")
+
+    evaluate(weights)
+    points = curve(out / "results.csv")
+    best = choose(points, max_folding)
+    for _ in range(refine):
+        extra = refinement_weights(points, best["weight"])
+        if not extra:
+            break
+        evaluate(extra)
+        points = curve(out / "results.csv")
+        best = choose(points, max_folding)
+    with open(out / "curve.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["weight", "pairs", "dice_mean", "folding_pct", "admissible"])
+        writer.writeheader()
+        writer.writerows({**p, "admissible": p["folding_pct"] <= max_folding} for p in points)
+    choice = {"regularisation_weight": best["weight"], "validation_dice_mean": best["dice_mean"],
+              "validation_folding_pct": best["folding_pct"], "max_folding_pct": max_folding, "pairs": best["pairs"],
+              "dataset": getattr(dataset, "name", type(dataset).__name__), "checkpoint": str(ckpt),
+              "hardware": compare_baselines.hardware()}
+    (out / "choice.json").write_text(json.dumps(choice, indent=2))
+    return {"curve": points, "choice": choice}
+
+
+def main() -> None:
+    from bundle.data.evaluation import DATASETS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of the conditioned network")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="lpba40")
+    parser.add_argument("--weights", default="0.01,0.03,0.1,0.3,1,3,10")
+    parser.add_argument("--max-folding", type=float, default=0.05, help="% of voxels with det J <= 0 (mean over pairs)")
+    parser.add_argument("--refine", type=int, default=2)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="config override")
+    a = parser.parse_args()
+    weights = [float(w) for w in a.weights.split(",")]
+    if any(not w > 0 for w in weights):
+        parser.error(f"--weights must all be > 0, got {a.weights}")
+    out = (a.out or REPO / "runs" / f"choose_regularisation_{a.dataset}").resolve()
+    result = run(DATASETS[a.dataset](), out, a.ckpt, a.configs.split(","), weights, a.max_folding, a.refine,
+                 dict(compare_baselines._override(s) for s in a.set))
+    for p in result["curve"]:
+        flag = "" if p["folding_pct"] <= a.max_folding else "  (folding above the limit)"
+        print(f"λ = {p['weight']:<10.4g} Dice {p['dice_mean']:.4f}  folding {p['folding_pct']:.4f} %  ({p['pairs']} pairs){flag}")
+    c = result["choice"]
+    print(f"chosen regularisation_weight {c['regularisation_weight']:.4g}: validation Dice {c['validation_dice_mean']:.4f}, "
+          f"folding {c['validation_folding_pct']:.4f} % -> {out / 'choice.json'}")
+
+
+if __name__ == "__main__":
+    main()

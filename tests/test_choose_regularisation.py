@@ -1,0 +1,74 @@
+"""benchmarks/choose_regularisation.py: λ of a conditioned model chosen on validation pairs (highest Dice within a
+folding limit, bracketing refinement), through the bundle's own inference config."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import choose_regularisation as chooser  # noqa: E402
+from bundle.data.evaluation import _write  # noqa: E402
+
+_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def test_the_admissible_weight_with_the_best_dice_is_chosen():
+    points = [{"weight": 0.01, "dice_mean": 0.80, "folding_pct": 0.30, "pairs": 2},
+              {"weight": 0.1, "dice_mean": 0.78, "folding_pct": 0.04, "pairs": 2},
+              {"weight": 1.0, "dice_mean": 0.78, "folding_pct": 0.00, "pairs": 2},
+              {"weight": 10.0, "dice_mean": 0.70, "folding_pct": 0.00, "pairs": 2}]
+    assert chooser.choose(points, 0.05)["weight"] == 1.0  # 0.01 folds too much; the tie goes to the smoother
+    assert chooser.choose(points, 1.0)["weight"] == 0.01
+    with pytest.raises(ValueError, match=r"least: 0\.1000 % at λ = 1\)"):
+        chooser.choose([dict(p, folding_pct=p["folding_pct"] + 0.1) for p in points][1:3], 0.05)
+    assert chooser.refinement_weights(points, 1.0) == pytest.approx([np.sqrt(0.1), np.sqrt(10.0)])
+    assert chooser.refinement_weights(points, 0.01) == pytest.approx([np.sqrt(0.001)])
+
+
+class TinyValidation:
+    """Two blob subjects, both in the validation split."""
+
+    name, labels = "tiny", {1: "blob"}
+    split = {"validation": ["a", "b"], "training": []}
+    testing = ["a", "b"]
+
+    def subject(self, name, work):
+        i = np.stack(np.meshgrid(*[np.arange(32.0)] * 3, indexing="ij"))
+        shift = 3.0 if name == "a" else 0.0
+        r2 = sum(((i[k] - c) / s) ** 2 for k, (c, s) in enumerate(((15.5 + shift, 7), (15.5, 6), (15.5, 5))))
+        return _write(name, np.exp(-r2 / 2), (r2 < 1).astype(np.int16), _AFFINE, work)
+
+
+def test_a_conditioned_checkpoint_is_scored_per_weight_and_the_choice_written(tmp_path):
+    from bundle.networks import ConditionedRegistrationUNet
+
+    torch.manual_seed(0)
+    net = ConditionedRegistrationUNet(3, 2)
+    torch.nn.init.normal_(net.head.conv.weight, std=0.3)
+    for film in (*net.film_encoder, *net.film_decoder):
+        torch.nn.init.normal_(film.linear.weight, std=1.0)
+    ckpt = tmp_path / "conditioned.pt"
+    torch.save({"network": net.state_dict()}, ckpt)
+    out = tmp_path / "choose"
+    result = chooser.run(TinyValidation(), out, ckpt, chooser.DEFAULT_CONFIGS.split(","), [0.1, 10.0],
+                         max_folding=100.0, refine=1, overrides={"prealign": "none"})
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    weights = sorted({float(r["method"].removeprefix("lambda_")) for r in rows})
+    assert weights == pytest.approx([0.1, 1.0, 10.0])  # the grid and one geometric midpoint
+    assert all(sum(float(r["method"].removeprefix("lambda_")) == pytest.approx(w) for r in rows) == 2 for w in weights)
+    dice = {w: [float(r["dice_mean"]) for r in rows if float(r["method"].removeprefix("lambda_")) == pytest.approx(w)]
+            for w in weights}
+    assert dice[0.1] != dice[10.0], "the weight must reach the network"
+    choice = json.loads((out / "choice.json").read_text())
+    assert choice["regularisation_weight"] == chooser.choose(result["curve"], 100.0)["weight"]
+    with open(out / "curve.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
