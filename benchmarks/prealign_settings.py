@@ -6,7 +6,8 @@ For every ordered validation pair (``compare_baselines.split_pairs(..., "validat
 read) and every candidate in :data:`CANDIDATES`, registers the moving image to the fixed one with
 :func:`bundle.alignment.itk_affine_register`, warps the moving labels onto the fixed native grid through the
 matrix (nearest neighbour) and scores them (``compare_baselines.score``: mean Dice over the labels present).
-A candidate is a set of registration options plus the fixed grid it registers to:
+A candidate is a set of registration options (``method``: ``itk``, the default, or ``torch``; the rest go to that
+method's function) plus the fixed grid it registers to:
 
 - ``native``: the fixed image as loaded (the pipeline's order until now: pre-alignment before the network grid);
 - ``grid2mm`` / ``grid4mm``: the fixed image on a network grid: cropped to its foreground (margin 8 voxels,
@@ -48,6 +49,8 @@ CANDIDATES = {
     "grid2mm_coarse_it50": ("grid2mm", {**COARSE, "iterations": 50}),
     "grid2mm_coarse_20k": ("grid2mm", {**COARSE, "max_samples": 20_000}),
     "grid2mm_coarse_it50_20k": ("grid2mm", {**COARSE, "iterations": 50, "max_samples": 20_000}),
+    "grid2mm_torch": ("grid2mm", {"method": "torch"}),  # bundle.alignment.torch_affine_register, its defaults
+    "native_torch": ("native", {"method": "torch"}),
 }
 
 
@@ -68,7 +71,7 @@ def fixed_on_grid(fixed: dict, grid: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(datasets: list[str], out: Path, candidates: dict) -> list[dict]:
-    from bundle.alignment import itk_affine_register
+    from bundle.alignment import METHODS
     from bundle.data.evaluation import DATASETS
     from bundle.spatial import resample_to_grid
 
@@ -82,7 +85,9 @@ def run(datasets: list[str], out: Path, candidates: dict) -> list[dict]:
             for candidate, (grid, options) in candidates.items():
                 fixed_array, fixed_affine = fixed_on_grid(fixed, grid)
                 wall, cpu = time.perf_counter(), time.process_time()
-                matrix = itk_affine_register(moving["image_array"], moving["affine"], fixed_array, fixed_affine, **options)
+                options = dict(options)
+                register = METHODS[options.pop("method", "itk")]
+                matrix = register(moving["image_array"], moving["affine"], fixed_array, fixed_affine, **options)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
                 warped = resample_to_grid(torch.as_tensor(moving["label_array"])[None], torch.as_tensor(moving["affine"]),
                                           torch.as_tensor(matrix @ fixed["affine"]), fixed["label_array"].shape,

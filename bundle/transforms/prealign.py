@@ -11,7 +11,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from bundle.alignment import TRANSFORMS, itk_affine_register
+from bundle.alignment import METHODS, TRANSFORMS
 from bundle.spatial import compose_affine_ddf, resample_to_grid
 from bundle.transforms.checks import source_name
 
@@ -40,10 +40,12 @@ class PreAlignd(MapTransform):
             follow it.
         fixed_key: the fixed image (a MetaTensor; its grid and meta data are given to the outputs).
         transform: ``"none"``, ``"rigid"`` or ``"affine"``.
+        method: ``"itk"`` (mutual information, :func:`bundle.alignment.itk_affine_register`) or ``"torch"``
+            (normalised cross-correlation, same-contrast pairs, faster: :func:`bundle.alignment.torch_affine_register`).
         mode: interpolation per key (``"bilinear"`` images, ``"nearest"`` label maps).
         padding_mode: ``grid_sample`` padding outside the moving image.
         matrix_key: where the ``(4, 4)`` RAS pull-back matrix (fixed world -> moving world) is stored.
-        register_kwargs: further options of :func:`bundle.alignment.itk_affine_register`.
+        register_kwargs: further options of the registration function of ``method``.
         allow_missing_keys: skip absent moving items (the image itself must be present).
     """
 
@@ -57,10 +59,14 @@ class PreAlignd(MapTransform):
         matrix_key: str = "prealign_matrix",
         register_kwargs: Mapping | None = None,
         allow_missing_keys: bool = False,
+        method: str = "itk",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}.")
+        self.register = METHODS[method]
         modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
         if len(modes) != len(self.keys):
             raise ValueError(f"mode must have one entry per key {self.keys}, got {modes}.")
@@ -80,7 +86,7 @@ class PreAlignd(MapTransform):
             raise ValueError(f"pre-alignment is 3D: got {source_name(d, self.fixed_key)} {tuple(fixed.shape)}, "
                              f"{source_name(d, image_key)} {tuple(moving.shape)}.")
         try:
-            matrix = itk_affine_register(
+            matrix = self.register(
                 moving[0].numpy(), moving_affine.numpy(), fixed[0].numpy(), fixed_affine.numpy(),
                 transform=self.transform, **self.register_kwargs,
             )

@@ -1,0 +1,156 @@
+"""Fast rigid / affine pre-alignment in torch (global normalised cross-correlation, multi-resolution, Adam).
+
+Ours, next to the ITK stage (:mod:`.itk_affine`): ITK's mutual-information registration takes seconds per pair on a
+CPU (about 4 s of a 7.5 s IBSR pair, docs/speed.md); this one samples the moving image at the fixed image's
+foreground points through ``grid_sample`` and optimises the 12 (or 6) parameters with Adam on an 8 -> 4 -> 2 mm
+pyramid, about 1 s on one core. NCC assumes the two images share a contrast (same sequence); for different
+contrasts use the ITK stage (mutual information). The result has the same convention as ITK's: a world
+**pull-back** matrix in RAS millimetres (fixed world point -> moving world point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TORCH_LEVELS", "torch_affine_register"]
+
+# (spacing mm, iterations, random points per iteration or None for all foreground voxels), coarse to fine
+TORCH_LEVELS = ((8.0, 100, None), (4.0, 40, None), (2.0, 40, 30_000))
+
+
+def _pooled(array: np.ndarray, affine: np.ndarray, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+    """``array`` block-averaged by integer factors towards ``spacing_mm`` (5D tensor) and the affine of that grid."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    factors = [int(min(max(1, round(spacing_mm / s)), n)) for s, n in zip(spacing, array.shape)]
+    image = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)[None, None]
+    if factors != [1, 1, 1]:
+        image = F.avg_pool3d(image, factors, stride=factors)
+    pooled = np.array(affine, dtype=np.float64)
+    pooled[:3, :3] = affine[:3, :3] * np.array(factors)[None, :]
+    pooled[:3, 3] = affine[:3, 3] + affine[:3, :3] @ ((np.array(factors) - 1) / 2)  # block centres
+    return image, pooled
+
+
+def _centroid_mm(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World (RAS mm) centre of mass of the non-negative intensities (separable sums, no index grid)."""
+    t = torch.as_tensor(np.asarray(array), dtype=torch.float32).clamp(min=0)
+    total = float(t.sum(dtype=torch.float64))
+    index = [float((t.sum(dim=[d for d in range(3) if d != k], dtype=torch.float64)
+                    * torch.arange(t.shape[k], dtype=torch.float64)).sum()) / total for k in range(3)]
+    return affine[:3, :3] @ np.array(index) + affine[:3, 3]
+
+
+def _rotation(v: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix of the axis-angle vector ``v`` (Rodrigues)."""
+    theta = torch.sqrt((v * v).sum() + 1e-12)
+    k = v / theta
+    kx = torch.zeros(3, 3, dtype=v.dtype)
+    kx = kx.index_put((torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 2, 0, 2, 0, 1])),
+                      torch.stack([-k[2], k[1], k[2], -k[0], -k[1], k[0]]))
+    return torch.eye(3, dtype=v.dtype) + torch.sin(theta) * kx + (1 - torch.cos(theta)) * kx @ kx
+
+
+def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm() + 1e-8)
+
+
+def torch_affine_register(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    transform: str = "affine",
+    levels: Sequence[Sequence] = TORCH_LEVELS,
+    foreground: float = 0.1,
+    learning_rate: float = 0.01,
+    translation_learning_rate_mm: float = 0.5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Rigid or affine registration of ``moving`` to ``fixed`` by global normalised cross-correlation.
+
+    Centre-of-mass initialisation; then, per pyramid level (``levels``: spacing in mm, Adam iterations, random
+    fixed points per iteration or ``None`` for all), both images block-averaged to about that spacing, the moving
+    one sampled trilinearly at the fixed foreground points (intensity above ``foreground`` times the mean) through
+    the current transform, and ``1 - NCC`` minimised. Parameters: a 3x3 linear part relative to the identity (or
+    an axis-angle rotation for ``"rigid"``) about the fixed centre of mass, and a translation in mm. The random
+    points are seeded (reproducible).
+
+    Args:
+        moving, fixed: 3D intensity arrays indexed ``(i, j, k)`` (one channel).
+        moving_affine, fixed_affine: their 4x4 voxel-to-world RAS affines.
+        transform: ``"none"`` (identity), ``"rigid"`` or ``"affine"``.
+        levels, foreground, learning_rate, translation_learning_rate_mm, seed: see above.
+
+    Returns:
+        ``(4, 4)`` float64 pull-back matrix ``T`` in RAS mm: fixed world point ``p`` corresponds to moving world
+        point ``T @ p``.
+
+    Raises:
+        ValueError: unknown ``transform``, a constant image or one with fewer than 2 voxels along an axis, bad
+            levels, or no foreground voxel in the fixed image.
+    """
+    if transform not in ("none", "rigid", "affine"):
+        raise ValueError(f"transform must be one of ('none', 'rigid', 'affine'), got {transform!r}.")
+    if transform == "none":
+        return np.eye(4)
+    for name, array in (("moving", moving), ("fixed", fixed)):
+        array = np.asarray(array)
+        if array.ndim != 3 or min(array.shape) < 2:
+            raise ValueError(f"the {name} image has shape {array.shape}: {transform} pre-alignment needs a 3D image "
+                             "with 2 or more voxels along each axis (use prealign 'none').")
+        if not np.ptp(array) > 0:
+            raise ValueError(f"the {name} image is constant: nothing to align.")
+    if not levels or any(len(level) != 3 or float(level[0]) <= 0 or int(level[1]) < 0 for level in levels):
+        raise ValueError(f"levels must be (spacing_mm > 0, iterations >= 0, points or None) triples, got {levels}.")
+    moving_affine = np.asarray(moving_affine, dtype=np.float64)
+    fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
+    generator = torch.Generator().manual_seed(int(seed))
+    fixed_centre = torch.as_tensor(_centroid_mm(fixed, fixed_affine), dtype=torch.float32)
+    moving_centre = torch.as_tensor(_centroid_mm(moving, moving_affine), dtype=torch.float32)
+    linear = torch.zeros(3 if transform == "rigid" else 9, requires_grad=True)
+    translation = torch.zeros(3, requires_grad=True)
+    optimiser = torch.optim.Adam([{"params": [linear], "lr": learning_rate},
+                                  {"params": [translation], "lr": translation_learning_rate_mm}])
+
+    def matrix() -> torch.Tensor:
+        return _rotation(linear) if transform == "rigid" else torch.eye(3) + linear.view(3, 3)
+
+    for spacing_mm, iterations, points in levels:
+        fixed_image, fixed_grid = _pooled(np.asarray(fixed), fixed_affine, float(spacing_mm))
+        moving_image, moving_grid = _pooled(np.asarray(moving), moving_affine, float(spacing_mm))
+        values = fixed_image.reshape(-1)
+        keep = values > foreground * values.mean()
+        if not bool(keep.any()):
+            raise ValueError("the fixed image has no foreground voxel to align on.")
+        shape = fixed_image.shape[2:]
+        index = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+        index, values = index.reshape(3, -1)[:, keep], values[keep]
+        grid_t = torch.as_tensor(fixed_grid, dtype=torch.float32)
+        world = grid_t[:3, :3] @ index + grid_t[:3, 3:]
+        to_moving = torch.as_tensor(np.linalg.inv(moving_grid), dtype=torch.float32)
+        scale = 2.0 / (torch.tensor(moving_image.shape[2:], dtype=torch.float32) - 1).clamp(min=1)
+        for _ in range(int(iterations)):
+            if points is not None and int(points) < values.numel():
+                chosen = torch.randint(0, values.numel(), (int(points),), generator=generator)
+                w, v = world[:, chosen], values[chosen]
+            else:
+                w, v = world, values
+            mapped = moving_centre[:, None] + matrix() @ (w - fixed_centre[:, None]) + translation[:, None]
+            voxel = to_moving[:3, :3] @ mapped + to_moving[:3, 3:]
+            grid = (voxel * scale[:, None] - 1).flip(0).T.reshape(1, 1, 1, -1, 3)
+            sampled = F.grid_sample(moving_image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            loss = 1 - _ncc(sampled.reshape(-1), v)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        lin = matrix().double()
+        out = np.eye(4)
+        out[:3, :3] = lin.numpy()
+        out[:3, 3] = (moving_centre.double() + translation.double() - lin @ fixed_centre.double()).numpy()
+    return out
