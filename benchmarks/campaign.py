@@ -197,6 +197,10 @@ def training_command(datalist: Path, root: Path, threads: int, extra: list[str],
     return [*bundle_command("training", REPO, configs, settings), *extra]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _newest_checkpoint_time(root: Path) -> float:
     times = [p.stat().st_mtime for p in (root / "models").glob("checkpoint*.pt")]
     return max(times, default=0.0)
@@ -218,8 +222,11 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
     with open(root / "train.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n")
         log.flush()
+        # SIGINT back to its default in the child: a campaign started in the background (`nohup ... &`) inherits
+        # SIGINT ignored, and the clean stop below would then wait a minute and fall back to SIGTERM
         proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                preexec_fn=_default_sigint if os.name == "posix" else None)
         try:
             return proc.wait(timeout=None if minutes is None else minutes * 60)
         except subprocess.TimeoutExpired:
