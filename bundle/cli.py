@@ -18,7 +18,7 @@ from pathlib import Path
 
 import fire
 
-from bundle.configs import config_paths, is_registration_only, is_regularisation_conditioned, read_config, run_config
+from bundle.configs import config_paths, is_probabilistic, is_registration_only, is_regularisation_conditioned, read_config, run_config
 from bundle.errors import input_error
 from bundle.io.readers import is_file
 from bundle.io.writers import writable_folder
@@ -94,6 +94,8 @@ def _model_configs(root: Path, base: Sequence[str], model, registration_only: bo
         names.append("registration_only.json")
     if is_regularisation_conditioned(state):
         names.append("regularisation_conditioned.json")
+    if is_probabilistic(state):
+        names.append("probabilistic_features.json")
     return names, path
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "bundle_command",
     "is_registration_only",
     "is_regularisation_conditioned",
+    "is_probabilistic",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,12 @@ def is_regularisation_conditioned(state: Mapping) -> bool:
     """A network conditioned on the regularisation weight has FiLM layers: it needs
     ``configs/regularisation_conditioned.json`` (and ``registration_only.json``)."""
     return any(k.removeprefix("module.").startswith("film_") for k in state)
+
+
+def is_probabilistic(state: Mapping) -> bool:
+    """A network with Gaussian encoder features (``gaussians.*`` weights): it needs
+    ``configs/probabilistic_features.json``."""
+    return any(k.removeprefix("module.").startswith("gaussians.") for k in state)
 
 
 def is_registration_only(state: Mapping) -> bool:

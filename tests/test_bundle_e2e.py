@@ -185,6 +185,30 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
         second = run(args(2), log=logs / "recipe2.log") if first.returncode == 0 else None
         return first, second, recipe_root
 
+    def overlay_training(name, overlays, register_args):
+        """2 iterations of registration-only training with the given overlays, then ``brainreg register`` with the
+        trained model (the CLI must recognise the checkpoint and add the overlays itself)."""
+        def job():
+            graph.result("train")
+            work = root / name
+            work.mkdir()
+            shutil.copytree(bundle_root / "demo_data", work / "demo_data")
+            trained = run(["run", "training", "--config_file", config("train.json", "registration_only.json", *overlays),
+                           "--bundle_root", work, "--max_epochs", "1", "--epoch_length", "2", "--log_interval", "1",
+                           "--num_workers", "0", "--cache_rate", "0", "--pixdim", PIXDIM, "--num_threads", "1",
+                           "--val_interval", "1"],
+                          log=logs / f"{name}_train.log")
+            if trained.returncode != 0:
+                return trained, None, work
+            pair = json.loads((work / "demo_data" / "datalist.json").read_text())["testing"][0]
+            registered = run(["register", work / "demo_data" / pair["moving"], work / "demo_data" / pair["fixed"],
+                              "--out", work / "registered", "--model", work / "models" / "model.pt", "--device", "cpu",
+                              "--prealign", "none", "--pixdim", PIXDIM, *register_args],
+                             module="bundle", timeout=300, log=logs / f"{name}_register.log")
+            return trained, registered, work
+
+        return job
+
     def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None):
         def job():
             files = graph.result("tiny")
@@ -226,6 +250,11 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("alias", alias, ["resume"], priority=70)
     graph.add("ddp", ddp, ["train"], priority=60)
     graph.add("recipe", recipe, ["train"], priority=50)
+    graph.add("conditioned", overlay_training("conditioned", ["regularisation_conditioned.json"],
+                                              ["--regularisation_weight", "0.5"]), ["train"], priority=30)
+    graph.add("probabilistic", overlay_training("probabilistic", ["probabilistic_features.json",
+                                                                  "probabilistic_features_train.json"], []),
+              ["train"], priority=30)
     graph.add("cohort", cohort, ["train"], priority=45)
     graph.add("evaluate", evaluate, ["train"], priority=40)
     graph.add("infer", infer, ["train"], priority=40)
@@ -301,6 +330,22 @@ def test_campaign_recipe_trains_logs_and_resumes(e2e):
     assert {"network", "optimizer", "trainer", "lr_scheduler"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 4
     assert {k.split(".")[0] for k in ckpt["network"]} == {"encoder", "decoder", "head"}  # the registration U-Net
+
+
+@pytest.mark.parametrize("name, prefix", [("conditioned", "film_"), ("probabilistic", "gaussians.")])
+def test_training_and_registering_with_the_regularisation_and_feature_overlays(e2e, name, prefix):
+    """regularisation_conditioned.json (λ drawn per pair in training, a fixed λ in validation) and the probabilistic
+    features (KL term added to the loss) train through the real engines; the CLI then recognises the checkpoint
+    (FiLM / Gaussian weights) and registers a demo pair with it."""
+    trained, registered, work = _job(e2e, name)
+    trained.check()
+    state = _state_dict(work / "models" / "model.pt")
+    assert any(k.startswith(prefix) for k in state), sorted(state)[:5]
+    train, val = read_training_log(work / "eval" / "training_log.csv")
+    assert [int(r["iteration"]) for r in train] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in train)
+    assert val and 0.0 < val[-1]["metrics"]["val_mean_dice"] <= 1.0
+    registered.check()
+    assert {"warped.nii.gz", "ddf.nii.gz"} <= {p.name for p in (work / "registered").iterdir()}
 
 
 def test_training_writes_loadable_checkpoints(e2e):
