@@ -99,6 +99,7 @@ def pipeline(configs: list[str], overrides: dict) -> dict:
 def run(dataset, out: Path, ckpt: Path, configs: list[str], pairs_limit: int | None, peers: list[str],
         overrides: dict | None = None) -> list[dict]:
     """Time every stage on the test pairs of ``dataset`` and each peer on the same pairs; write the CSVs."""
+    out = Path(out).resolve()  # the datalist names its files relative to its own folder
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     pairs = compare_baselines.split_pairs(dataset, "testing", out / "inputs")[:pairs_limit]
