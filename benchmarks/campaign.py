@@ -6,6 +6,11 @@
     python benchmarks/campaign.py plot                     # learning curve -> docs/figures/
     python benchmarks/campaign.py ship                     # best validated weights -> models/pretrained/
 
+``--run registration_t1_conditioned`` (train, status, plot, ship) selects the λ-conditioned run: the same recipe plus
+``configs/regularisation_conditioned.json`` and ``configs/campaign_conditioned.json`` (FiLM on λ, λ drawn
+log-uniformly in [0.03, 3] per pair, validation at λ = 0.3), started from the plain run's best weights
+(``models/campaign/registration_t1_conditioned/init/``).
+
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
 (best validation Dice so far) and ``training_log.csv`` (iteration, every loss term, learning rate, gradient
@@ -188,6 +193,13 @@ def prepare(out: Path = RUNS, synthetic_pairs: int = 60) -> Path:
 
 
 RECIPE = ["train.json", "registration_only.json", "campaign.json"]
+# the runs of the campaign: name -> (configs, shipped weights)
+RECIPES = {
+    RUN: (RECIPE, SHIPPED),
+    # one network over a range of smoothness weights λ (FiLM), started from the plain run's best weights
+    "registration_t1_conditioned": ([*RECIPE, "regularisation_conditioned.json", "campaign_conditioned.json"],
+                                    SHIPPED.with_name("registration_t1_conditioned_2mm.pt")),
+}
 
 
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str], configs: list[str] = RECIPE) -> list[str]:
@@ -265,7 +277,7 @@ def status(root: Path = CAMPAIGNS / RUN) -> dict:
     return info
 
 
-def plot(root: Path = CAMPAIGNS / RUN, target: Path = REPO / "docs" / "figures" / "campaign_registration_t1.png") -> Path:
+def plot(root: Path = CAMPAIGNS / RUN, target: Path | None = None) -> Path:
     """Validation Dice and folding, and the training loss terms, against iterations."""
     import matplotlib
 
@@ -286,6 +298,7 @@ def plot(root: Path = CAMPAIGNS / RUN, target: Path = REPO / "docs" / "figures" 
     ax2.plot(vit, [r["metrics"].get("val_mean_dice") for r in val_rows], "o-", label="validation mean Dice")
     ax2.set_xlabel("iteration"), ax2.set_title("validation (2 mm network grid)"), ax2.legend(loc="lower right")
     hw = train_rows[-1]["hardware"] if train_rows else ""
+    target = target or REPO / "docs" / "figures" / f"campaign_{root.name}.png"
     fig.suptitle(f"{root.name}: {hw}", fontsize=8)
     fig.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -314,11 +327,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop the training at the first checkpoint after this long (it resumes from there)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
+    parser.add_argument("--run", choices=sorted(RECIPES), default=RUN, help="which run of the campaign")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra), "status": status,
-                "plot": plot, "ship": ship}
+    root, (configs, shipped) = CAMPAIGNS / a.run, RECIPES[a.run]
+    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, root=root, configs=configs),
+                "status": lambda: status(root), "plot": lambda: plot(root), "ship": lambda: ship(root, shipped)}
     try:
         result = commands[a.command]()
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it, nothing else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,37 @@ def test_training_command_uses_the_recipe_overlays(tmp_path):
     assert "--label_values" not in args  # LPBA40 class maps are written by prepare (synthetic pairs keep FreeSurfer values)
     assert args[-2:] == ["--epoch_length", "5"] and args[args.index("--num_threads") + 1] == "2"
     assert args[args.index("--training_log") + 1] == str(tmp_path / "run" / "training_log.csv")  # committed with the run
+
+
+def test_the_conditioned_run_starts_from_the_plain_runs_weights(tmp_path):
+    """The conditioned run's recipe builds the FiLM-conditioned network, loads the plain weights it names (FiLM
+    layers zero: the plain network's field at any λ), trains over the stated λ range and validates at one λ."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from bundle.engines import RegistrationPrepareBatch
+    from bundle.networks import ConditionedRegistrationUNet, RegistrationUNet
+
+    configs, shipped = campaign.RECIPES["registration_t1_conditioned"]
+    assert shipped != campaign.SHIPPED and configs[: len(campaign.RECIPE)] == campaign.RECIPE
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(tmp_path)
+    torch.manual_seed(0)
+    reference = RegistrationUNet(3, 2, half_res=True, integration_steps=7)
+    torch.nn.init.normal_(reference.head.conv.weight, std=0.05)
+    init = Path(parser.get_parsed_content("init_ckpt"))
+    assert init.parent == tmp_path / "init"
+    init.parent.mkdir()
+    torch.save(reference.state_dict(), init)
+    network = parser.get_parsed_content("initial_network")
+    assert isinstance(network, ConditionedRegistrationUNet)
+    assert network.weight_range == tuple(parser.get_parsed_content("regularisation_range"))
+    batch = {"moving": torch.rand(1, 1, 16, 16, 16), "fixed": torch.rand(1, 1, 16, 16, 16)}
+    validation_weight = parser.get_parsed_content("regularisation_weight")
+    inputs, _ = RegistrationPrepareBatch(regularisation_weight=validation_weight)(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(network(inputs), reference(torch.cat([batch["moving"], batch["fixed"]], 1)))
 
 
 def test_train_without_prepare_names_the_missing_datalist(tmp_path):

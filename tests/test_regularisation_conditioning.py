@@ -32,6 +32,28 @@ def test_zero_initialised_film_makes_the_conditioned_network_the_plain_one_for_e
         torch.testing.assert_close(conditioned(inputs), expected)
 
 
+def test_a_conditioned_training_starts_from_plain_weights_only_when_the_film_keys_are_allowed_missing(tmp_path):
+    from bundle.engines import load_weights
+
+    torch.manual_seed(0)
+    plain = RegistrationUNet(3, 2, half_res=True, integration_steps=3)
+    torch.nn.init.normal_(plain.head.conv.weight, std=0.1)
+    torch.save({"network": plain.state_dict()}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="does not fit the network"):
+        load_weights(ConditionedRegistrationUNet(3, 2, half_res=True, integration_steps=3), tmp_path / "plain.pt")
+    conditioned = load_weights(ConditionedRegistrationUNet(3, 2, half_res=True, integration_steps=3),
+                               tmp_path / "plain.pt", missing_ok=("embed.", "film_"))
+    batch = _pair()
+    inputs, _ = RegistrationPrepareBatch(regularisation_weight=0.3)(batch)
+    torch.testing.assert_close(conditioned(inputs), plain(torch.cat([batch["moving"], batch["fixed"]], 1)))
+    # only the listed prefixes may be missing: a plain network's own key cannot be
+    state = {k: v for k, v in plain.state_dict().items() if k != "head.conv.bias"}
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="head.conv.bias"):
+        load_weights(ConditionedRegistrationUNet(3, 2, half_res=True, integration_steps=3), tmp_path / "partial.pt",
+                     missing_ok=("embed.", "film_"))
+
+
 def test_the_weight_changes_the_field_once_film_is_trained():
     torch.manual_seed(0)
     net = ConditionedRegistrationUNet(3, 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -77,13 +77,22 @@ def network_state_dict(path: str | os.PathLike) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if k != "checkpointer"}  # "module.": DDP
 
 
-def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+def load_weights(network: torch.nn.Module, path: str | os.PathLike, missing_ok: Sequence[str] = ()) -> torch.nn.Module:
     """Load a state dict (plain, or under a ``"network"``/``"model"`` key) into ``network``; returns it.
+
+    Args:
+        missing_ok: key prefixes of ``network`` that the checkpoint may lack; they keep their initial values
+            (e.g. the zero-initialised FiLM layers of :class:`bundle.networks.ConditionedRegistrationUNet` when it
+            starts from a plain network's weights). Every other key must be present and fit.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`load_checkpoint`; also a state dict that does not fit.
     """
     state = network_state_dict(path)
+    prefixes = tuple(missing_ok)
+    if prefixes:
+        own = network.state_dict()
+        state = {**{k: v for k, v in own.items() if k.startswith(prefixes) and k not in state}, **state}
     try:
         network.load_state_dict(state)
     except RuntimeError as e:  # torch lists every missing, unexpected and mismatched key over many lines
