@@ -51,6 +51,14 @@ CANDIDATES = {
     "grid2mm_coarse_it50_20k": ("grid2mm", {**COARSE, "iterations": 50, "max_samples": 20_000}),
     "grid2mm_torch": ("grid2mm", {"method": "torch"}),  # bundle.alignment.torch_affine_register, its defaults
     "native_torch": ("native", {"method": "torch"}),
+    # fewer / coarser torch levels (spacing mm, Adam iterations, random points per iteration or None for all)
+    "grid2mm_torch_8_4": ("grid2mm", {"method": "torch", "levels": ((8.0, 100, None), (4.0, 40, None))}),
+    "grid2mm_torch_light": ("grid2mm", {"method": "torch", "levels": ((8.0, 60, None), (4.0, 30, 20_000))}),
+    "grid2mm_torch_mi": ("grid2mm", {"method": "torch", "similarity": "mi"}),  # MI_LEVELS
+    "grid2mm_torch_mi_light": ("grid2mm", {"method": "torch", "similarity": "mi",
+                                           "levels": ((8.0, 100, 3000), (4.0, 40, 3000), (2.0, 20, 5000))}),
+    "grid2mm_torch_fine_light": ("grid2mm", {"method": "torch",
+                                             "levels": ((8.0, 60, None), (4.0, 20, 20_000), (2.0, 10, 20_000))}),
 }
 
 

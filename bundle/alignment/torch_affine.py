@@ -1,10 +1,10 @@
-"""Fast rigid / affine pre-alignment in torch (global normalised cross-correlation, multi-resolution, Adam).
+"""Fast rigid / affine pre-alignment in torch (global NCC or mutual information, multi-resolution, Adam).
 
 Ours, next to the ITK stage (:mod:`.itk_affine`): ITK's mutual-information registration takes seconds per pair on a
 CPU (about 4 s of a 7.5 s IBSR pair, docs/speed.md); this one samples the moving image at the fixed image's
 foreground points through ``grid_sample`` and optimises the 12 (or 6) parameters with Adam on an 8 -> 4 -> 2 mm
-pyramid, about 1 s on one core. NCC assumes the two images share a contrast (same sequence); for different
-contrasts use the ITK stage (mutual information). The result has the same convention as ITK's: a world
+pyramid, about 1 s on one core. NCC assumes the two images share a contrast (same sequence); ``similarity="mi"``
+(MONAI's differentiable Parzen-window ``GlobalMutualInformationLoss`` on intensities scaled to [0, 1]) does not. The result has the same convention as ITK's: a world
 **pull-back** matrix in RAS millimetres (fixed world point -> moving world point).
 """
 
@@ -16,10 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TORCH_LEVELS", "torch_affine_register"]
+__all__ = ["MI_LEVELS", "SIMILARITIES", "TORCH_LEVELS", "torch_affine_register"]
+
+SIMILARITIES = ("ncc", "mi")
 
 # (spacing mm, iterations, random points per iteration or None for all foreground voxels), coarse to fine
 TORCH_LEVELS = ((8.0, 100, None), (4.0, 40, None), (2.0, 40, 30_000))
+# mutual information: a Parzen-window histogram per step costs ~3 us per point (32 bins), so fewer, random points
+MI_LEVELS = ((8.0, 100, 5_000), (4.0, 40, 5_000), (2.0, 40, 10_000))
 
 
 def _pooled(array: np.ndarray, affine: np.ndarray, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
@@ -59,24 +63,42 @@ def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum() / (a.norm() * b.norm() + 1e-8)
 
 
+def _unit_range(array: np.ndarray) -> tuple[float, float]:
+    """Offset and scale that map the 0.5th..99.5th intensity percentiles (of a strided sample) to [0, 1]."""
+    sample = np.asarray(array)[::2, ::2, ::2].astype(np.float32, copy=False).ravel()
+    low, high = np.percentile(sample, [0.5, 99.5])
+    return float(low), float(high - low) if high > low else 1.0
+
+
+def _loss(similarity: str):
+    """``(sampled moving values, fixed values) -> loss`` to minimise, both 1-D and scaled to about [0, 1] for MI."""
+    if similarity == "ncc":
+        return lambda a, b: 1 - _ncc(a, b)
+    from monai.losses import GlobalMutualInformationLoss
+
+    mi = GlobalMutualInformationLoss(num_bins=32)
+    return lambda a, b: mi(a.view(1, 1, -1), b.view(1, 1, -1))
+
+
 def torch_affine_register(
     moving: np.ndarray,
     moving_affine: np.ndarray,
     fixed: np.ndarray,
     fixed_affine: np.ndarray,
     transform: str = "affine",
-    levels: Sequence[Sequence] = TORCH_LEVELS,
+    levels: Sequence[Sequence] | None = None,
     foreground: float = 0.1,
     learning_rate: float = 0.01,
     translation_learning_rate_mm: float = 0.5,
     seed: int = 0,
+    similarity: str = "ncc",
 ) -> np.ndarray:
-    """Rigid or affine registration of ``moving`` to ``fixed`` by global normalised cross-correlation.
+    """Rigid or affine registration of ``moving`` to ``fixed`` by global NCC or mutual information.
 
     Centre-of-mass initialisation; then, per pyramid level (``levels``: spacing in mm, Adam iterations, random
     fixed points per iteration or ``None`` for all), both images block-averaged to about that spacing, the moving
     one sampled trilinearly at the fixed foreground points (intensity above ``foreground`` times the mean) through
-    the current transform, and ``1 - NCC`` minimised. Parameters: a 3x3 linear part relative to the identity (or
+    the current transform, and ``1 - NCC`` (or minus the mutual information, ``similarity="mi"``) minimised. Parameters: a 3x3 linear part relative to the identity (or
     an axis-angle rotation for ``"rigid"``) about the fixed centre of mass, and a translation in mm. The random
     points are seeded (reproducible).
 
@@ -84,20 +106,25 @@ def torch_affine_register(
         moving, fixed: 3D intensity arrays indexed ``(i, j, k)`` (one channel).
         moving_affine, fixed_affine: their 4x4 voxel-to-world RAS affines.
         transform: ``"none"`` (identity), ``"rigid"`` or ``"affine"``.
-        levels, foreground, learning_rate, translation_learning_rate_mm, seed: see above.
+        levels, foreground, learning_rate, translation_learning_rate_mm, seed: see above; ``levels=None``:
+            :data:`TORCH_LEVELS` for NCC, :data:`MI_LEVELS` for MI.
+        similarity: ``"ncc"`` (same contrast) or ``"mi"`` (any contrasts).
 
     Returns:
         ``(4, 4)`` float64 pull-back matrix ``T`` in RAS mm: fixed world point ``p`` corresponds to moving world
         point ``T @ p``.
 
     Raises:
-        ValueError: unknown ``transform``, a constant image or one with fewer than 2 voxels along an axis, bad
+        ValueError: unknown ``transform`` or ``similarity``, a constant image or one with fewer than 2 voxels along an axis, bad
             levels, or no foreground voxel in the fixed image.
     """
     if transform not in ("none", "rigid", "affine"):
         raise ValueError(f"transform must be one of ('none', 'rigid', 'affine'), got {transform!r}.")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
     if transform == "none":
         return np.eye(4)
+    levels = (MI_LEVELS if similarity == "mi" else TORCH_LEVELS) if levels is None else levels
     for name, array in (("moving", moving), ("fixed", fixed)):
         array = np.asarray(array)
         if array.ndim != 3 or min(array.shape) < 2:
@@ -110,6 +137,9 @@ def torch_affine_register(
     moving_affine = np.asarray(moving_affine, dtype=np.float64)
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     generator = torch.Generator().manual_seed(int(seed))
+    loss_of = _loss(similarity)
+    # MI's Parzen windows expect intensities in [0, 1]; NCC is invariant to the scaling
+    (m_low, m_scale), (f_low, f_scale) = (_unit_range(moving), _unit_range(fixed)) if similarity == "mi" else ((0.0, 1.0),) * 2
     fixed_centre = torch.as_tensor(_centroid_mm(fixed, fixed_affine), dtype=torch.float32)
     moving_centre = torch.as_tensor(_centroid_mm(moving, moving_affine), dtype=torch.float32)
     linear = torch.zeros(3 if transform == "rigid" else 9, requires_grad=True)
@@ -125,6 +155,8 @@ def torch_affine_register(
         moving_image, moving_grid = _pooled(np.asarray(moving), moving_affine, float(spacing_mm))
         values = fixed_image.reshape(-1)
         keep = values > foreground * values.mean()
+        values = (values - f_low) / f_scale
+        moving_image = (moving_image - m_low) / m_scale
         if not bool(keep.any()):
             raise ValueError("the fixed image has no foreground voxel to align on.")
         shape = fixed_image.shape[2:]
@@ -144,7 +176,7 @@ def torch_affine_register(
             voxel = to_moving[:3, :3] @ mapped + to_moving[:3, 3:]
             grid = (voxel * scale[:, None] - 1).flip(0).T.reshape(1, 1, 1, -1, 3)
             sampled = F.grid_sample(moving_image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            loss = 1 - _ncc(sampled.reshape(-1), v)
+            loss = loss_of(sampled.reshape(-1), v)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ from bundle.transforms.checks import source_name
 
 __all__ = ["PreAlignd", "ComposePreAlignmentd", "GRID_SOURCE"]
 
+# the arguments PreAlignd itself passes to the registration function
+_REGISTER_ARGS = ("moving", "moving_affine", "fixed", "fixed_affine", "transform")
 GRID_SOURCE = "grid_source"  # meta key of the pre-aligned items: the file of the grid they were resampled onto
 
 
@@ -74,6 +77,13 @@ class PreAlignd(MapTransform):
         self.fixed_key, self.transform, self.padding_mode = fixed_key, transform, padding_mode
         self.matrix_key = matrix_key
         self.register_kwargs = dict(register_kwargs or {})
+        # an option the method does not take is an error here, not a TypeError in the middle of a cohort
+        options = [n for n, p in inspect.signature(self.register).parameters.items()
+                   if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and n not in _REGISTER_ARGS)]
+        unknown = sorted(set(self.register_kwargs) - set(options))
+        if unknown:
+            raise ValueError(f"pre-alignment option(s) {unknown} are not options of method {method!r} "
+                             f"(its options: {', '.join(options)}).")
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
