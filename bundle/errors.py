@@ -21,14 +21,36 @@ TRACEBACK_ENV = "BRAINREG_TRACEBACK"
 
 def input_error(error: BaseException | None) -> BaseException | None:
     """The outermost ``FileNotFoundError`` / ``ValueError`` in ``error``'s chain (ours wrap library errors with the
-    file named), or ``None`` when there is none."""
+    file named), or ``None`` when there is none. An error raised in a DataLoader worker process reaches the main
+    process as text only (torch re-raises its type with the worker's formatted traceback, without the chain):
+    the outermost such error is then rebuilt from that text."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, (FileNotFoundError, ValueError)):
+        if isinstance(error, (FileNotFoundError, ValueError)) and not _WORKER.search(str(error)):
             return error
+        rebuilt = _from_worker(error)
+        if rebuilt is not None:
+            return rebuilt
         error = error.__cause__ or error.__context__
     return None
+
+
+# torch's text for an error raised in a DataLoader worker: "Caught <type> in DataLoader worker process <n>."
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+_INPUT_LINE = re.compile(r"^(ValueError|FileNotFoundError): (.+)$", re.MULTILINE)
+
+
+def _from_worker(error: BaseException) -> BaseException | None:
+    """The last (outermost) ``ValueError: ...`` / ``FileNotFoundError: ...`` line of a worker's traceback text."""
+    text = str(error)
+    if not _WORKER.search(text):
+        return None
+    found = _INPUT_LINE.findall(text)
+    if not found:
+        return None
+    kind, message = found[-1]
+    return {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
 
 
 def one_line(error: BaseException) -> str:
@@ -59,8 +81,12 @@ def _quiet_record(*args, **kwargs) -> logging.LogRecord:
     """Log records of input errors without their traceback (MONAI's and Ignite's handlers log the exception
     before it propagates), unless ``BRAINREG_TRACEBACK`` is set."""
     record = _record_factory(*args, **kwargs)
-    if record.exc_info and record.exc_info[1] is not None and not _show_tracebacks() and input_error(record.exc_info[1]):
+    error = record.exc_info[1] if record.exc_info else None
+    cause = input_error(error) if error is not None and not _show_tracebacks() else None
+    if cause is not None:
         record.exc_info, record.exc_text = None, None
+        if _WORKER.search(str(error)):  # the message quotes the worker's whole traceback: quote the cause instead
+            record.msg, record.args = record.getMessage().replace(str(error), str(cause)), ()
     return record
 
 

@@ -50,9 +50,9 @@ def _train(bundle_root: Path, epochs: int, log: Path, command: str = "training",
     )
 
 
-def _infer(bundle_root: Path, out: Path, log: Path, datalist=None, ckpt=None, cwd=REPO_ROOT):
+def _infer(bundle_root: Path, out: Path, log: Path, datalist=None, ckpt=None, cwd=REPO_ROOT, extra=()):
     args = ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", bundle_root,
-            "--output_dir", out, "--pixdim", PIXDIM]
+            "--output_dir", out, "--pixdim", PIXDIM, *extra]
     args += ["--datalist", datalist] if datalist else []
     args += ["--ckpt_path", ckpt] if ckpt else []
     return run(args, cwd=cwd, log=log, timeout=180)
@@ -159,7 +159,8 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
 
     def cohort():
         """The trained model on the demo's 4 test pairs, without pre-alignment: 2 processes
-        (``multi_process_inference.json``, gloo on CPU) and 1 process, for an exact comparison."""
+        (``multi_process_inference.json``, gloo on CPU), 1 process, and 1 process loading the next pair in a
+        DataLoader worker (``num_workers`` 1), for an exact comparison."""
         _, models = graph.result("train")
         common = ["--bundle_root", bundle_root, "--pixdim", PIXDIM, "--ckpt_path", models / BEST_CKPT, "--prealign", "none"]
         two = run(["--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "inference", "--config_file",
@@ -167,7 +168,9 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                   module="torch.distributed.run", log=logs / "cohort2.log", timeout=300)
         one = run(["run", "inference", "--config_file", config("inference.json"), "--output_dir", root / "cohort1", *common],
                   log=logs / "cohort1.log", timeout=300)
-        return two, one
+        worker = run(["run", "inference", "--config_file", config("inference.json"), "--output_dir", root / "cohort1w",
+                      "--num_workers", "1", *common], log=logs / "cohort1w.log", timeout=300)
+        return two, one, worker
 
     def recipe():
         """The campaign recipe (configs/campaign.json) for 2 + 2 iterations, stopped and resumed."""
@@ -209,11 +212,11 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
 
         return job
 
-    def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None):
+    def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None, extra=()):
         def job():
             files = graph.result("tiny")
             return _infer(root / "err", root / "err" / name, logs / f"{name}.log",
-                          datalist=files[f"datalist_{datalist_key}"], ckpt=ckpt or files[ckpt_key])
+                          datalist=files[f"datalist_{datalist_key}"], ckpt=ckpt or files[ckpt_key], extra=extra)
 
         return job
 
@@ -268,6 +271,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("err_corrupt_ckpt", fails("corrupt_ckpt", "good", ckpt_key="corrupt_ckpt"), ["tiny"])
     graph.add("err_missing_file", fails("missing_file", "missing"), ["tiny"])
     graph.add("err_nan", fails("nan", "nan"), ["tiny"])
+    graph.add("err_nan_worker", fails("nan_worker", "nan", extra=["--num_workers", "1"]), ["tiny"])
     graph.add("err_2d3d", fails("2d3d", "2d3d"), ["tiny"])
     graph.add("other_cwd", other_cwd, ["tiny"])
     graph.add("train_no_tumour", train_without_tumours, ["tiny"], priority=20)
@@ -468,9 +472,10 @@ def test_inference_outputs_on_fixed_grid(e2e):
 def test_two_process_cohort_inference_equals_one_process(e2e):
     """``torchrun --nproc_per_node 2 ... multi_process_inference.json`` shards the pairs (DistributedSampler, no
     padding): every pair written once, each output equal to the single-process one."""
-    two, one = _job(e2e, "cohort")
+    two, one, worker = _job(e2e, "cohort")
     two.check()
     one.check()
+    worker.check()
     _, datalist = _demo_datalist(e2e["bundle_root"])
     names = sorted(p["name"] for p in datalist["testing"])
     assert sorted(p.name for p in (e2e["root"] / "cohort2").iterdir() if p.is_dir()) == names
@@ -485,6 +490,8 @@ def test_two_process_cohort_inference_equals_one_process(e2e):
             a = np.asarray(nib.load(e2e["root"] / "cohort1" / name / f).dataobj)
             b = np.asarray(nib.load(e2e["root"] / "cohort2" / name / f).dataobj)
             np.testing.assert_allclose(b, a, atol=1e-4, err_msg=f"{name}/{f}")
+            w = np.asarray(nib.load(e2e["root"] / "cohort1w" / name / f).dataobj)
+            np.testing.assert_array_equal(w, a, err_msg=f"{name}/{f} (num_workers 1)")
 
 
 def test_inference_missing_checkpoint(e2e):
@@ -504,6 +511,14 @@ def test_inference_nan_image(e2e):
     last = result.output.strip().splitlines()[-1]  # the message naming the file is the last line, once
     assert last.startswith("error: ") and "img_nan.nii.gz" in last and "NaN" in last, result.tail()
     assert "Traceback" not in result.output and result.output.count("1 NaN/Inf voxels") == 1, result.tail()
+
+
+def test_inference_nan_image_found_in_a_dataloader_worker(e2e):
+    """With ``num_workers`` 1 the error is raised in the worker process: still one last line naming the file."""
+    result = _job(e2e, "err_nan_worker").check_fails("img_nan.nii.gz", "NaN")
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "img_nan.nii.gz" in last and "NaN" in last, result.tail()
+    assert "Traceback" not in result.output, result.tail()
 
 
 def test_inference_2d_with_3d(e2e):

@@ -38,6 +38,34 @@ def test_input_error_is_the_outermost_file_or_value_error():
     assert errors.input_error(None) is None
 
 
+def test_an_input_error_raised_in_a_dataloader_worker_is_found_in_its_text():
+    """torch re-raises a worker's error with the worker's traceback as text (no chain): the outermost input error
+    is rebuilt from it; a worker's bug stays a bug."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Failing(Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise _wrapped(self.inner)
+
+    for inner, expected in ((ValueError("moving (a.nii.gz): 2 NaN/Inf voxels"), ValueError),
+                            (FileNotFoundError("image not found: b.nii.gz"), FileNotFoundError)):
+        with pytest.raises(RuntimeError, match="DataLoader worker process") as caught:
+            list(DataLoader(Failing(inner), num_workers=1))
+        found = errors.input_error(caught.value)
+        assert type(found) is expected and str(found) == str(inner)
+    with pytest.raises(RuntimeError) as caught:
+        list(DataLoader(Failing(KeyError("a bug")), num_workers=1))
+    assert errors.input_error(caught.value) is None
+    assert torch.utils.data.get_worker_info() is None
+
+
 def test_hook_prints_one_line_for_input_errors_and_tracebacks_for_bugs(capsys, monkeypatch):
     monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
     error = _wrapped(ValueError("moving (a.nii.gz): channel 0 is constant"))
@@ -76,3 +104,24 @@ def test_logged_input_errors_lose_their_traceback(hooked, caplog, monkeypatch):
         except RuntimeError:
             logger.exception("Exception: applying transform")
         assert (caplog.records[-1].exc_info is not None) == kept
+
+
+def test_a_logged_worker_error_quotes_the_input_error_not_the_workers_traceback(hooked, caplog, monkeypatch):
+    from torch.utils.data import DataLoader, Dataset
+
+    class Failing(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise _wrapped(ValueError("moving (a.nii.gz): 1 NaN/Inf voxels"))
+
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    logger = logging.getLogger("test_errors")
+    try:
+        list(DataLoader(Failing(), num_workers=1))
+    except RuntimeError as e:
+        logger.error("Engine run is terminating due to exception: %s", e, exc_info=True)
+    record = caplog.records[-1]
+    assert record.exc_info is None
+    assert record.getMessage() == "Engine run is terminating due to exception: moving (a.nii.gz): 1 NaN/Inf voxels"
