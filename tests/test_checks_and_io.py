@@ -743,3 +743,25 @@ def test_output_files_name_what_was_asked_for_and_refuse_unknown_outputs():
     with pytest.raises(ValueError, match="output_extension"):
         output_files(["ddf"], ".mha")
     assert set(OUTPUTS) == {"warped", "ddf", "jacobian", "labels", "segmentations"}
+
+
+@pytest.mark.parametrize("shape, vector, dtype", [((3, 7, 5, 4), True, "float32"), ((1, 7, 5, 4), False, "float32"),
+                                                  ((2, 7, 5), True, "float32"), ((1, 7, 5, 4), False, "int16"),
+                                                  ((4, 7, 5, 3), False, "float32"), ((1, 6, 5, 4), False, "uint32")])
+def test_write_nifti_lays_out_channels_last_with_x_fastest(tmp_path, shape, vector, dtype):
+    """The written voxels are the channel-first array moved to NIfTI's layout (vector fields as (*spatial, 1, C)),
+    whatever the dtype (one torch cannot hold takes numpy's path)."""
+    import nibabel as nib
+
+    from bundle.io.writers import write_nifti
+
+    array = (np.random.default_rng(0).random(shape) * 100).astype(dtype)
+    write_nifti(array, np.eye(4), tmp_path / "x.nii", vector=vector)
+    got = np.asanyarray(nib.load(tmp_path / "x.nii").dataobj)
+    spatial = shape[1:]
+    if vector:
+        expected = np.moveaxis(array, 0, -1).reshape(*spatial, *([1] * (3 - len(spatial))), 1, shape[0])
+    else:
+        expected = array[0] if shape[0] == 1 else np.moveaxis(array, 0, -1)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)

@@ -100,12 +100,19 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     if array.dtype == np.int64:  # nibabel refuses int64 without an explicit dtype; label maps fit in int32
         array = array.astype(np.int32)
     spatial = array.shape[1:]
+    # NIfTI stores x fastest (Fortran order): one blocked, multi-threaded torch transpose into that layout, so
+    # nibabel writes the bytes as they are instead of gathering a strided copy element by element
+    try:
+        reversed_c = torch.from_numpy(np.ascontiguousarray(array)).permute(0, *range(array.ndim - 1, 0, -1)).contiguous()
+        fortran = reversed_c.numpy().T  # (*spatial, C), Fortran-contiguous
+    except TypeError:  # a dtype torch does not hold (e.g. uint32): numpy's copy
+        fortran = np.asfortranarray(np.moveaxis(array, 0, -1))
     if vector:
-        data = np.moveaxis(array, 0, -1).reshape(*spatial, *([1] * (3 - len(spatial))), 1, array.shape[0])
+        data = fortran.reshape(*spatial, *([1] * (3 - len(spatial))), 1, array.shape[0], order="F")
     elif array.shape[0] == 1:
-        data = array[0]
+        data = fortran[..., 0]
     else:
-        data = np.moveaxis(array, 0, -1)
+        data = fortran
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape == (3, 3):
         lifted = np.eye(4)
