@@ -57,6 +57,8 @@ CANDIDATES = {
     "grid2mm_torch_mi": ("grid2mm", {"method": "torch", "similarity": "mi"}),  # MI_LEVELS
     "grid2mm_torch_mi_light": ("grid2mm", {"method": "torch", "similarity": "mi",
                                            "levels": ((8.0, 100, 3000), (4.0, 40, 3000), (2.0, 20, 5000))}),
+    "grid2mm_torch_mi_8_4": ("grid2mm", {"method": "torch", "similarity": "mi",
+                                         "levels": ((8.0, 100, 5000), (4.0, 40, 5000))}),
     "grid2mm_torch_fine_light": ("grid2mm", {"method": "torch",
                                              "levels": ((8.0, 60, None), (4.0, 20, 20_000), (2.0, 10, 20_000))}),
 }
