@@ -212,6 +212,19 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
 
         return job
 
+    def autoreg_search():
+        """2 iterations of the architecture search overlay (two operations, to stay small): α stepped on the
+        validation pairs, the genotype written, the α optimizer in the checkpoint."""
+        graph.result("train")
+        work = root / "autoreg"
+        work.mkdir()
+        shutil.copytree(bundle_root / "demo_data", work / "demo_data")
+        return run(["run", "training", "--config_file", config("train.json", "registration_only.json", "autoreg_search.json"),
+                    "--bundle_root", work, "--max_epochs", "1", "--epoch_length", "2", "--log_interval", "1",
+                    "--num_workers", "0", "--cache_rate", "0", "--pixdim", PIXDIM, "--num_threads", "1",
+                    "--val_interval", "1", "--search_operations", "['conv_1','conv_3']"],
+                   log=logs / "autoreg_train.log"), work
+
     def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None, extra=()):
         def job():
             files = graph.result("tiny")
@@ -258,6 +271,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("probabilistic", overlay_training("probabilistic", ["probabilistic_features.json",
                                                                   "probabilistic_features_train.json"], []),
               ["train"], priority=30)
+    graph.add("autoreg", autoreg_search, ["train"], priority=30)
     graph.add("cohort", cohort, ["train"], priority=45)
     graph.add("evaluate", evaluate, ["train"], priority=40)
     graph.add("infer", infer, ["train"], priority=40)
@@ -492,6 +506,19 @@ def test_two_process_cohort_inference_equals_one_process(e2e):
             np.testing.assert_allclose(b, a, atol=1e-4, err_msg=f"{name}/{f}")
             w = np.asarray(nib.load(e2e["root"] / "cohort1w" / name / f).dataobj)
             np.testing.assert_array_equal(w, a, err_msg=f"{name}/{f} (num_workers 1)")
+
+
+def test_architecture_search_steps_alpha_and_writes_the_genotype(e2e):
+    result, work = _job(e2e, "autoreg")
+    result.check()
+    record = json.loads((work / "genotype.json").read_text())
+    assert record["iteration"] == 2 and len(record["genotype"]) == 11
+    assert set(record["genotype"]) <= {"conv_1", "conv_3"}
+    weights = record["operation_weights"]
+    assert len(weights) == 11 and all(abs(sum(w.values()) - 1) < 1e-5 for w in weights)
+    assert any(abs(w["conv_1"] - 0.5) > 1e-6 for w in weights), "α never moved"
+    checkpoint = torch.load(sorted((work / "models").glob("checkpoint*.pt"))[-1], map_location="cpu", weights_only=True)
+    assert "architecture_search" in checkpoint and checkpoint["architecture_search"]["optimizer"]["state"]
 
 
 def test_inference_missing_checkpoint(e2e):

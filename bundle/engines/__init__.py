@@ -10,3 +10,4 @@ from .training import (
     AutocastInferer, GradientClipping, NonFiniteLossGuard, ReproducibleEpochs, ResumableEarlyStopHandler, TrainingLog,
     hardware_description, read_training_log, set_threads,
 )
+from .architecture_search import ArchitectureSearchStep
