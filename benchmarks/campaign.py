@@ -9,7 +9,8 @@
 ``--run registration_t1_conditioned`` (train, status, plot, ship) selects the λ-conditioned run: the same recipe plus
 ``configs/regularisation_conditioned.json`` and ``configs/campaign_conditioned.json`` (FiLM on λ, λ drawn
 log-uniformly in [0.03, 3] per pair, validation at λ = 0.3), started from the plain run's best weights
-(``models/campaign/registration_t1_conditioned/init/``).
+(``models/campaign/registration_t1_conditioned/init/``). ``--run autoreg_search``: the architecture search (AutoReg,
+``configs/autoreg_search.json``) at 4 mm, 40 epochs of 50 iterations, its genotype in ``models/campaign/autoreg_search/genotype.json``.
 
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
@@ -199,6 +200,10 @@ RECIPES = {
     # one network over a range of smoothness weights λ (FiLM), started from the plain run's best weights
     "registration_t1_conditioned": ([*RECIPE, "regularisation_conditioned.json", "campaign_conditioned.json"],
                                     SHIPPED.with_name("registration_t1_conditioned_2mm.pt")),
+    # AutoReg: every block a mixture of the seed's 8 operations, α stepped on the validation pairs (4 mm, 2,000
+    # iterations: a stated CPU budget); its genotype.json is then trained like VM-2 and compared
+    "autoreg_search": ([*RECIPE, "autoreg_search.json", "autoreg_search_campaign.json"],
+                       SHIPPED.with_name("autoreg_search_4mm.pt")),
 }
 
 

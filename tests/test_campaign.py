@@ -126,6 +126,22 @@ def test_the_conditioned_run_starts_from_the_plain_runs_weights(tmp_path):
         torch.testing.assert_close(network(inputs), reference(torch.cat([batch["moving"], batch["fixed"]], 1)))
 
 
+def test_the_search_run_builds_the_searchable_network_at_4_mm(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from bundle.networks import OPERATIONS, SearchableRegistrationUNet
+
+    configs, _ = campaign.RECIPES["autoreg_search"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(tmp_path)
+    network = parser.get_parsed_content("network_def")
+    assert isinstance(network, SearchableRegistrationUNet)
+    assert network.mixed_operations()[0].names == list(OPERATIONS)
+    assert parser.get_parsed_content("pixdim") == [4.0, 4.0, 4.0]
+    assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 2000
+
+
 def test_train_without_prepare_names_the_missing_datalist(tmp_path):
     with pytest.raises(FileNotFoundError, match="datalist.json"):
         campaign.train(None, 1, [], out=tmp_path, root=tmp_path / "run")
