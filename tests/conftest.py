@@ -295,6 +295,19 @@ def write_zero_checkpoint(path: str | os.PathLike, config_file: str = "inference
     return path
 
 
+def write_random_registration_checkpoint(path: str | os.PathLike, std: float = 0.3, seed: int = 0) -> Path:
+    """A plain 3D ``RegistrationUNet`` whose flow layer is random (a non-zero field), saved under ``network``."""
+    import torch
+
+    from bundle.networks import RegistrationUNet
+
+    torch.manual_seed(seed)
+    net = RegistrationUNet(3, 2)
+    torch.nn.init.normal_(net.head.conv.weight, std=std)
+    torch.save({"network": net.state_dict()}, path)
+    return Path(path)
+
+
 def write_datalist(path: str | os.PathLike, pairs: list[dict], sections=("testing",)) -> Path:
     """Write an explicit-pairing datalist with the same pairs in each section."""
     path = Path(path)

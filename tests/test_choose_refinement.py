@@ -8,9 +8,8 @@ import json
 import sys
 
 import pytest
-import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_random_registration_checkpoint
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import choose_refinement as chooser  # noqa: E402
@@ -47,13 +46,7 @@ def test_data_sets_weigh_equally_and_folding_must_hold_on_each():
 
 
 def test_settings_are_run_on_validation_pairs_and_the_choice_reproduces_them(tmp_path):
-    from bundle.networks import RegistrationUNet
-
-    torch.manual_seed(0)
-    net = RegistrationUNet(3, 2)
-    torch.nn.init.normal_(net.head.conv.weight, std=0.3)
-    ckpt = tmp_path / "plain.pt"
-    torch.save({"network": net.state_dict()}, ckpt)
+    ckpt = write_random_registration_checkpoint(tmp_path / "plain.pt")
     out = tmp_path / "choose"
     grid = chooser.settings_grid([0, 3], [0.5], [0.1], ["ddf"])
     result = chooser.run({"tiny": TinyValidation()}, out, ckpt, chooser.DEFAULT_CONFIGS.split(","), grid, 100.0,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_random_registration_checkpoint
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import cohort_throughput  # noqa: E402
@@ -23,13 +22,7 @@ def test_the_steady_state_excludes_the_first_pair():
 
 
 def test_every_pair_completes_with_and_without_a_worker(tmp_path):
-    from bundle.networks import RegistrationUNet
-
-    torch.manual_seed(0)
-    net = RegistrationUNet(3, 2)
-    torch.nn.init.normal_(net.head.conv.weight, std=0.3)
-    ckpt = tmp_path / "plain.pt"
-    torch.save({"network": net.state_dict()}, ckpt)
+    ckpt = write_random_registration_checkpoint(tmp_path / "plain.pt")
     pairs = compare_baselines.split_pairs(TinyValidation(), "validation", tmp_path / "inputs")
     for workers in (0, 1):
         work = tmp_path / f"w{workers}"
