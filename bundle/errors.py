@@ -27,7 +27,7 @@ def input_error(error: BaseException | None) -> BaseException | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, (FileNotFoundError, ValueError)) and not _WORKER.search(str(error)):
+        if isinstance(error, (FileNotFoundError, ValueError)) and not _WORKER.match(str(error)):
             return error
         rebuilt = _from_worker(error)
         if rebuilt is not None:
@@ -37,13 +37,12 @@ def input_error(error: BaseException | None) -> BaseException | None:
 
 
 # torch's text for an error raised in a DataLoader worker: "Caught <type> in DataLoader worker process <n>."
-_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
 _INPUT_LINE = re.compile(r"^(ValueError|FileNotFoundError): (.+)$", re.MULTILINE)
 
 
-def _from_worker(error: BaseException) -> BaseException | None:
+def _input_error_in_worker_text(text: str) -> BaseException | None:
     """The last (outermost) ``ValueError: ...`` / ``FileNotFoundError: ...`` line of a worker's traceback text."""
-    text = str(error)
     if not _WORKER.search(text):
         return None
     found = _INPUT_LINE.findall(text)
@@ -51,6 +50,10 @@ def _from_worker(error: BaseException) -> BaseException | None:
         return None
     kind, message = found[-1]
     return {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
+
+
+def _from_worker(error: BaseException) -> BaseException | None:
+    return _input_error_in_worker_text(str(error)) if _WORKER.match(str(error)) else None
 
 
 def one_line(error: BaseException) -> str:
@@ -81,12 +84,18 @@ def _quiet_record(*args, **kwargs) -> logging.LogRecord:
     """Log records of input errors without their traceback (MONAI's and Ignite's handlers log the exception
     before it propagates), unless ``BRAINREG_TRACEBACK`` is set."""
     record = _record_factory(*args, **kwargs)
+    if _show_tracebacks():
+        return record
     error = record.exc_info[1] if record.exc_info else None
-    cause = input_error(error) if error is not None and not _show_tracebacks() else None
-    if cause is not None:
+    if error is not None and input_error(error) is not None:
         record.exc_info, record.exc_text = None, None
-        if _WORKER.search(str(error)):  # the message quotes the worker's whole traceback: quote the cause instead
-            record.msg, record.args = record.getMessage().replace(str(error), str(cause)), ()
+    # a message that quotes a DataLoader worker's whole traceback (Ignite formats the exception into the text):
+    # quote the input error instead
+    message = record.getMessage()
+    quoted = _WORKER.search(message)
+    cause = _input_error_in_worker_text(message[quoted.start():]) if quoted else None
+    if cause is not None:
+        record.msg, record.args = message[: quoted.start()] + str(cause), ()
     return record
 
 

@@ -122,6 +122,10 @@ def test_a_logged_worker_error_quotes_the_input_error_not_the_workers_traceback(
         list(DataLoader(Failing(), num_workers=1))
     except RuntimeError as e:
         logger.error("Engine run is terminating due to exception: %s", e, exc_info=True)
-    record = caplog.records[-1]
-    assert record.exc_info is None
-    assert record.getMessage() == "Engine run is terminating due to exception: moving (a.nii.gz): 1 NaN/Inf voxels"
+        logger.error(f"Current run is terminating due to exception: {e}")  # Ignite's way: the text, no exc_info
+        logger.error(f"Exception: {_wrapped(KeyError('a bug'))}")  # not a worker's input error: kept as it is
+    first, second, third = caplog.records[-3:]
+    assert first.exc_info is None
+    assert first.getMessage() == "Engine run is terminating due to exception: moving (a.nii.gz): 1 NaN/Inf voxels"
+    assert second.getMessage() == "Current run is terminating due to exception: moving (a.nii.gz): 1 NaN/Inf voxels"
+    assert third.getMessage() == "Exception: Failed to evaluate ConfigExpression"
