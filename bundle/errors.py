@@ -91,7 +91,10 @@ def _quiet_record(*args, **kwargs) -> logging.LogRecord:
         record.exc_info, record.exc_text = None, None
     # a message that quotes a DataLoader worker's whole traceback (Ignite formats the exception into the text):
     # quote the input error instead
-    message = record.getMessage()
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed log call: leave it to logging's own error report at emit time
+        return record
     quoted = _WORKER.search(message)
     cause = _input_error_in_worker_text(message[quoted.start():]) if quoted else None
     if cause is not None:

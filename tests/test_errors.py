@@ -129,3 +129,9 @@ def test_a_logged_worker_error_quotes_the_input_error_not_the_workers_traceback(
     assert first.getMessage() == "Engine run is terminating due to exception: moving (a.nii.gz): 1 NaN/Inf voxels"
     assert second.getMessage() == "Current run is terminating due to exception: moving (a.nii.gz): 1 NaN/Inf voxels"
     assert third.getMessage() == "Exception: Failed to evaluate ConfigExpression"
+
+
+def test_a_malformed_log_call_is_left_to_logging(hooked, monkeypatch):
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    record = logging.getLogRecordFactory()("x", logging.ERROR, __file__, 1, "%d items", ("many",), None)
+    assert record.msg == "%d items" and record.args == ("many",)  # not raised here: logging reports it when emitting
