@@ -2,6 +2,7 @@
 
     python benchmarks/choose_refinement.py --ckpt CKPT [--dataset ibsr,lpba40] [--steps 0,25,50,100]
         [--lr 0.05,0.1] [--smoothness 0.5,1,2] [--residual ddf] [--max-folding 0.05]
+        [--native-levels 2:60+1:20,2:40+1:10 --native-lr 0.25 --native-smoothness 0.1,1 --native-residual svf]
         [--configs inference.json,registration_only.json] [--out runs/choose_refinement] [--set ID=VALUE]
 
 Every combination of steps x learning rate x smoothness weight x residual (``instance_optimisation_*`` ids of
@@ -9,6 +10,10 @@ Every combination of steps x learning rate x smoothness weight x residual (``ins
 data set (``compare_baselines.split_pairs(..., "validation")``; the test split is never read), and scored in the
 fixed image's native grid like ``compare_baselines`` (mean Dice over the structures, % of voxels with det J <= 0,
 seconds per pair). ``steps = 0`` is the network alone (one row per pair, whatever the other settings).
+``--native-levels`` adds the refinement on the fixed image's native grid (``native_refinement_*`` ids,
+:class:`bundle.transforms.RefineNatived`; a level list ``factor:steps+factor:steps``, coarse to fine) to the grid:
+every combination of levels x ``--native-lr`` x ``--native-smoothness`` x ``--native-residual``, network-grid
+refinement off.
 
 The chosen settings have the highest Dice, averaged over the data sets (each data set's mean over its pairs, so
 a data set with many pairs does not outvote one with few), among those whose mean folding is at most
@@ -46,8 +51,32 @@ def settings_grid(steps: list[int], lrs: list[float], smoothness: list[float], r
     return grid
 
 
+def native_grid(levels: list[list[list[int]]], lrs: list[float], smoothness: list[float], residuals: list[str]) -> list[dict]:
+    """Every combination of native-grid refinement settings (``steps``: the total over the levels)."""
+    return [{"stage": "native", "levels": lv, "steps": sum(s for _, s in lv), "lr": lr, "smoothness": sm, "residual": r}
+            for lv, lr, sm, r in itertools.product(levels, lrs, smoothness, residuals)]
+
+
+def parse_levels(text: str) -> list[list[int]]:
+    """``"2:60+1:20"`` -> ``[[2, 60], [1, 20]]``.
+
+    Raises:
+        ValueError: not ``factor:steps`` pairs of integers, factor >= 1, steps >= 0.
+    """
+    try:
+        levels = [[int(v) for v in level.split(":")] for level in text.split("+")]
+    except ValueError:
+        raise ValueError(f"native levels {text!r} must be factor:steps pairs joined by '+', e.g. 2:60+1:20.") from None
+    if any(len(lv) != 2 or lv[0] < 1 or lv[1] < 0 for lv in levels):
+        raise ValueError(f"native levels {text!r} must be factor:steps pairs with factor >= 1 and steps >= 0.")
+    return levels
+
+
 def method_name(setting: dict) -> str:
     """The ``method`` column of a setting's rows (``compare_baselines`` appends ``_io<steps>``)."""
+    if setting.get("stage") == "native":
+        levels = "-".join(f"{f}x{s}" for f, s in setting["levels"])
+        return f"native_{levels}_lr{setting['lr']:g}_s{setting['smoothness']:g}_{setting['residual']}"
     if setting["steps"] == 0:
         return NETWORK_ALONE
     return f"refine_lr{setting['lr']:g}_s{setting['smoothness']:g}_{setting['residual']}_io{setting['steps']}"
@@ -55,6 +84,10 @@ def method_name(setting: dict) -> str:
 
 def overrides(setting: dict) -> dict:
     """The config ids that apply a setting."""
+    if setting.get("stage") == "native":
+        return {"instance_optimisation_steps": 0, "native_refinement_levels": setting["levels"],
+                "native_refinement_lr": setting["lr"], "native_refinement_smoothness": setting["smoothness"],
+                "native_refinement_residual": setting["residual"]}
     if setting["steps"] == 0:
         return {"instance_optimisation_steps": 0}
     return {"instance_optimisation_steps": setting["steps"], "instance_optimisation_lr": setting["lr"],
@@ -112,8 +145,9 @@ def run(datasets: dict, out: Path, ckpt: Path, configs: list[str], grid: list[di
     for name, dataset in datasets.items():
         for setting in grid:
             label = method_name(setting)
-            base = label.rsplit("_io", 1)[0] if setting["steps"] else label
-            compare_baselines.run(dataset, out / name, ["ours"], [setting["steps"]], ckpt, None, configs, name=base,
+            network_steps = 0 if setting.get("stage") == "native" else setting["steps"]
+            base = label.rsplit("_io", 1)[0] if network_steps else label
+            compare_baselines.run(dataset, out / name, ["ours"], [network_steps], ckpt, None, configs, name=base,
                                   overrides={**(extra or {}), **overrides(setting)}, section="validation")
     points = summarise({n: _rows(out / n / "results.csv") for n in datasets}, grid, max_folding)
     best = choose(points)
@@ -122,8 +156,9 @@ def run(datasets: dict, out: Path, ckpt: Path, configs: list[str], grid: list[di
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(points)
-    choice = {"setting": {k: best[k] for k in ("steps", "lr", "smoothness", "residual") if k in best},
-              "set": overrides(best), "validation": {k: v for k, v in best.items() if k not in ("lr", "smoothness", "residual")},
+    choice = {"setting": {k: best[k] for k in ("stage", "levels", "steps", "lr", "smoothness", "residual") if k in best},
+              "set": overrides(best),
+              "validation": {k: v for k, v in best.items() if k not in ("stage", "levels", "lr", "smoothness", "residual")},
               "max_folding_pct": max_folding, "datasets": list(datasets), "checkpoint": str(ckpt),
               "configs": configs, "extra_overrides": extra or {}, "hardware": compare_baselines.hardware()}
     (out / "choice.json").write_text(json.dumps(choice, indent=2))
@@ -144,6 +179,10 @@ def main() -> None:
     parser.add_argument("--lr", default="0.05,0.1")
     parser.add_argument("--smoothness", default="0.5,1,2")
     parser.add_argument("--residual", default="ddf")
+    parser.add_argument("--native-levels", default="", help="comma separated level lists, e.g. 2:60+1:20,1:30")
+    parser.add_argument("--native-lr", default="0.25")
+    parser.add_argument("--native-smoothness", default="0.1,1")
+    parser.add_argument("--native-residual", default="svf")
     parser.add_argument("--max-folding", type=float, default=0.05, help="% of voxels with det J <= 0 (mean over pairs)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "choose_refinement")
@@ -163,6 +202,17 @@ def main() -> None:
     if any(r not in RESIDUALS for r in residuals):
         parser.error(f"--residual must be from {RESIDUALS}, got {a.residual}")
     grid = settings_grid(steps, lrs, smoothness, residuals)
+    if a.native_levels:
+        try:
+            levels = [parse_levels(t) for t in a.native_levels.split(",") if t]
+        except ValueError as e:
+            parser.error(f"--native-levels: {e}")
+        native_lrs, native_smoothness = _floats(a.native_lr), _floats(a.native_smoothness)
+        native_residuals = [r for r in a.native_residual.split(",") if r]
+        if any(v <= 0 for v in native_lrs) or any(v < 0 for v in native_smoothness) or any(
+                r not in RESIDUALS for r in native_residuals):
+            parser.error(f"--native-lr must be > 0, --native-smoothness >= 0, --native-residual from {RESIDUALS}")
+        grid += native_grid(levels, native_lrs, native_smoothness, native_residuals)
     try:
         result = run({d: DATASETS[d]() for d in names}, a.out.resolve(), a.ckpt, a.configs.split(","), grid,
                      a.max_folding, dict(compare_baselines._override(s) for s in a.set))

@@ -180,6 +180,7 @@ def register(
     prealign: str | None = None,
     itk: bool = False,
     refine: bool = False,
+    refine_native: bool = False,
     registration_only: bool | None = None,
     bundle_root: str | None = None,
     **overrides,
@@ -201,6 +202,9 @@ def register(
         itk: also write itk_displacement.nii.gz and itk_transform.h5 (ITK/ANTs, physical LPS mm).
         refine: add configs/instance_optimisation.json: the network's field refined on the pair on a 2 mm
             grid (diffeomorphic residual; more accurate, about 1.5 min per pair on 2 CPU cores).
+        refine_native: add configs/native_refinement.json: the whole transform refined on the fixed image's native
+            grid, 2 mm then 1 mm levels (diffeomorphic residual; settings chosen on validation pairs, see
+            docs/README.md; about 1–2 min per IBSR pair on 2 CPU cores). Combines with --refine.
         registration_only: the checkpoint is the registration-only model; default: detected from its keys.
         bundle_root: the bundle folder; default the repository of this package, else the current folder.
         overrides: any other config id, e.g. --pixdim "[2.0,2.0,2.0]".
@@ -221,6 +225,8 @@ def register(
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
     if refine:
         files.append("instance_optimisation.json")
+    if refine_native:
+        files.append("native_refinement.json")
     settings = {
         **_device_override(device),
         **_prealign_override(prealign, read_config(root, files)),

@@ -765,3 +765,14 @@ def test_write_nifti_lays_out_channels_last_with_x_fastest(tmp_path, shape, vect
         expected = array[0] if shape[0] == 1 else np.moveaxis(array, 0, -1)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
+
+
+def test_memory_check_counts_the_native_refinement():
+    item = {"moving": _meta(torch.rand(1, 64, 64, 64), "m.nii.gz"), "fixed": _meta(torch.rand(1, 64, 64, 64), "f.nii.gz")}
+    forward = estimate_memory_bytes(2 * 64**3, 64**3 / 8)
+    native = estimate_memory_bytes(2 * 64**3, 64**3 / 8, native_refined_voxels=64**3)
+    assert native - forward == pytest.approx(300.0 * 64**3)
+    between = (forward + native) / 2
+    CheckMemoryd(["moving", "fixed"], pixdim=[2, 2, 2], available=between)(item)  # without it the pair fits
+    with pytest.raises(MemoryError, match="native_refinement_levels"):
+        CheckMemoryd(["moving", "fixed"], pixdim=[2, 2, 2], available=between, native_refinement=True)(item)

@@ -68,3 +68,31 @@ def test_settings_are_run_on_validation_pairs_and_the_choice_reproduces_them(tmp
     chooser.run({"tiny": TinyValidation()}, out, ckpt, chooser.DEFAULT_CONFIGS.split(","), grid, 100.0, {"prealign": "none"})
     with open(out / "tiny" / "results.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(rows)
+
+
+def test_native_settings_parse_name_and_override_the_native_refinement_ids():
+    assert chooser.parse_levels("2:60+1:20") == [[2, 60], [1, 20]]
+    for bad in ("2x60", "0:10", "2:-1", "2:60+1"):
+        with pytest.raises(ValueError, match="factor:steps"):
+            chooser.parse_levels(bad)
+    grid = chooser.native_grid([[[2, 60], [1, 20]], [[1, 30]]], [0.25], [0.1, 1.0], ["svf"])
+    assert len(grid) == 4 and {s["steps"] for s in grid} == {80, 30}
+    assert len({chooser.method_name(s) for s in grid}) == 4
+    assert chooser.method_name(grid[0]) == "native_2x60-1x20_lr0.25_s0.1_svf"
+    assert chooser.overrides(grid[0]) == {"instance_optimisation_steps": 0, "native_refinement_levels": [[2, 60], [1, 20]],
+                                          "native_refinement_lr": 0.25, "native_refinement_smoothness": 0.1,
+                                          "native_refinement_residual": "svf"}
+
+
+def test_native_settings_run_through_the_inference_config(tmp_path):
+    ckpt = write_random_registration_checkpoint(tmp_path / "plain.pt")
+    out = tmp_path / "choose"
+    grid = chooser.settings_grid([0], [0.1], [1.0], ["ddf"]) + chooser.native_grid([[[1, 4]]], [0.5], [0.1], ["ddf"])
+    result = chooser.run({"tiny": TinyValidation()}, out, ckpt, chooser.DEFAULT_CONFIGS.split(","), grid, 100.0,
+                         {"prealign": "none"})
+    with open(out / "tiny" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted({r["method"] for r in rows}) == sorted(chooser.method_name(s) for s in grid)
+    dice = {name: [float(r["dice_mean"]) for r in rows if r["method"] == name] for name in {r["method"] for r in rows}}
+    assert dice[chooser.method_name(grid[0])] != dice[chooser.method_name(grid[1])], "the native refinement must run"
+    assert json.loads((out / "choice.json").read_text())["set"] == chooser.overrides(chooser.choose(result["curve"]))

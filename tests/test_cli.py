@@ -80,6 +80,14 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                 "--instance_optimisation_steps", "15"]
         return run(args, module="bundle", timeout=300, log=root / "refine.log"), p
 
+    def register_refined_native():  # --refine_native (native-grid refinement overlay), few steps to stay small
+        graph.result("cli_demo").check()
+        p = pair()
+        args = ["register", p["moving"], p["fixed"], "--out", root / "refined_native", "--moving-label", p["moving_label"],
+                "--model", ctx["ckpt"], "--device", "cpu", "--prealign", "none", "--refine_native", "--pixdim", PIXDIM,
+                "--native_refinement_levels", "[[2,15],[1,10]]"]
+        return run(args, module="bundle", timeout=300, log=root / "refine_native.log"), p
+
     def segment():
         graph.result("cli_demo").check()
         args = ["segment", pair()["fixed"], "--out", root / "segmented", "--model", ctx["ckpt"], "--pixdim", PIXDIM]
@@ -95,6 +103,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("cli_register", register, deps=["cli_demo"], priority=1)
     graph.add("cli_register_fast", register_fast, deps=["cli_demo"])
     graph.add("cli_register_refined", register_refined, deps=["cli_demo"])
+    graph.add("cli_register_refined_native", register_refined_native, deps=["cli_demo"])
     graph.add("cli_segment", segment, deps=["cli_demo"])
     graph.add("cli_evaluate", evaluate, deps=["cli_demo"])
     return ctx
@@ -121,7 +130,7 @@ def _main(*argv) -> int:
     "command, expected",
     (
         ((), ["register", "segment", "evaluate", "export", "demo"]),
-        (("register",), ["MOVING", "FIXED", "OUT", "--moving_label", "--model", "--device", "--prealign", "--itk", "--refine"]),
+        (("register",), ["MOVING", "FIXED", "OUT", "--moving_label", "--model", "--device", "--prealign", "--itk", "--refine", "--refine_native"]),
         (("segment",), ["IMAGE", "OUT", "--model"]),
         (("evaluate",), ["--datalist", "--out", "--section", "--model"]),
         (("export",), ["torchscript", "itk"]),
@@ -320,6 +329,24 @@ def test_register_refine_improves_the_random_network_field_without_folding(jobs)
     # the residual is diffeomorphic: it adds no folding to the network's (random) field
     folding = {name: float((a["jacobian_det"] <= 0).mean()) for name, a in arrays.items()}
     assert folding["refined"] <= folding["registered"] + 1e-4, folding
+
+
+def test_register_refine_native_improves_the_field_on_the_native_grid(jobs):
+    """--refine_native adds configs/native_refinement.json: the composed transform refined on the fixed native grid
+    (2 then 1 voxel levels here), which brings the warped image closer to the fixed one and does not fold."""
+    graph, ctx = jobs
+    plain, pair = graph.result("cli_register")
+    refined, _ = graph.result("cli_register_refined_native")
+    plain.check(), refined.check()
+    fixed = nib.load(pair["fixed"])
+    arrays = {name: check_outputs_on_grid(ctx["root"] / name, fixed.shape, fixed.affine)
+              for name in ("registered", "refined_native")}
+    target = np.asarray(fixed.dataobj, dtype=np.float32).reshape(arrays["refined_native"]["warped"].shape)
+    error = {name: float(np.mean((a["warped"] - target) ** 2)) for name, a in arrays.items()}
+    assert error["refined_native"] < error["registered"], error
+    assert "native refinement level 1: step 10/10" in refined.output, refined.tail()
+    assert float((arrays["refined_native"]["jacobian_det"] <= 0).mean()) <= float(
+        (arrays["registered"]["jacobian_det"] <= 0).mean()) + 1e-3
 
 
 def test_segment_writes_a_label_map_on_the_image_grid(jobs):

@@ -6,3 +6,4 @@ from .channels import RandDropChanneld
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
 from .synthesis import FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird
+from .refinement import RefineNatived

@@ -164,6 +164,10 @@ MEMORY_BYTES_PER_NETWORK_VOXEL = 70.0
 # Refinement (instance optimisation: autograd through the warp, LNCC and the velocity integration on the network
 # grid), on top of the above; from `benchmarks/memory_peak.py --refine` (same CSV, rows with refine True).
 MEMORY_BYTES_PER_REFINED_VOXEL = 520.0  # the largest per-voxel excess measured (2 mm grid, 3 sizes): never under
+# Refinement on the fixed native grid (`RefineNatived`, residual "svf"), per fixed native voxel: measured 730 MB
+# over the run without it for an IBSR pair whose foreground box is 2.8 M voxels (263 B each); counted over the whole
+# fixed grid (the box can be all of it), rounded up.
+MEMORY_BYTES_PER_NATIVE_REFINED_VOXEL = 300.0
 
 
 class InsufficientMemoryError(MemoryError, ValueError):
@@ -189,10 +193,13 @@ def available_memory_bytes() -> float | None:
         return None
 
 
-def estimate_memory_bytes(input_voxels: float, network_voxels: float, refinement: bool = False) -> float:
-    """Peak host memory of one inference pair, with or without refinement (see the constants above)."""
+def estimate_memory_bytes(input_voxels: float, network_voxels: float, refinement: bool = False,
+                          native_refined_voxels: float = 0.0) -> float:
+    """Peak host memory of one inference pair, with or without refinement on the network grid and on the native grid
+    (``native_refined_voxels``: the fixed image's voxels, channels included, when it is refined; see the constants)."""
     per_network_voxel = MEMORY_BYTES_PER_NETWORK_VOXEL + (MEMORY_BYTES_PER_REFINED_VOXEL if refinement else 0.0)
-    return MEMORY_BASE_BYTES + MEMORY_BYTES_PER_INPUT_VOXEL * input_voxels + per_network_voxel * network_voxels
+    return (MEMORY_BASE_BYTES + MEMORY_BYTES_PER_INPUT_VOXEL * input_voxels + per_network_voxel * network_voxels
+            + MEMORY_BYTES_PER_NATIVE_REFINED_VOXEL * native_refined_voxels)
 
 
 class CheckMemoryd(MapTransform):
@@ -207,12 +214,13 @@ class CheckMemoryd(MapTransform):
         enabled: ``False`` skips the check (``memory_check`` config id).
         available: bytes available (default: :func:`available_memory_bytes` at each call).
         refinement: the pair's field is refined (instance optimisation) on the network grid: counted too.
+        native_refinement: the transform is refined on the fixed image's native grid (``RefineNatived``): counted too.
     """
 
     def __init__(self, keys: KeysCollection, pixdim, fixed_key: str = "fixed", enabled: bool = True,
-                 available: float | None = None, refinement: bool = False) -> None:
+                 available: float | None = None, refinement: bool = False, native_refinement: bool = False) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        self.refinement = bool(refinement)
+        self.refinement, self.native_refinement = bool(refinement), bool(native_refinement)
         self.pixdim = [float(p) for p in pixdim]
         self.fixed_key, self.enabled, self.available = fixed_key, bool(enabled), available
 
@@ -233,13 +241,15 @@ class CheckMemoryd(MapTransform):
         inputs = sum(float(torch.as_tensor(d[k]).numel()) for k in self.key_iterator(d))
         channels = d[self.fixed_key].shape[0]
         network = self.network_voxels(d[self.fixed_key], self.pixdim) * channels
-        need = estimate_memory_bytes(inputs, network, self.refinement)
+        native = float(torch.as_tensor(d[self.fixed_key]).numel()) if self.native_refinement else 0.0
+        need = estimate_memory_bytes(inputs, network, self.refinement, native)
         if need <= available:
             return d
         gib = 2.0**30
         options = []
         coarser = [2 * p for p in self.pixdim]
-        if estimate_memory_bytes(inputs, self.network_voxels(d[self.fixed_key], coarser) * channels, self.refinement) <= available:
+        if estimate_memory_bytes(inputs, self.network_voxels(d[self.fixed_key], coarser) * channels, self.refinement,
+                                 native) <= available:
             options.append(f"a coarser network grid (--pixdim {coarser})")
         spare = available - MEMORY_BASE_BYTES
         if spare > 0:
@@ -247,6 +257,8 @@ class CheckMemoryd(MapTransform):
             options.append(f"the images resampled to voxels about {factor * 1.05:.1f}x larger along each axis")
         if self.refinement:
             options.append("no refinement (instance_optimisation_steps 0, or brainreg register without --refine)")
+        if self.native_refinement:
+            options.append("no refinement on the native grid (native_refinement_levels [])")
         options.append("a machine with more memory, or memory_check False to try anyway")
         files = ", ".join(source_name(d, k) for k in self.key_iterator(d))
         raise InsufficientMemoryError(f"{files}: this pair needs about {need / gib:.1f} GiB of memory, {available / gib:.1f} GiB "
