@@ -262,18 +262,18 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             return 0
 
 
-def status(root: Path = CAMPAIGNS / RUN) -> dict:
-    """Iterations done, wall time and the best validation Dice (with its iteration) of the run so far."""
+def status(root: Path = CAMPAIGNS / RUN, key: str = "val_mean_dice") -> dict:
+    """Iterations done, wall time and the best validation value of the metric ``key`` (with its iteration) so far."""
     sys.path.insert(0, str(REPO))
     from bundle.engines.training import read_training_log
 
     train_rows, val_rows = read_training_log(root / "training_log.csv")
-    best = max(val_rows, key=lambda r: r["metrics"].get("val_mean_dice", -1), default=None)
+    best = max(val_rows, key=lambda r: r["metrics"].get(key, -1), default=None)
     info = {
         "iterations": int(train_rows[-1]["iteration"]) if train_rows else 0,
         "wall_hours": round(float(train_rows[-1]["wall_s"]) / 3600, 2) if train_rows else 0,
         "validations": len(val_rows),
-        "best_val_mean_dice": best["metrics"].get("val_mean_dice") if best else None,
+        f"best_{key}": best["metrics"].get(key) if best else None,
         "best_iteration": int(best["iteration"]) if best else None,
         "last_val": val_rows[-1]["metrics"] if val_rows else None,
         "hardware": train_rows[-1]["hardware"] if train_rows else None,

@@ -122,7 +122,7 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             return rc
         if left is not None and time.time() - started >= left * 60:
             return 0  # stopped by the clock at a checkpoint: resume with the same command
-        info = campaign.status(root)
+        info = campaign.status(root, key="val_tumour_dice_fixed")
         (root / "finished.json").write_text(json.dumps({**info, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
         print(f"{fold}: finished")
     return 0

@@ -156,6 +156,11 @@ def test_status_and_plot_read_the_training_log(tmp_path):
                     "wall_s": it, "hardware": "test"})
     info = campaign.status(tmp_path)
     assert info["iterations"] == 30 and info["best_val_mean_dice"] == 0.7 and info["best_iteration"] == 20
+    # another key metric (the tumour campaign's): its best, not val_mean_dice's
+    log._write({"kind": "validation", "iteration": 40, "epoch": 1, "metrics": "val_tumour_dice_fixed=0.5", "wall_s": 40,
+                "hardware": "test"})
+    info = campaign.status(tmp_path, key="val_tumour_dice_fixed")
+    assert info["best_val_tumour_dice_fixed"] == 0.5 and info["best_iteration"] == 40
     pytest.importorskip("matplotlib")
     figure = campaign.plot(tmp_path, tmp_path / "curve.png")
     assert figure.stat().st_size > 1000
