@@ -107,8 +107,92 @@ def run(dataset, out: Path, ckpt: Path, configs: list[str], weights: list[float]
     return {"curve": points, "choice": choice}
 
 
+CONDITIONED_TRAINING = ["train.json", "registration_only.json", "campaign.json", "regularisation_conditioned.json",
+                        "campaign_conditioned.json"]
+
+
+def validation_pairs(configs: list[str], datalist: Path, overrides: dict | None = None):
+    """The conditioned network (weights not loaded), its λ range and the validation pairs of ``datalist`` as the
+    training config pre-processes them: ``(moving, fixed, moving_onehot, fixed_onehot)`` on the network grid."""
+    import torch
+    from monai.networks.utils import one_hot
+
+    from bundle.configs import read_config
+
+    parser = read_config(REPO, configs, {"datalist": str(datalist), "num_workers": 0, "cache_rate": 0.0,
+                                         **(overrides or {})})
+    network = parser.get_parsed_content("network_def")
+    num_classes = int(parser.get_parsed_content("num_classes"))
+    pairs = []
+    for batch in parser.get_parsed_content("validate#dataloader"):
+        if "moving_label" not in batch or "fixed_label" not in batch:
+            raise ValueError(f"validation pair {batch.get('name')} has no label maps: the hypergradient needs Dice.")
+        onehot = [one_hot(torch.as_tensor(batch[k]).round().long(), num_classes).float() for k in ("moving_label", "fixed_label")]
+        pairs.append((torch.as_tensor(batch["moving"]).float(), torch.as_tensor(batch["fixed"]).float(), *onehot))
+    return network, tuple(parser.get_parsed_content("regularisation_range")), pairs
+
+
+def run_hypergradient(ckpt: Path, datalist: Path, out: Path, start: float, steps: int, lr: float, max_folding: float,
+                      penalty: float, configs: list[str] = CONDITIONED_TRAINING, overrides: dict | None = None) -> dict:
+    from bundle.engines import load_weights
+    from bundle.engines.regularisation_search import hypergradient_search
+
+    network, weight_range, pairs = validation_pairs(configs, datalist, overrides)
+    load_weights(network, ckpt)
+    history = hypergradient_search(network, pairs, weight_range, start=start, steps=steps, learning_rate=lr,
+                                   max_folding=max_folding, penalty=penalty)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "hypergradient.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    admissible = [h for h in history if h["admissible"]]
+    if not admissible:
+        raise ValueError(f"no step kept the folding at or below {max_folding} % (least: "
+                         f"{min(h['folding_pct'] for h in history):.4f} %); raise --penalty or --start.")
+    best = max(admissible, key=lambda h: (round(h["dice"], 6), h["weight"]))
+    choice = {"regularisation_weight": best["weight"], "step": best["step"], "validation_soft_dice_network_grid": best["dice"],
+              "validation_folding_pct_network_grid": best["folding_pct"], "max_folding_pct": max_folding,
+              "pairs": len(pairs), "start": start, "steps": steps, "learning_rate": lr, "penalty": penalty,
+              "weight_range": list(weight_range), "checkpoint": str(ckpt), "datalist": str(datalist),
+              "hardware": compare_baselines.hardware()}
+    (out / "hypergradient_choice.json").write_text(json.dumps(choice, indent=2))
+    return {"history": history, "choice": choice}
+
+
+def main_hypergradient(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="choose_regularisation.py hypergradient", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of the conditioned network")
+    parser.add_argument("--datalist", type=Path, default=REPO / "runs" / "campaign" / "datalist.json",
+                        help="its validation section is used (campaign.py prepare writes it)")
+    parser.add_argument("--start", type=float, default=0.3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--max-folding", type=float, default=0.05)
+    parser.add_argument("--penalty", type=float, default=10.0)
+    parser.add_argument("--configs", default=",".join(CONDITIONED_TRAINING))
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "choose_regularisation_hypergradient")
+    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="config override")
+    a = parser.parse_args(argv)
+    if not a.datalist.is_file():
+        sys.exit(f"choose_regularisation.py: error: {a.datalist}: no such datalist (run benchmarks/campaign.py prepare).")
+    try:
+        result = run_hypergradient(a.ckpt, a.datalist, a.out.resolve(), a.start, a.steps, a.lr, a.max_folding, a.penalty,
+                                   a.configs.split(","), dict(compare_baselines._override(s) for s in a.set))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"choose_regularisation.py: error: {e}")
+    c = result["choice"]
+    print(f"chosen regularisation_weight {c['regularisation_weight']:.4g} (step {c['step']}): soft validation Dice "
+          f"{c['validation_soft_dice_network_grid']:.4f} on the network grid, folding {c['validation_folding_pct_network_grid']:.4f} % "
+          f"-> {a.out / 'hypergradient_choice.json'}")
+
+
 def main() -> None:
     from bundle.data.evaluation import DATASETS
+
+    if sys.argv[1:2] == ["hypergradient"]:
+        return main_hypergradient(sys.argv[2:])
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of the conditioned network")

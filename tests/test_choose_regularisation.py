@@ -72,3 +72,35 @@ def test_a_conditioned_checkpoint_is_scored_per_weight_and_the_choice_written(tm
     assert choice["regularisation_weight"] == chooser.choose(result["curve"], 100.0)["weight"]
     with open(out / "curve.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_the_hypergradient_variant_steps_lambda_on_the_validation_pairs_and_writes_its_choice(tmp_path):
+    """The training config's validation pairs (network grid), a random conditioned network: λ moves, each step is a
+    row of hypergradient.csv, and the choice is the admissible row of highest Dice."""
+    from bundle.networks import ConditionedRegistrationUNet
+
+    torch.manual_seed(0)
+    net = ConditionedRegistrationUNet(3, 2)
+    torch.nn.init.normal_(net.head.conv.weight, std=0.3)
+    for film in (*net.film_encoder, *net.film_decoder):
+        torch.nn.init.normal_(film.linear.weight, std=1.0)
+    ckpt = tmp_path / "conditioned.pt"
+    torch.save({"network": net.state_dict()}, ckpt)
+    work = tmp_path / "data"
+    work.mkdir()
+    a, b = (TinyValidation().subject(n, work) for n in ("a", "b"))
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [
+        {"moving": str(m["image"]), "fixed": str(f["image"]), "moving_label": str(m["label"]), "fixed_label": str(f["label"])}
+        for m, f in ((a, b), (b, a))]}))
+    configs = ["train.json", "registration_only.json", "regularisation_conditioned.json"]
+    result = chooser.run_hypergradient(ckpt, datalist, tmp_path / "out", start=1.0, steps=3, lr=0.5, max_folding=100.0,
+                                       penalty=1.0, configs=configs, overrides={"num_classes": 2, "implant_lesions": False})
+    with open(tmp_path / "out" / "hypergradient.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and float(rows[0]["weight"]) == pytest.approx(1.0)
+    assert len({round(float(r["weight"]), 6) for r in rows}) > 1, "λ must move"
+    assert all(0 <= float(r["dice"]) <= 1 for r in rows)
+    choice = json.loads((tmp_path / "out" / "hypergradient_choice.json").read_text())
+    best = max(result["history"], key=lambda h: (round(h["dice"], 6), h["weight"]))
+    assert choice["regularisation_weight"] == pytest.approx(best["weight"]) and choice["pairs"] == 2
