@@ -156,3 +156,16 @@ def test_the_inference_config_refines_on_the_native_grid(tmp_path):
         jacobian = np.asarray(nib.load(folder / "jacobian_det.nii.gz").dataobj)
         assert (jacobian <= 0).mean() < 0.001
     assert dice["refined"] > dice["plain"] + 0.005, dice
+
+
+def test_two_dimensional_pairs_and_several_channels():
+    """2D images (a shift recovered) and 2-channel images (each channel normalised, the NCC over both)."""
+    blob = _blobs((28, 28, 28))[:, :, :, 14]  # (1, 28, 28)
+    moving = torch.roll(blob, shifts=2, dims=1)
+    refined = refine_native(moving, blob, torch.zeros(2, 28, 28), torch.eye(3), levels=[(2, 30), (1, 30)],
+                            learning_rate=0.2, smoothness=1.0, residual="svf")
+    assert refined.shape == (2, 28, 28)
+    assert abs(float(refined[0][blob[0] > 0.3].mean()) - 2.0) < 0.5
+    fixed = torch.cat([_blobs((20, 20, 20)), 1.0 - _blobs((20, 20, 20))])
+    out = refine_native(torch.roll(fixed, 1, dims=1), fixed, torch.zeros(3, 20, 20, 20), torch.eye(4), levels=[(1, 5)])
+    assert out.shape == (3, 20, 20, 20) and torch.isfinite(out).all()
