@@ -168,7 +168,7 @@ def main_hypergradient(argv: list[str]) -> None:
                         help="its validation section is used (campaign.py prepare writes it)")
     parser.add_argument("--start", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=0.2, help="first Rprop step on log λ")
     parser.add_argument("--max-folding", type=float, default=0.05)
     parser.add_argument("--penalty", type=float, default=10.0)
     parser.add_argument("--configs", default=",".join(CONDITIONED_TRAINING))

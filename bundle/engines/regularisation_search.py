@@ -2,8 +2,9 @@
 
 The lower level (the registration given λ) is the trained conditioned network itself (HyperMorph's amortisation), so
 the upper level's gradient d(validation objective)/d(log λ) is one backward pass through the network: the
-validation Dice of the moving labels warped linearly (soft, differentiable) minus a penalty on a smooth count of
-folded voxels above the limit. The grid search of ``benchmarks/choose_regularisation.py`` is the reference.
+validation Dice of the moving labels warped linearly (soft, differentiable), minus, while the folded voxels exceed the
+limit, a penalty on how far det J goes below zero (zero gradient from it otherwise: a smooth count of folded voxels
+would also count merely compressed voxels and hold λ back when nothing folds). The grid search of ``benchmarks/choose_regularisation.py`` is the reference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from monai.networks.blocks import Warp
 from bundle.networks.outputs import split_ddf
 from bundle.spatial import jacobian_determinant
 
-__all__ = ["soft_dice", "soft_folding_pct", "hypergradient_search"]
+__all__ = ["soft_dice", "folding_excess", "hypergradient_search"]
 
 
 def soft_dice(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -32,9 +33,9 @@ def soft_dice(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-6) -> t
     return (dice * present).sum() / present.sum().clamp_min(1)
 
 
-def soft_folding_pct(ddf: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """A differentiable stand-in for the % of voxels with det J <= 0: ``100 * mean(sigmoid(-det J / temperature))``."""
-    return 100 * torch.sigmoid(-jacobian_determinant(ddf) / temperature).mean()
+def folding_excess(ddf: torch.Tensor) -> torch.Tensor:
+    """``100 * mean(relu(-det J))``: how far the field folds (differentiable; exactly zero where nothing folds)."""
+    return 100 * torch.relu(-jacobian_determinant(ddf)).mean()
 
 
 def hypergradient_search(
@@ -58,15 +59,15 @@ def hypergradient_search(
         weight_range: ``(low, high)``: the λ range the network was trained over; λ is kept inside it.
         start: initial λ.
         steps: gradient steps (each one forward and backward pass per pair).
-        learning_rate: Adam step on log λ.
-        max_folding: % of voxels with det J <= 0 allowed (mean over pairs); the smooth count above it is penalised.
-        penalty: weight of that penalty (Dice per % of folded voxels above the limit).
+        learning_rate: first step on log λ (Rprop; later steps grow or halve).
+        max_folding: % of voxels with det J <= 0 allowed per pair; above it, :func:`folding_excess` is penalised.
+        penalty: weight of that penalty.
         spatial_dims: 2 or 3.
         progress: called with one line per step (``None``: silent).
 
     Returns:
         One dict per evaluated λ (``steps + 1``: the start and after each step): ``weight``, ``dice`` (soft, mean
-        over pairs), ``folding_pct`` (hard count, mean over pairs), ``objective``, ``admissible``.
+        over pairs), ``folding_pct`` (% of voxels with det J <= 0, mean over pairs), ``objective``, ``admissible``.
 
     Raises:
         ValueError: no pairs, ``start`` outside ``weight_range``, ``steps < 0`` or ``learning_rate <= 0``.
@@ -84,29 +85,32 @@ def hypergradient_search(
     for p in network.parameters():
         p.requires_grad_(False)
     log_weight = torch.tensor(math.log(start), requires_grad=True)
-    optimiser = torch.optim.Adam([log_weight], lr=learning_rate)
+    # Rprop: sign-based steps that grow while the sign holds and halve when it flips, so neither the penalty's kick at
+    # the folding limit nor a small Dice gradient sets the step size (Adam's moments would carry λ far past the limit)
+    optimiser = torch.optim.Rprop([log_weight], lr=learning_rate, step_sizes=(1e-3, 1.0))
     history = []
     for step in range(steps + 1):
         optimiser.zero_grad()
-        dice_sum, soft_fold_sum, fold_sum = 0.0, 0.0, 0.0
+        dice_sum, excess_sum, fold_sum = 0.0, 0.0, 0.0
         objective_sum = 0.0
         for moving, fixed, moving_onehot, fixed_onehot in pairs:
             weight = log_weight.exp()  # per pair: each pair's graph is freed by its own backward
             weight_map = weight.view(1, 1, *[1] * spatial_dims).expand(moving.shape[0], 1, *moving.shape[2:])
             ddf, _ = split_ddf(network(torch.cat([moving, fixed, weight_map], dim=1)), spatial_dims)
             dice = soft_dice(warp(moving_onehot, ddf), fixed_onehot)
-            soft_fold = soft_folding_pct(ddf)
-            objective = (dice - penalty * torch.relu(soft_fold - max_folding)) / len(pairs)
+            excess = folding_excess(ddf)
+            with torch.no_grad():
+                folded = float((jacobian_determinant(ddf) <= 0).float().mean()) * 100
+            objective = (dice - (penalty * excess if folded > max_folding else 0.0)) / len(pairs)
             if step < steps:
                 (-objective).backward()
-            with torch.no_grad():
-                fold_sum += float((jacobian_determinant(ddf) <= 0).float().mean()) * 100
+            fold_sum += folded
             dice_sum += float(dice.detach())
-            soft_fold_sum += float(soft_fold.detach())
+            excess_sum += float(excess.detach())
             objective_sum += float(objective.detach())
         n = len(pairs)
         row = {"step": step, "weight": float(log_weight.detach().exp()), "dice": dice_sum / n, "folding_pct": fold_sum / n,
-               "soft_folding_pct": soft_fold_sum / n, "objective": objective_sum, "admissible": fold_sum / n <= max_folding}
+               "folding_excess": excess_sum / n, "objective": objective_sum, "admissible": fold_sum / n <= max_folding}
         history.append(row)
         if progress:
             progress(f"hypergradient step {step}/{steps}: λ {row['weight']:.4g}, validation Dice {row['dice']:.4f}, "
