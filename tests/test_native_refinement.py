@@ -11,7 +11,11 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from bundle.engines.native_refinement import foreground_box, refine_native, robust_normalise
+from bundle.engines.native_refinement import (
+    foreground_box,
+    refine_native,
+    robust_normalise,
+)
 from bundle.spatial import jacobian_determinant
 from bundle.transforms import RefineNatived
 

@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-from bundle.engines.regularisation_search import folding_excess, hypergradient_search, soft_dice
+from bundle.engines.regularisation_search import (
+    folding_excess,
+    hypergradient_search,
+    soft_dice,
+)
 
 
 class ToyConditioned(torch.nn.Module):

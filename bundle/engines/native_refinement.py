@@ -19,7 +19,7 @@ from monai.networks.blocks.warp import DVF2DDF
 from bundle.spatial import compose_ddf, sample_field
 from bundle.spatial.grid import affine_points
 
-__all__ = ["refine_native", "RESIDUALS", "robust_normalise", "foreground_box"]
+__all__ = ["RESIDUALS", "foreground_box", "refine_native", "robust_normalise"]
 
 RESIDUALS = ("ddf", "svf")
 
@@ -147,11 +147,8 @@ def refine_native(
         vectors = torch.tensor(scale, dtype=torch.float32).view(1, ndim, *[1] * ndim)
         level_taper = taper if factor == 1 else _resize(taper, shape)
 
-        def moved(parameter):
-            if integrate is None:
-                return level_start + level_taper * parameter * vectors
-            velocity = _resize(integrate(parameter), shape) * 2  # level voxels (the velocity grid is 2x coarser)
-            return level_start + level_taper * (compose_ddf(level_start / vectors, velocity) * vectors - level_start)
+        def moved(parameter, level_start=level_start, level_taper=level_taper, vectors=vectors, shape=shape):
+            return _moved(parameter, level_start, level_taper, vectors, shape, integrate)
 
         if integrate is None:
             parameter = torch.zeros(1, ndim, *shape)
@@ -177,6 +174,16 @@ def refine_native(
     out = ddf.clone()
     out[(slice(None), *box)] = (start + refined)[0].to(ddf.dtype)
     return out
+
+
+def _moved(parameter: torch.Tensor, start: torch.Tensor, taper: torch.Tensor, vectors: torch.Tensor,
+           shape: Sequence[int], integrate: DVF2DDF | None) -> torch.Tensor:
+    """The field of a level (native voxels on the level's grid) given its parameter: ``start`` plus the tapered
+    residual (``residual="ddf"``), or ``start o exp(v)`` minus ``start``, tapered, plus ``start`` (``"svf"``)."""
+    if integrate is None:
+        return start + taper * parameter * vectors
+    velocity = _resize(integrate(parameter), shape) * 2  # level voxels (the velocity grid is 2x coarser)
+    return start + taper * (compose_ddf(start / vectors, velocity) * vectors - start)
 
 
 def _resize(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from monai.networks.blocks import Warp
 from bundle.networks.outputs import split_ddf
 from bundle.spatial import jacobian_determinant
 
-__all__ = ["soft_dice", "folding_excess", "hypergradient_search"]
+__all__ = ["folding_excess", "hypergradient_search", "soft_dice"]
 
 
 def soft_dice(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -58,8 +58,8 @@ class RefineNatived(MapTransform):
             raise ValueError(f"need learning_rate > 0, smoothness >= 0 and an odd kernel_size, got {learning_rate}, "
                              f"{smoothness} and {kernel_size}.")
         self.moving_key, self.fixed_key = moving_key, fixed_key
-        self.options = dict(learning_rate=float(learning_rate), smoothness=float(smoothness), residual=residual,
-                            kernel_size=int(kernel_size), margin=int(margin), progress_every=int(progress_every))
+        self.options = {"learning_rate": float(learning_rate), "smoothness": float(smoothness), "residual": residual,
+                        "kernel_size": int(kernel_size), "margin": int(margin), "progress_every": int(progress_every)}
 
     @property
     def enabled(self) -> bool:
