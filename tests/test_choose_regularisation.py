@@ -47,7 +47,8 @@ class TinyValidation:
         return _write(name, np.exp(-r2 / 2), (r2 < 1).astype(np.int16), _AFFINE, work)
 
 
-def test_a_conditioned_checkpoint_is_scored_per_weight_and_the_choice_written(tmp_path):
+def _random_conditioned_checkpoint(path):
+    """A conditioned network whose field and FiLM are far from zero, so that λ changes its output."""
     from bundle.networks import ConditionedRegistrationUNet
 
     torch.manual_seed(0)
@@ -55,8 +56,12 @@ def test_a_conditioned_checkpoint_is_scored_per_weight_and_the_choice_written(tm
     torch.nn.init.normal_(net.head.conv.weight, std=0.3)
     for film in (*net.film_encoder, *net.film_decoder):
         torch.nn.init.normal_(film.linear.weight, std=1.0)
-    ckpt = tmp_path / "conditioned.pt"
-    torch.save({"network": net.state_dict()}, ckpt)
+    torch.save({"network": net.state_dict()}, path)
+    return path
+
+
+def test_a_conditioned_checkpoint_is_scored_per_weight_and_the_choice_written(tmp_path):
+    ckpt = _random_conditioned_checkpoint(tmp_path / "conditioned.pt")
     out = tmp_path / "choose"
     result = chooser.run(TinyValidation(), out, ckpt, chooser.DEFAULT_CONFIGS.split(","), [0.1, 10.0],
                          max_folding=100.0, refine=1, overrides={"prealign": "none"})
@@ -77,15 +82,7 @@ def test_a_conditioned_checkpoint_is_scored_per_weight_and_the_choice_written(tm
 def test_the_hypergradient_variant_steps_lambda_on_the_validation_pairs_and_writes_its_choice(tmp_path):
     """The training config's validation pairs (network grid), a random conditioned network: λ moves, each step is a
     row of hypergradient.csv, and the choice is the admissible row of highest Dice."""
-    from bundle.networks import ConditionedRegistrationUNet
-
-    torch.manual_seed(0)
-    net = ConditionedRegistrationUNet(3, 2)
-    torch.nn.init.normal_(net.head.conv.weight, std=0.3)
-    for film in (*net.film_encoder, *net.film_decoder):
-        torch.nn.init.normal_(film.linear.weight, std=1.0)
-    ckpt = tmp_path / "conditioned.pt"
-    torch.save({"network": net.state_dict()}, ckpt)
+    ckpt = _random_conditioned_checkpoint(tmp_path / "conditioned.pt")
     work = tmp_path / "data"
     work.mkdir()
     a, b = (TinyValidation().subject(n, work) for n in ("a", "b"))

@@ -19,7 +19,7 @@ from monai.networks.blocks.warp import DVF2DDF
 from bundle.spatial import compose_ddf, sample_field
 from bundle.spatial.grid import affine_points
 
-__all__ = ["RESIDUALS", "foreground_box", "refine_native", "robust_normalise"]
+__all__ = ["RESIDUALS", "check_options", "foreground_box", "refine_native", "robust_normalise"]
 
 RESIDUALS = ("ddf", "svf")
 
@@ -45,6 +45,25 @@ def foreground_box(image: torch.Tensor, margin: int, threshold: float = 0.05) ->
         hits = torch.nonzero(mask.any(dim=[a for a in range(mask.ndim) if a != axis])).flatten()
         box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, n)))
     return tuple(box)
+
+
+def check_options(levels: Sequence[Sequence[int]], learning_rate: float, smoothness: float, residual: str,
+                  kernel_size: int) -> list[tuple[int, int]]:
+    """The refinement's options validated, ``levels`` as ``(factor, steps)`` integer pairs.
+
+    Raises:
+        ValueError: a level with ``factor < 1`` or ``steps < 0``, an unknown ``residual``, ``learning_rate <= 0``,
+            ``smoothness < 0`` or an even or non-positive ``kernel_size``.
+    """
+    levels = [(int(f), int(s)) for f, s in levels]
+    if any(f < 1 or s < 0 for f, s in levels):
+        raise ValueError(f"levels must be [factor >= 1, steps >= 0] pairs, got {levels}.")
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}.")
+    if learning_rate <= 0 or smoothness < 0 or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"need learning_rate > 0, smoothness >= 0 and an odd kernel_size >= 1, got {learning_rate}, "
+                         f"{smoothness} and {kernel_size}.")
+    return levels
 
 
 def _level_shape(shape: Sequence[int], factor: int) -> list[int]:
@@ -109,14 +128,7 @@ def refine_native(
             that do not match the DDF.
     """
     ndim = ddf.shape[0]
-    if residual not in RESIDUALS:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}.")
-    levels = [(int(f), int(s)) for f, s in levels]
-    if any(f < 1 or s < 0 for f, s in levels):
-        raise ValueError(f"levels must be (factor >= 1, steps >= 0) pairs, got {levels}.")
-    if learning_rate <= 0 or smoothness < 0 or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"need learning_rate > 0, smoothness >= 0 and an odd kernel_size >= 1, got {learning_rate}, "
-                         f"{smoothness} and {kernel_size}.")
+    levels = check_options(levels, learning_rate, smoothness, residual, kernel_size)
     if tuple(fixed.shape[1:]) != tuple(ddf.shape[1:]) or moving.shape[0] != fixed.shape[0] or moving.ndim != ndim + 1:
         raise ValueError(f"fixed {tuple(fixed.shape)} must be on the DDF's grid {tuple(ddf.shape)} and have the moving "
                          f"image's {moving.shape[0]} channel(s).")

@@ -9,7 +9,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from bundle.engines.native_refinement import RESIDUALS, refine_native
+from bundle.engines.native_refinement import check_options, refine_native
 from bundle.spatial.grid import _index_map
 
 __all__ = ["RefineNatived"]
@@ -49,14 +49,7 @@ class RefineNatived(MapTransform):
         progress_every: int = 0,
     ) -> None:
         super().__init__(keys)
-        self.levels = [(int(f), int(s)) for f, s in levels]
-        if any(f < 1 or s < 0 for f, s in self.levels):
-            raise ValueError(f"levels must be [factor >= 1, steps >= 0] pairs, got {levels}.")
-        if residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}.")
-        if learning_rate <= 0 or smoothness < 0 or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"need learning_rate > 0, smoothness >= 0 and an odd kernel_size, got {learning_rate}, "
-                             f"{smoothness} and {kernel_size}.")
+        self.levels = check_options(levels, learning_rate, smoothness, residual, kernel_size)
         self.moving_key, self.fixed_key = moving_key, fixed_key
         self.options = {"learning_rate": float(learning_rate), "smoothness": float(smoothness), "residual": residual,
                         "kernel_size": int(kernel_size), "margin": int(margin), "progress_every": int(progress_every)}
