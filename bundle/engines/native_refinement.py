@@ -159,9 +159,6 @@ def refine_native(
         vectors = torch.tensor(scale, dtype=torch.float32).view(1, ndim, *[1] * ndim)
         level_taper = taper if factor == 1 else _resize(taper, shape)
 
-        def moved(parameter, level_start=level_start, level_taper=level_taper, vectors=vectors, shape=shape):
-            return _moved(parameter, level_start, level_taper, vectors, shape, integrate)
-
         if integrate is None:
             parameter = torch.zeros(1, ndim, *shape)
         else:
@@ -171,7 +168,7 @@ def refine_native(
         with torch.enable_grad():
             for step in range(1, steps + 1):
                 optimiser.zero_grad()
-                field = moved(parameter)
+                field = _moved(parameter, level_start, level_taper, vectors, integrate)
                 source = base + torch.einsum("kl,bl...->bk...", linear, field)
                 warped = sample_field(moving, source[0], padding_mode="zeros")[None]
                 loss = similarity(warped, level_fixed) + smoothness * _smoothness(parameter)
@@ -180,7 +177,7 @@ def refine_native(
                 if progress_every and (step % progress_every == 0 or step == steps):
                     print(f"native refinement level {factor}: step {step}/{steps}: loss {loss.item():.4f}", flush=True)
         with torch.no_grad():
-            field = moved(parameter)
+            field = _moved(parameter, level_start, level_taper, vectors, integrate)
             increment = field - level_start  # native voxels, on the level's grid
             refined = refined + (increment if factor == 1 else _resize(increment, crop_shape))
     out = ddf.clone()
@@ -189,15 +186,19 @@ def refine_native(
 
 
 def _moved(parameter: torch.Tensor, start: torch.Tensor, taper: torch.Tensor, vectors: torch.Tensor,
-           shape: Sequence[int], integrate: DVF2DDF | None) -> torch.Tensor:
+           integrate: DVF2DDF | None) -> torch.Tensor:
     """The field of a level (native voxels on the level's grid) given its parameter: ``start`` plus the tapered
     residual (``residual="ddf"``), or ``start o exp(v)`` minus ``start``, tapered, plus ``start`` (``"svf"``)."""
     if integrate is None:
         return start + taper * parameter * vectors
-    velocity = _resize(integrate(parameter), shape) * 2  # level voxels (the velocity grid is 2x coarser)
+    shape = start.shape[2:]
+    ratio = [(n - 1) / max(m - 1, 1) for n, m in zip(shape, parameter.shape[2:])]  # level voxels per velocity voxel
+    velocity = _resize(integrate(parameter), shape) * torch.tensor(ratio).view(1, -1, *[1] * len(shape))
     return start + taper * (compose_ddf(start / vectors, velocity) * vectors - start)
 
 
 def _resize(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Linear resize of a (1, ndim, *spatial) field to ``shape`` (values unchanged: the caller scales vectors)."""
+    """Linear resize of a (1, ndim, *spatial) field to ``shape``, corners aligned (values unchanged: the caller scales
+    vectors). Not ``bundle.spatial.resize_field``: this pyramid puts level voxel i at native i * (n-1)/(m-1), corners
+    aligned, so that each level's first and last voxels sit on the foreground box's faces."""
     return F.interpolate(field, size=list(shape), mode="trilinear" if len(shape) == 3 else "bilinear", align_corners=True)
