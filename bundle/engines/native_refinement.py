@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks.warp import DVF2DDF
 
+from bundle.losses.fixed_target_lncc import FixedTargetLNCCLoss
 from bundle.spatial import compose_ddf, sample_field
 from bundle.spatial.grid import affine_points
 
@@ -143,7 +143,6 @@ def refine_native(
     offset = [b.start for b in box]
     crop_map = index_map.clone()  # crop voxel -> moving voxel
     crop_map[:ndim, ndim] = index_map[:ndim, ndim] + index_map[:ndim, :ndim] @ torch.tensor(offset, dtype=torch.float64)
-    similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=ndim, kernel_size=kernel_size)
     integrate = DVF2DDF(num_steps=integration_steps) if residual == "svf" else None
     refined = torch.zeros_like(start)  # the refinement, in native (crop) voxels, on the crop grid
     crop_shape = list(start.shape[2:])
@@ -158,6 +157,7 @@ def refine_native(
         level_start = (start + refined) if factor == 1 else _resize(start + refined, shape)
         vectors = torch.tensor(scale, dtype=torch.float32).view(1, ndim, *[1] * ndim)
         level_taper = taper if factor == 1 else _resize(taper, shape)
+        similarity = FixedTargetLNCCLoss(level_fixed, kernel_size)
 
         if integrate is None:
             parameter = torch.zeros(1, ndim, *shape)
@@ -171,7 +171,7 @@ def refine_native(
                 field = _moved(parameter, level_start, level_taper, vectors, integrate)
                 source = base + torch.einsum("kl,bl...->bk...", linear, field)
                 warped = sample_field(moving, source[0], padding_mode="zeros")[None]
-                loss = similarity(warped, level_fixed) + smoothness * _smoothness(parameter)
+                loss = similarity(warped) + smoothness * _smoothness(parameter)
                 loss.backward()
                 optimiser.step()
                 if progress_every and (step % progress_every == 0 or step == steps):
