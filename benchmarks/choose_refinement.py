@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--native-lr", default="0.25")
     parser.add_argument("--native-smoothness", default="0.1,1")
     parser.add_argument("--native-residual", default="svf")
-    parser.add_argument("--max-folding", type=float, default=0.05, help="% of voxels with det J <= 0 (mean over pairs)")
+    parser.add_argument("--max-folding", type=float, default=0.05, help="%% of voxels with det J <= 0 (mean over pairs)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "choose_refinement")
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="config override")

@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of the conditioned network")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="lpba40")
     parser.add_argument("--weights", default="0.01,0.03,0.1,0.3,1,3,10")
-    parser.add_argument("--max-folding", type=float, default=0.05, help="% of voxels with det J <= 0 (mean over pairs)")
+    parser.add_argument("--max-folding", type=float, default=0.05, help="%% of voxels with det J <= 0 (mean over pairs)")
     parser.add_argument("--refine", type=int, default=2)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--out", type=Path, default=None)
