@@ -13,10 +13,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.warp import DVF2DDF
 
 from bundle.losses.fixed_target_lncc import FixedTargetLNCCLoss
-from bundle.spatial import compose_ddf, sample_field
 from bundle.spatial.grid import affine_points
 
 __all__ = ["RESIDUALS", "check_options", "foreground_box", "refine_native", "robust_normalise"]
@@ -143,7 +141,6 @@ def refine_native(
     offset = [b.start for b in box]
     crop_map = index_map.clone()  # crop voxel -> moving voxel
     crop_map[:ndim, ndim] = index_map[:ndim, ndim] + index_map[:ndim, :ndim] @ torch.tensor(offset, dtype=torch.float64)
-    integrate = DVF2DDF(num_steps=integration_steps) if residual == "svf" else None
     refined = torch.zeros_like(start)  # the refinement, in native (crop) voxels, on the crop grid
     crop_shape = list(start.shape[2:])
     taper = _taper(crop_shape, margin)
@@ -151,7 +148,7 @@ def refine_native(
         shape = _level_shape(crop_shape, factor)
         scale = [(n - 1) / max(m - 1, 1) for n, m in zip(crop_shape, shape)]  # native voxels per level voxel
         level_map = crop_map @ torch.diag(torch.tensor([*scale, 1.0], dtype=torch.float64))  # level voxel -> moving voxel
-        base = torch.stack(affine_points(level_map, shape))[None]  # where the level's voxels sit in the moving image
+        moving_grid = _MovingGrid(level_map, shape, moving.shape[1:], linear)
         level_fixed = fixed_crop if factor == 1 else F.interpolate(fixed_crop, size=shape, mode="trilinear" if ndim == 3
                                                                   else "bilinear", align_corners=True)
         level_start = (start + refined) if factor == 1 else _resize(start + refined, shape)
@@ -159,18 +156,19 @@ def refine_native(
         level_taper = taper if factor == 1 else _resize(taper, shape)
         similarity = FixedTargetLNCCLoss(level_fixed, kernel_size)
 
-        if integrate is None:
-            parameter = torch.zeros(1, ndim, *shape)
+        if residual == "ddf":
+            parameter, integrate = torch.zeros(1, ndim, *shape), None
         else:
             parameter = torch.zeros(1, ndim, *_level_shape(shape, 2))
+            integrate = _Exponential(parameter.shape[2:], shape, integration_steps)
         parameter.requires_grad_(True)
         optimiser = torch.optim.Adam([parameter], lr=learning_rate)
         with torch.enable_grad():
             for step in range(1, steps + 1):
                 optimiser.zero_grad()
                 field = _moved(parameter, level_start, level_taper, vectors, integrate)
-                source = base + torch.einsum("kl,bl...->bk...", linear, field)
-                warped = sample_field(moving, source[0], padding_mode="zeros")[None]
+                warped = F.grid_sample(moving[None], moving_grid(field), mode="bilinear", padding_mode="zeros",
+                                       align_corners=True)
                 loss = similarity(warped) + smoothness * _smoothness(parameter)
                 loss.backward()
                 optimiser.step()
@@ -186,15 +184,63 @@ def refine_native(
 
 
 def _moved(parameter: torch.Tensor, start: torch.Tensor, taper: torch.Tensor, vectors: torch.Tensor,
-           integrate: DVF2DDF | None) -> torch.Tensor:
+           integrate: _Exponential | None) -> torch.Tensor:
     """The field of a level (native voxels on the level's grid) given its parameter: ``start`` plus the tapered
     residual (``residual="ddf"``), or ``start o exp(v)`` minus ``start``, tapered, plus ``start`` (``"svf"``)."""
     if integrate is None:
         return start + taper * parameter * vectors
-    shape = start.shape[2:]
-    ratio = [(n - 1) / max(m - 1, 1) for n, m in zip(shape, parameter.shape[2:])]  # level voxels per velocity voxel
-    velocity = _resize(integrate(parameter), shape) * torch.tensor(ratio).view(1, -1, *[1] * len(shape))
-    return start + taper * (compose_ddf(start / vectors, velocity) * vectors - start)
+    velocity = integrate(parameter)  # level voxels, on the level's grid
+    composed = velocity + integrate.level_warp(start / vectors, velocity, padding_mode="border")  # start o exp(v)
+    return start + taper * (composed * vectors - start)
+
+
+class _SameGridWarp:
+    """``grid_sample`` of a field on a grid at that grid's voxels displaced by a DDF in voxels (``field(x + ddf(x))``).
+
+    Ours rather than MONAI's ``Warp``, which rebuilds, permutes, reindexes and normalises the identity grid on every
+    call (a third of a 1 mm refinement step): the normalised identity grid is kept and the DDF scaled in one step."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        ndim = len(shape)
+        self.identity = F.affine_grid(torch.eye(ndim, ndim + 1)[None], [1, 1, *shape], align_corners=True)
+        self.scale = torch.tensor([2.0 / max(int(n) - 1, 1) for n in reversed(shape)])  # grid order: last axis first
+
+    def __call__(self, field: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+        grid = self.identity + torch.movedim(ddf.flip(1), 1, -1) * self.scale
+        return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+
+
+class _Exponential:
+    """Scaling and squaring of a velocity on its (coarser) grid, the result resized to the level's grid, vectors in
+    level voxels (each axis scaled by its exact corner-aligned ratio)."""
+
+    def __init__(self, velocity_shape: Sequence[int], level_shape: Sequence[int], steps: int) -> None:
+        self.steps, self.level_shape = int(steps), list(level_shape)
+        self.warp, self.level_warp = _SameGridWarp(velocity_shape), _SameGridWarp(level_shape)
+        ratio = [(n - 1) / max(m - 1, 1) for n, m in zip(level_shape, velocity_shape)]  # level voxels per velocity voxel
+        self.ratio = torch.tensor(ratio).view(1, -1, *[1] * len(level_shape))
+
+    def __call__(self, velocity: torch.Tensor) -> torch.Tensor:
+        ddf = velocity / 2**self.steps
+        for _ in range(self.steps):
+            ddf = ddf + self.warp(ddf, ddf)
+        return _resize(ddf, self.level_shape) * self.ratio
+
+
+class _MovingGrid:
+    """``grid_sample``'s grid of the moving image for a level: where each level voxel ``i`` displaced by a field
+    (native fixed voxels) sits, ``level_map @ i + linear @ field(i)``, normalised, kept but for the field's term."""
+
+    def __init__(self, level_map: torch.Tensor, shape: Sequence[int], moving_shape: Sequence[int],
+                 linear: torch.Tensor) -> None:
+        ndim = len(shape)
+        norm = torch.tensor([2.0 / max(int(n) - 1, 1) for n in moving_shape])
+        base = affine_points(level_map, shape)
+        self.base = torch.stack([base[k] * norm[k] - 1.0 for k in reversed(range(ndim))], dim=-1)[None]
+        self.linear = (norm[:, None] * linear).flip(0)  # rows in grid order
+
+    def __call__(self, field: torch.Tensor) -> torch.Tensor:
+        return self.base + torch.einsum("kl,bl...->b...k", self.linear, field)
 
 
 def _resize(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
