@@ -203,8 +203,8 @@ def register(
         refine: add configs/instance_optimisation.json: the network's field refined on the pair on a 2 mm
             grid (diffeomorphic residual; more accurate, about 1.5 min per pair on 2 CPU cores).
         refine_native: add configs/native_refinement.json: the whole transform refined on the fixed image's native
-            grid, 2 mm then 1 mm levels (diffeomorphic residual; settings chosen on validation pairs, see
-            docs/README.md; about 1–2 min per IBSR pair on 2 CPU cores). Combines with --refine.
+            grid, levels of 4, 2 and 1 voxels (diffeomorphic residual; settings chosen on validation pairs, see
+            docs/README.md; about 1 min per IBSR pair on 2 CPU cores). Combines with --refine.
         registration_only: the checkpoint is the registration-only model; default: detected from its keys.
         bundle_root: the bundle folder; default the repository of this package, else the current folder.
         overrides: any other config id, e.g. --pixdim "[2.0,2.0,2.0]".
