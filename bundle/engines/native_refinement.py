@@ -203,10 +203,10 @@ class _SameGridWarp:
     def __init__(self, shape: Sequence[int]) -> None:
         ndim = len(shape)
         self.identity = F.affine_grid(torch.eye(ndim, ndim + 1)[None], [1, 1, *shape], align_corners=True)
-        self.scale = torch.tensor([2.0 / max(int(n) - 1, 1) for n in reversed(shape)])  # grid order: last axis first
+        self.per_voxel = torch.tensor([2.0 / max(int(n) - 1, 1) for n in reversed(shape)])  # grid order: last axis first
 
     def __call__(self, field: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
-        grid = self.identity + torch.movedim(ddf.flip(1), 1, -1) * self.scale
+        grid = self.identity + torch.movedim(ddf.flip(1), 1, -1) * self.per_voxel
         return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
 
 
