@@ -2,7 +2,7 @@
 
 Same value as MONAI's ``LocalNormalizedCrossCorrelationLoss`` with a rectangular kernel (squared local NCC,
 zero padding, ``smooth_dr`` floor on the variances). Ours because MONAI's recomputes the target's local sums on
-every call and filters by convolution (5 filterings per call, each about 9x slower on CPU than summing shifted copies): here the
+every call and filters by convolution (5 filterings per call, each slower on CPU than summing shifted copies): here the
 target's sums are computed once and each call filters 3 images by shifted sums (same values as the convolution;
 running sums would be as fast but lose the small local variances to float32 cancellation).
 """
