@@ -59,6 +59,13 @@ CANDIDATES = {
                                            "levels": ((8.0, 100, 3000), (4.0, 40, 3000), (2.0, 20, 5000))}),
     "grid2mm_torch_mi_8_4": ("grid2mm", {"method": "torch", "similarity": "mi",
                                          "levels": ((8.0, 100, 5000), (4.0, 40, 5000))}),
+    # the default's Adam rates falling to zero along a half cosine per level (``schedule``), and seed spreads
+    **{f"grid2mm_torch_mi_8_4{suffix}_seed{seed}": ("grid2mm", {"method": "torch", "similarity": "mi", "seed": seed,
+                                                               "levels": ((8.0, 100, 5000), (4.0, 40, points)),
+                                                               "schedule": schedule})
+       for suffix, schedule, points in (("", "constant", 5000), ("_cosine", "cosine", 5000),
+                                        ("_cosine_20k", "cosine", 20_000))
+       for seed in (0, 1, 2)},
     "grid2mm_torch_fine_light": ("grid2mm", {"method": "torch",
                                              "levels": ((8.0, 60, None), (4.0, 20, 20_000), (2.0, 10, 20_000))}),
 }

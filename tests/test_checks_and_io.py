@@ -326,6 +326,19 @@ def test_write_nifti_multichannel_and_vector_field(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["channels.nii.gz", "ddf.nii.gz"]
 
 
+def test_spatially_reversed_copy_matches_permute():
+    """The tiled copy the writer uses is torch's permuted copy, for sizes that are and are not tile multiples."""
+    from bundle.io.writers import _spatially_reversed
+
+    for shape in [(3, 40, 7, 33), (1, 16, 16, 16), (2, 5, 6), (1, 1, 1, 1)]:
+        tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        expected = tensor.permute(0, *range(tensor.ndim - 1, 0, -1)).contiguous()
+        found = _spatially_reversed(tensor)
+        assert found.is_contiguous() and torch.equal(found, expected)
+    labels = torch.randint(0, 60, (1, 20, 9, 35), dtype=torch.int16)
+    assert torch.equal(_spatially_reversed(labels), labels.permute(0, 3, 2, 1).contiguous())
+
+
 def test_write_nifti_2d_vector_field_and_3x3_affine(tmp_path):
     array = np.random.default_rng(2).random((2, 4, 5)).astype(np.float32)
     affine = np.array([[2.0, 0, 7.0], [0, -3.0, 1.0], [0, 0, 1]])

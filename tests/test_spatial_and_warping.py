@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, DivisiblePadd, EnsureChannelFirstd, LoadImaged, Orientationd
 
-from bundle.spatial import index_grid, resample_ddf, sample_field
+from bundle.spatial import ddf_source_points, index_grid, resample_ddf, sample_field, warp_through_world
 from bundle.transforms import JacobianDeterminantd, PerKeySpacingd, ResampleDDFToOriginald, Warpd
 
 
@@ -286,3 +286,27 @@ def test_per_key_spacingd_missing_keys():
     assert "moving_label" not in out
     with pytest.raises(KeyError):
         PerKeySpacingd(["moving", "moving_label"], pixdim=2.0)(data)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_warp_through_world_matches_points_then_sample(dims, mode):
+    """The fused warp samples what ``ddf_source_points`` + ``sample_field`` sample, across oblique grids."""
+    shape, source_shape = (9, 11, 7)[:dims], (12, 8, 10)[:dims]
+    ddf = (_rand(dims, *shape, seed=1) - 0.5) * 3
+    ddf_affine, source_affine = torch.eye(dims + 1, dtype=torch.float64), torch.eye(dims + 1, dtype=torch.float64)
+    ddf_affine[:dims, :dims] = torch.tensor([[0.9, 0.1, 0.0], [-0.1, 1.1, 0.05], [0.0, 0.02, 1.3]])[:dims, :dims]
+    ddf_affine[:dims, dims] = torch.tensor([1.5, -2.0, 0.7])[:dims]
+    source_affine[:dims, :dims] = torch.diag(torch.tensor([1.2, 0.8, 1.0])[:dims])
+    source = _rand(2, *source_shape, seed=2)
+    for padding_mode in ("zeros", "border"):
+        expected = sample_field(source, ddf_source_points(ddf, ddf_affine, source_affine), padding_mode, mode)
+        found = warp_through_world(source, ddf, ddf_affine, source_affine, padding_mode, mode)
+        assert found.shape == (2, *shape) and found.dtype == torch.float32
+        torch.testing.assert_close(found, expected, atol=1e-5, rtol=0)
+    found64 = warp_through_world(source.double(), ddf.double(), ddf_affine, source_affine, mode=mode)
+    expected64 = sample_field(source.double(), ddf_source_points(ddf.double(), ddf_affine, source_affine), "zeros", mode)
+    assert found64.dtype == torch.float64
+    torch.testing.assert_close(found64, expected64, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="spatial axes"):
+        warp_through_world(source[0], ddf, ddf_affine, source_affine)

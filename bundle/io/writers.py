@@ -87,6 +87,23 @@ def write_atomic(path: str | os.PathLike, suffix: str, write: Callable[[str], No
     return path
 
 
+def _spatially_reversed(tensor: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Contiguous copy of ``(C, *spatial)`` with the spatial axes reversed (``(C, Z, Y, X)`` for 3D).
+
+    Ours: torch's copy of the permuted view walks the source with a stride of a whole plane, about 2.3x slower than
+    copying ``block``-wide tiles of the first and last axes (0.29 vs 0.12 s for a 3x256x128x256 DDF, one thread).
+    """
+    order = (0, *range(tensor.ndim - 1, 0, -1))
+    if tensor.ndim != 4:
+        return tensor.permute(order).contiguous()
+    channels, nx, ny, nz = tensor.shape
+    out = torch.empty((channels, nz, ny, nx), dtype=tensor.dtype)
+    for x0 in range(0, nx, block):
+        for z0 in range(0, nz, block):
+            out[:, z0:z0 + block, :, x0:x0 + block] = tensor[:, x0:x0 + block, :, z0:z0 + block].permute(order)
+    return out
+
+
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, vector: bool = False) -> None:
     """Write ``array`` with ``affine`` to ``path`` atomically (temporary file in the same folder, then rename).
 
@@ -103,7 +120,7 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     # NIfTI stores x fastest (Fortran order): one blocked, multi-threaded torch transpose into that layout, so
     # nibabel writes the bytes as they are instead of gathering a strided copy element by element
     try:
-        reversed_c = torch.from_numpy(np.ascontiguousarray(array)).permute(0, *range(array.ndim - 1, 0, -1)).contiguous()
+        reversed_c = _spatially_reversed(torch.from_numpy(np.ascontiguousarray(array)))
         fortran = reversed_c.numpy().T  # (*spatial, C), Fortran-contiguous
     except TypeError:  # a dtype torch does not hold (e.g. uint32): numpy's copy
         fortran = np.asfortranarray(np.moveaxis(array, 0, -1))
@@ -261,7 +278,7 @@ class SaveNiftid(MapTransform):
         folder = pair_folder(self.output_dir, d, self.name_key)
         # convert everything before writing anything, so a bad item leaves no partial set of files
         arrays = {
-            key: torch.as_tensor(d[key]).detach().cpu().numpy().astype(self.dtypes.get(key, np.float32))
+            key: torch.as_tensor(d[key]).detach().cpu().numpy().astype(self.dtypes.get(key, np.float32), copy=False)
             for key in self.key_iterator(d)
         }
         if self.staged:

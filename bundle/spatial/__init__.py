@@ -14,12 +14,33 @@ composition, Jacobian determinant), :mod:`.world` (RAS <-> LPS for grids, matric
 the bundle, so every other module can import it.
 """
 
-from .field import compose_affine_ddf, compose_ddf, jacobian_determinant, pool_field, resize_field
-from .grid import affine_points, ddf_source_points, index_grid, resample_ddf, resample_to_grid, sample_field
-from .world import affine_from_itk_direction, ddf_to_lps_mm, itk_grid_from_affine, lps_flip, lps_mm_to_ddf, ras_lps_conjugate
+from .field import (
+    compose_affine_ddf,
+    compose_ddf,
+    jacobian_determinant,
+    pool_field,
+    resize_field,
+)
+from .grid import (
+    affine_points,
+    ddf_source_points,
+    index_grid,
+    resample_ddf,
+    resample_to_grid,
+    sample_field,
+    warp_through_world,
+)
+from .world import (
+    affine_from_itk_direction,
+    ddf_to_lps_mm,
+    itk_grid_from_affine,
+    lps_flip,
+    lps_mm_to_ddf,
+    ras_lps_conjugate,
+)
 
 __all__ = [
-    "index_grid", "sample_field", "affine_points", "resample_to_grid", "resample_ddf", "ddf_source_points",
+    "index_grid", "sample_field", "affine_points", "resample_to_grid", "resample_ddf", "ddf_source_points", "warp_through_world",
     "resize_field", "pool_field", "compose_ddf", "compose_affine_ddf", "jacobian_determinant",
     "lps_flip", "ras_lps_conjugate", "itk_grid_from_affine", "affine_from_itk_direction", "ddf_to_lps_mm", "lps_mm_to_ddf",
 ]

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["index_grid", "sample_field", "affine_points", "resample_to_grid", "resample_ddf", "ddf_source_points"]
+__all__ = ["index_grid", "sample_field", "affine_points", "resample_to_grid", "resample_ddf", "ddf_source_points",
+           "warp_through_world"]
 
 
 def index_grid(spatial_shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
@@ -205,6 +206,48 @@ def resample_ddf(
     a = _index_map(src_affine, dst_affine, ndim)
     sampled = _resample(ddf.to(torch.float32), a, dst_shape, "bilinear", "border")
     return torch.einsum("kl,l...->k...", torch.linalg.inv(a[:ndim, :ndim]).to(sampled), sampled)
+
+
+def warp_through_world(
+    source: torch.Tensor, ddf: torch.Tensor, ddf_affine: torch.Tensor, src_affine: torch.Tensor,
+    padding_mode: str = "zeros", mode: str = "bilinear",
+) -> torch.Tensor:
+    """``source`` (``(C, *src_shape)``, any grid) warped by a pull-back DDF onto the DDF's grid, one interpolation.
+
+    The same values as ``sample_field(source, ddf_source_points(ddf, ddf_affine, src_affine))``, but the sampling
+    grid is built in ``grid_sample``'s own layout in one matrix product plus one broadcast add per axis (the index
+    map and the normalisation folded into a float64 3x3 matrix and 1-D terms), instead of via full-size index
+    tensors: about half the time for a 256x128x256 DDF.
+
+    Args:
+        source: ``(C, *src_shape)`` values; ddf: ``(ndim, *spatial)`` DDF in voxel units of its grid.
+        ddf_affine, src_affine: ``(ndim+1, ndim+1)`` voxel-to-world affines of the DDF's and the source's grids.
+        padding_mode, mode: as :func:`sample_field`.
+
+    Returns:
+        ``(C, *spatial)`` warped values, float32 (float64 for a float64 ``ddf``).
+    """
+    ndim, spatial = ddf.shape[0], ddf.shape[1:]
+    if source.ndim != ndim + 1:
+        raise ValueError(f"source must be (C, *spatial) with {ndim} spatial axes, got {tuple(source.shape)}.")
+    dtype = torch.float64 if ddf.dtype == torch.float64 else torch.float32
+    a = _index_map(src_affine, ddf_affine, ndim)
+    # grid channel j = ndim-1-k holds source axis k, normalised: (2 / (n_k - 1)) * (a_k . (x + ddf(x), 1)) - 1
+    scale = torch.tensor([2.0 / max(int(n) - 1, 1) for n in source.shape[1:]], dtype=torch.float64)
+    g = (a[:ndim, :] * scale[:, None]).flip(0)  # (ndim, ndim+1), rows in grid-channel order
+    g[:, ndim] -= 1.0
+    grid = torch.matmul(ddf.reshape(ndim, -1).T.to(device=ddf.device, dtype=dtype),
+                        g[:, :ndim].T.to(device=ddf.device, dtype=dtype)).view(1, *spatial, ndim)
+    for axis in range(ndim):
+        term = torch.arange(int(spatial[axis]), dtype=torch.float64)[:, None] * g[:, axis][None, :]
+        if axis == 0:
+            term = term + g[:, ndim][None, :]
+        shape = [1] * (ndim + 1) + [ndim]
+        shape[axis + 1] = int(spatial[axis])
+        grid.add_(term.to(device=ddf.device, dtype=dtype).view(shape))
+    out = F.grid_sample(source.unsqueeze(0).to(device=ddf.device, dtype=dtype), grid, mode=mode,
+                        padding_mode=padding_mode, align_corners=True)
+    return out[0]
 
 
 def ddf_source_points(ddf: torch.Tensor, ddf_affine: torch.Tensor, src_affine: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,12 @@ from monai.data import MetaTensor
 from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
 
-from bundle.spatial import ddf_source_points, jacobian_determinant, resample_ddf, resample_to_grid, sample_field
+from bundle.spatial import (
+    jacobian_determinant,
+    resample_ddf,
+    resample_to_grid,
+    warp_through_world,
+)
 
 __all__ = ["Warpd", "JacobianDeterminantd", "ResampleDDFToOriginald", "ResampleToOriginald", "copy_grid_meta"]
 
@@ -36,7 +41,7 @@ class Warpd(MapTransform):
 
     An item on the DDF's grid is warped with MONAI's ``Warp``. An item that is a MetaTensor on another grid
     than the DDF (a MetaTensor too; e.g. the moving image as loaded) is sampled through world coordinates
-    (:func:`bundle.spatial.ddf_source_points`): one interpolation, and nothing is lost outside the fixed
+    (:func:`bundle.spatial.warp_through_world`): one interpolation, and nothing is lost outside the fixed
     image's field of view. The output is on the DDF's grid.
 
     Args:
@@ -79,8 +84,8 @@ class Warpd(MapTransform):
             item = d[key]
             source = torch.as_tensor(item).to(device=ddf.device, dtype=ddf.dtype)
             if _on_other_grid(item, ddf_item):
-                points = ddf_source_points(ddf, ddf_item.affine, item.affine)
-                warped = sample_field(source, points, self.padding_mode, self.modes[key]).to(ddf.dtype)
+                warped = warp_through_world(source, ddf, ddf_item.affine, item.affine, self.padding_mode,
+                                            self.modes[key]).to(ddf.dtype)
                 like = ddf_item
             else:
                 warped = self.warps[self.modes[key]](source.unsqueeze(0), ddf.unsqueeze(0))[0]
