@@ -12,6 +12,13 @@ maximises the mean validation Dice among the weights whose mean folding (% of vo
 neighbours, N times (a bracketing search in log λ). Rows accumulate in ``<out>/results.csv`` (one per pair and λ,
 ``compare_baselines``'s format, so an interrupted run resumes); ``<out>/curve.csv`` holds the validation curve
 (λ, pairs, mean Dice, mean folding, admissible) and ``<out>/choice.json`` the choice. Prints both.
+
+    python benchmarks/choose_regularisation.py combine OUT_1 OUT_2 ... [--max-folding 0.05] --out OUT
+
+One default λ for several data sets: from the ``results.csv`` of runs above (one per data set), the weights that all
+of them evaluated are scored by the mean over data sets of each data set's mean validation Dice (every data set
+counts once, whatever its number of pairs) and of its mean folding; the same rule then chooses. Writes
+``OUT/curve.csv`` (with each data set's mean beside the combined one) and ``OUT/choice.json``.
 """
 
 from __future__ import annotations
@@ -188,11 +195,68 @@ def main_hypergradient(argv: list[str]) -> None:
           f"-> {a.out / 'hypergradient_choice.json'}")
 
 
+def combine(runs: list[Path], out: Path, max_folding: float) -> dict:
+    """One λ for several data sets: each run's curve (:func:`curve`) averaged over the runs at the weights all share.
+
+    Raises:
+        ValueError: fewer than two runs, a run without ``results.csv``, no weight common to all, none admissible.
+    """
+    if len(runs) < 2:
+        raise ValueError("combine needs the output folders of two or more runs (one per data set).")
+    curves = {}
+    for folder in runs:
+        if not (folder / "results.csv").is_file():
+            raise ValueError(f"{folder / 'results.csv'}: no such file (run the per-data-set search first).")
+        curves[folder.name] = {round(p["weight"], 9): p for p in curve(folder / "results.csv")}
+    common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    if not common:
+        raise ValueError(f"no weight was evaluated by all of {', '.join(curves)}; use the same --weights.")
+    points = []
+    for w in common:
+        per_run = {name: c[w] for name, c in curves.items()}
+        points.append({"weight": w, "pairs": sum(p["pairs"] for p in per_run.values()),
+                       "dice_mean": statistics.mean(p["dice_mean"] for p in per_run.values()),
+                       "folding_pct": statistics.mean(p["folding_pct"] for p in per_run.values()),
+                       **{f"dice_{name}": p["dice_mean"] for name, p in per_run.items()}})
+    best = choose(points, max_folding)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "curve.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*points[0], "admissible"])
+        writer.writeheader()
+        writer.writerows({**p, "admissible": p["folding_pct"] <= max_folding} for p in points)
+    choice = {"regularisation_weight": best["weight"], "validation_dice_mean_over_datasets": best["dice_mean"],
+              "validation_folding_pct": best["folding_pct"], "max_folding_pct": max_folding,
+              "runs": [str(r) for r in runs], **{k: v for k, v in best.items() if k.startswith("dice_")}}
+    (out / "choice.json").write_text(json.dumps(choice, indent=2))
+    return {"curve": points, "choice": choice}
+
+
+def main_combine(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="choose_regularisation.py combine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="output folders of per-data-set runs")
+    parser.add_argument("--max-folding", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, required=True)
+    a = parser.parse_args(argv)
+    try:
+        result = combine([r.resolve() for r in a.runs], a.out.resolve(), a.max_folding)
+    except ValueError as e:
+        sys.exit(f"choose_regularisation.py: error: {e}")
+    for p in result["curve"]:
+        others = "  ".join(f"{k.removeprefix('dice_')} {v:.4f}" for k, v in p.items() if k.startswith("dice_") and k != "dice_mean")
+        print(f"λ = {p['weight']:<10.4g} mean Dice {p['dice_mean']:.4f} ({others})  folding {p['folding_pct']:.4f} %")
+    c = result["choice"]
+    print(f"chosen regularisation_weight {c['regularisation_weight']:.4g}: mean validation Dice over data sets "
+          f"{c['validation_dice_mean_over_datasets']:.4f} -> {a.out / 'choice.json'}")
+
+
 def main() -> None:
     from bundle.data.evaluation import DATASETS
 
     if sys.argv[1:2] == ["hypergradient"]:
         return main_hypergradient(sys.argv[2:])
+    if sys.argv[1:2] == ["combine"]:
+        return main_combine(sys.argv[2:])
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of the conditioned network")

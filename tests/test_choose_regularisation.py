@@ -101,3 +101,34 @@ def test_the_hypergradient_variant_steps_lambda_on_the_validation_pairs_and_writ
     choice = json.loads((tmp_path / "out" / "hypergradient_choice.json").read_text())
     best = max(result["history"], key=lambda h: (round(h["dice"], 6), h["weight"]))
     assert choice["regularisation_weight"] == pytest.approx(best["weight"]) and choice["pairs"] == 2
+
+
+def _results(folder, rows):
+    """A per-data-set run's ``results.csv``: (λ, pair, Dice, folding) rows in compare_baselines' format."""
+    folder.mkdir(parents=True)
+    with open(folder / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "pair", "dice_mean", "folding_pct"])
+        writer.writeheader()
+        writer.writerows({"method": chooser.method_name(w), "pair": p, "dice_mean": d, "folding_pct": f}
+                         for w, p, d, f in rows)
+    return folder
+
+
+def test_combine_scores_each_dataset_once_at_the_shared_weights(tmp_path):
+    """Data set A (4 pairs) prefers λ 0.1, B (1 pair) prefers 1: each counts once; λ 3 (only in A) is not a candidate."""
+    a = _results(tmp_path / "a", [(w, f"p{i}", d, 0.0) for w, d in ((0.1, 0.80), (1.0, 0.76), (3.0, 0.90)) for i in range(4)])
+    b = _results(tmp_path / "b", [(0.1, "q", 0.60, 0.0), (1.0, "q", 0.66, 0.0)])
+    result = chooser.combine([a, b], tmp_path / "combined", 0.05)
+    assert [p["weight"] for p in result["curve"]] == [0.1, 1.0]
+    assert result["curve"][0]["dice_mean"] == pytest.approx(0.70) and result["curve"][1]["dice_mean"] == pytest.approx(0.71)
+    assert result["choice"]["regularisation_weight"] == 1.0 and result["choice"]["dice_a"] == pytest.approx(0.76)
+    assert json.loads((tmp_path / "combined" / "choice.json").read_text())["regularisation_weight"] == 1.0
+    with open(tmp_path / "combined" / "curve.csv") as fh:
+        assert [r["dice_b"] for r in csv.DictReader(fh)] == ["0.6", "0.66"]
+    with pytest.raises(ValueError, match="two or more"):
+        chooser.combine([a], tmp_path / "x", 0.05)
+    c = _results(tmp_path / "c", [(0.5, "r", 0.7, 0.0)])
+    with pytest.raises(ValueError, match="no weight was evaluated by all"):
+        chooser.combine([a, c], tmp_path / "x", 0.05)
+    with pytest.raises(ValueError, match="no such file"):
+        chooser.combine([a, tmp_path / "missing"], tmp_path / "x", 0.05)
