@@ -179,9 +179,11 @@ def torch_affine_register(
     generator = torch.Generator().manual_seed(int(seed))
     loss_of = _loss(similarity)
     # MI's Parzen windows expect intensities in [0, 1]; NCC is invariant to the scaling
-    (m_low, m_scale), (f_low, f_scale) = (_unit_range(moving), _unit_range(fixed)) if similarity == "mi" else ((0.0, 1.0),) * 2
     fixed_memory, fixed_restore = _as_tensor(fixed)
     moving_memory, moving_restore = _as_tensor(moving)
+    # the strided sample of _unit_range holds the same voxels in any axis order: take it from the contiguous copies
+    (m_low, m_scale), (f_low, f_scale) = ((_unit_range(moving_memory.numpy()), _unit_range(fixed_memory.numpy()))
+                                          if similarity == "mi" else ((0.0, 1.0),) * 2)
     fixed_centre = torch.as_tensor(_centroid_mm(fixed_memory, fixed_restore, fixed_affine), dtype=torch.float32)
     moving_centre = torch.as_tensor(_centroid_mm(moving_memory, moving_restore, moving_affine), dtype=torch.float32)
     linear = torch.zeros(3 if transform == "rigid" else 9, requires_grad=True)

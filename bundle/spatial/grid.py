@@ -217,7 +217,7 @@ def warp_through_world(
     The same values as ``sample_field(source, ddf_source_points(ddf, ddf_affine, src_affine))``, but the sampling
     grid is built in ``grid_sample``'s own layout in one matrix product plus one broadcast add per axis (the index
     map and the normalisation folded into a float64 3x3 matrix and 1-D terms), instead of via full-size index
-    tensors: about half the time for a 256x128x256 DDF.
+    tensors and a second pass into that layout (the whole warp of a 256x128x256 DDF: 0.43 instead of 0.51 s, one thread).
 
     Args:
         source: ``(C, *src_shape)`` values; ddf: ``(ndim, *spatial)`` DDF in voxel units of its grid.
