@@ -98,6 +98,25 @@ def test_half_res_diffeomorphic_ddf_integrated_at_half_res_then_upsampled(dims):
     assert not torch.allclose(fields["svf"], fields["ddf"], atol=1e-4)
 
 
+@pytest.mark.parametrize("dims", (2, 3))
+def test_half_resolution_upsampling_is_resize_field_and_traces_shape_free(dims):
+    """Exactly twice the size: scale factor 2 and doubled vectors, the values of ``resize_field``; any other size
+    falls back to it. A traced half-resolution network then runs on another input size."""
+    from bundle.networks.blocks import _upsample_half_resolution
+    from bundle.spatial import resize_field
+
+    field = torch.randn(1, dims, *([6] * dims), generator=torch.Generator().manual_seed(0))
+    for size in ([12] * dims, [13] * dims):
+        torch.testing.assert_close(_upsample_half_resolution(field, size), resize_field(field, size), atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    net = RegistrationUNet(spatial_dims=dims, channels=VM1_CHANNELS, integration_steps=3, half_res=True).eval()
+    _randomise_flow(net, scale=0.5)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, _input(dims, batch=1, seed=1))
+        other = torch.rand(1, 2, *([32] * dims), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(traced(other), net(other), atol=1e-5, rtol=0)
+
+
 def test_non_diffeomorphic_ddf_is_flow_output_when_full_res():
     torch.manual_seed(0)
     net = RegistrationUNet(spatial_dims=2, channels=VM1_CHANNELS, integration_steps=0, half_res=False).eval()

@@ -112,6 +112,17 @@ class ConvDecoder(nn.Module):
         return h
 
 
+def _upsample_half_resolution(field: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """``resize_field`` of a half-resolution field to ``spatial_size``; when that is exactly twice its size (inputs
+    padded to the size divisor), by a scale factor of 2 and vectors doubled: the same values, and a traced
+    (TorchScript) network then follows its input's size instead of keeping the traced one."""
+    if tuple(int(s) for s in spatial_size) != tuple(2 * int(s) for s in field.shape[2:]):
+        return resize_field(field, spatial_size)
+    ndim = field.ndim - 2
+    mode = "bilinear" if ndim == 2 else "trilinear"
+    return F.interpolate(field, scale_factor=2.0, mode=mode, align_corners=False) * 2.0
+
+
 class DeformationHead(nn.Module):
     """Turn decoder features into a DDF on the input grid (voxel units, pull-back, MONAI ``Warp`` convention).
 
@@ -202,7 +213,7 @@ class DeformationHead(nn.Module):
             if inverse:
                 out["inverse_ddf"] = self.integrate(-field)
             if self.half_res:  # integrated at half resolution (cheaper), then upsampled
-                out = {key: resize_field(value, spatial_size) for key, value in out.items()}
+                out = {key: _upsample_half_resolution(value, spatial_size) for key, value in out.items()}
             return out
-        return {"ddf": resize_field(field, spatial_size) if self.half_res else field}
+        return {"ddf": _upsample_half_resolution(field, spatial_size) if self.half_res else field}
 
