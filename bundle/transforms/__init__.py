@@ -1,4 +1,5 @@
 from .checks import CheckFinited, CheckLabeld, CheckMemoryd, CheckPaird
+from .foreground import above_minimum
 from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOriginald, Warpd
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
