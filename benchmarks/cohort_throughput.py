@@ -1,7 +1,7 @@
 """Steady-state seconds per pair of the inference command over a cohort, with and without a DataLoader worker.
 
     python benchmarks/cohort_throughput.py [--dataset ibsr] [--section testing] [--pairs 6] [--workers 0,1]
-        [--threads 2] [--ckpt CKPT] [--configs inference.json,registration_only.json,campaign.json]
+        [--threads 2] [--ckpt CKPT] [--configs inference.json]
         [--out runs/cohort_throughput] [--set ID=VALUE]
 
 Runs the bundle's own inference config (the evaluator of ``configs/inference.json`` + ``--configs``) once per
@@ -33,8 +33,8 @@ sys.path.insert(0, str(HERE))
 
 import compare_baselines  # noqa: E402
 
-DEFAULT_CKPT = REPO / "models" / "campaign" / "registration_t1" / "models" / "model.pt"
-DEFAULT_CONFIGS = "inference.json,registration_only.json,campaign.json"
+DEFAULT_CKPT = compare_baselines.DEFAULT_CKPT  # the shipped registration model of configs/inference.json
+DEFAULT_CONFIGS = "inference.json"
 
 
 def completion_times(pairs: list, work: Path, ckpt: Path, configs: list[str], num_workers: int,

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle.data.evaluation import DATASETS, load
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_4mm.pt"
+DEFAULT_CKPT = REPO / "models" / "pretrained" / "registration_t1_conditioned_2mm.pt"  # configs/inference.json's
 BASE_FIELDS = ["method", "pair", "moving", "fixed", "dice_mean", "hd95_mm", "folding_pct", "sd_log_jacobian",
                "seconds", "hardware"]
 

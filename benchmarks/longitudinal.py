@@ -93,7 +93,7 @@ def main() -> None:
     (a.out / "datalist.json").write_text(json.dumps({"testing": items}))
     from bundle.configs import bundle_command
 
-    subprocess.run(bundle_command("inference", REPO, ["inference.json"], {
+    subprocess.run(bundle_command("inference", REPO, ["inference.json", "joint.json"], {
         "datalist": a.out / "datalist.json", "ckpt_path": a.ckpt, "prealign": "rigid", "output_dir": a.out / "joint"}), check=True, cwd=REPO)
     rows = []
     for pair in items:

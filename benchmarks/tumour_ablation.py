@@ -162,7 +162,7 @@ def evaluate(work_dir: Path, variants: list[str], band_mm: float) -> None:
     for variant in variants:
         out_dir = work_dir / variant / "test_outputs"
         overrides = {**_common(work_dir, variant), "output_dir": out_dir, "ckpt_path": work_dir / variant / "models" / "model.pt"}
-        _bundle("inference", ["inference.json"], overrides, work_dir / variant / "infer.log")
+        _bundle("inference", ["inference.json", "joint.json"], overrides, work_dir / variant / "infer.log")
         for pair in datalist["testing"]:
             rows.append({"variant": variant, **_score(work_dir, pair, out_dir / pair["name"], band_mm)})
     identity = [{"variant": "identity", **_score(work_dir, p, None, band_mm)} for p in datalist["testing"]]

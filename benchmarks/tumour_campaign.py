@@ -221,7 +221,7 @@ def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
             settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
                         "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
             with open(out / fold / "inference.log", "a") as log:
-                subprocess.run(bundle_command("inference", REPO, ["inference.json", "tumour_campaign.json"], settings),
+                subprocess.run(bundle_command("inference", REPO, ["inference.json", "joint.json", "tumour_campaign.json"], settings),
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
             for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir):
                 rows.append({**row, "sequences": sequences, "best_iteration": finished.get("best_iteration"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import fire
 
-from bundle.configs import config_paths, is_probabilistic, is_registration_only, is_regularisation_conditioned, read_config, run_config
+from bundle.configs import checkpoint_overlays, config_paths, is_registration_only, read_config, run_config
 from bundle.errors import input_error
 from bundle.io.readers import is_file
 from bundle.io.writers import writable_folder
@@ -85,18 +85,10 @@ def _checkpoint(model, parser) -> tuple[str, dict]:
 
 
 def _model_configs(root: Path, base: Sequence[str], model, registration_only: bool | None) -> tuple[list[str], str]:
-    """Config names for the checkpoint (the registration-only overlay when it is one) and the checkpoint path."""
+    """Config names for the checkpoint (``base`` + the overlays whose network takes it) and the checkpoint path."""
     names = list(base)
     path, state = _checkpoint(model, read_config(root, names))
-    if registration_only is None:
-        registration_only = is_registration_only(state)
-    if registration_only:
-        names.append("registration_only.json")
-    if is_regularisation_conditioned(state):
-        names.append("regularisation_conditioned.json")
-    if is_probabilistic(state):
-        names.append("probabilistic_features.json")
-    return names, path
+    return [*names, *checkpoint_overlays(root, names, state, registration_only, path)], path
 
 
 def _prealign_override(prealign: str | None, parser) -> dict:
@@ -196,16 +188,19 @@ def register(
         fixed: fixed image (same channels as the moving one).
         out: output folder (created; existing files of the same names are replaced).
         moving_label: label map of the moving image, warped with nearest neighbour.
-        model: checkpoint; default the config's ckpt_path (the shipped models/pretrained/joint_t1_ibsr_4mm.pt).
+        model: checkpoint; default the config's ckpt_path (the shipped registration model,
+            models/pretrained/registration_t1_conditioned_2mm.pt). Another checkpoint gets the configs whose network
+            takes it (``configs/joint.json`` for the joint model, see :func:`bundle.configs.checkpoint_overlays`).
         device: cpu, cuda or cuda:N; default CUDA when available.
         prealign: none, rigid or affine pre-alignment before the deformable step (default: the config's).
         itk: also write itk_displacement.nii.gz and itk_transform.h5 (ITK/ANTs, physical LPS mm).
-        refine: add configs/instance_optimisation.json: the network's field refined on the pair on a 2 mm
-            grid (diffeomorphic residual; more accurate, about 1.5 min per pair on 2 CPU cores).
+        refine: add configs/instance_optimisation.json: the network's field refined on the pair on the network's
+            grid (2 mm for the shipped model; diffeomorphic residual, 30 steps).
         refine_native: add configs/native_refinement.json: the whole transform refined on the fixed image's native
             grid, levels of 4, 2 and 1 voxels (diffeomorphic residual; settings chosen on validation pairs, see
             docs/README.md; about 1 min per IBSR pair on 2 CPU cores). Combines with --refine.
-        registration_only: the checkpoint is the registration-only model; default: detected from its keys.
+        registration_only: the checkpoint must be a registration-only (True) or joint (False) model; default:
+            either, detected from its parameters.
         bundle_root: the bundle folder; default the repository of this package, else the current folder.
         overrides: any other config id, e.g. --pixdim "[2.0,2.0,2.0]".
 
@@ -271,7 +266,7 @@ def segment(
     entry = {"image": _existing(image, "image")}
     out_dir = writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
-    files = ["inference.json", "inference_segmentation.json"]
+    files = ["inference.json", "joint.json", "inference_segmentation.json"]
     ckpt_path, state = _checkpoint(model, read_config(root, files))
     if is_registration_only(state):
         raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")

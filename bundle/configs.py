@@ -23,6 +23,7 @@ __all__ = [
     "is_registration_only",
     "is_regularisation_conditioned",
     "is_probabilistic",
+    "checkpoint_overlays",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +92,8 @@ def bundle_command(
 
 
 def is_regularisation_conditioned(state: Mapping) -> bool:
-    """A network conditioned on the regularisation weight has FiLM layers: it needs
-    ``configs/regularisation_conditioned.json`` (and ``registration_only.json``)."""
+    """A network conditioned on the regularisation weight has FiLM layers (the shipped registration model of
+    ``configs/inference.json`` is one; on ``train.json`` it needs ``configs/regularisation_conditioned.json``)."""
     return any(k.removeprefix("module.").startswith("film_") for k in state)
 
 
@@ -103,7 +104,67 @@ def is_probabilistic(state: Mapping) -> bool:
 
 
 def is_registration_only(state: Mapping) -> bool:
-    """A registration-only (VoxelMorph U-Net) state dict has a ``head`` and no segmentation head: it needs
-    ``configs/registration_only.json`` on top of the base configs."""
+    """A registration-only (VoxelMorph U-Net) state dict has a ``head`` and no segmentation head (the joint
+    model, ``configs/joint.json`` on ``inference.json``, has both)."""
     keys = {k.removeprefix("module.") for k in state}
     return any(k.startswith("head.") for k in keys) and not any(k.startswith("seg_head.") for k in keys)
+
+
+# Overlays that change the network, tried in this order on top of the base configs by :func:`checkpoint_overlays`:
+# the shipped registration model (inference.json) or the joint model (train.json) first, then the other
+# architectures the bundle trains: joint (4 mm T1, or the tumour campaign's 2-channel half-resolution one), the
+# campaign's half-resolution SVF U-Net and the plain full-resolution U-Net, each with or without FiLM on λ.
+_ARCHITECTURE_OVERLAYS = (
+    (),
+    ("joint.json",),
+    ("tumour_campaign.json",),
+    ("joint.json", "tumour_campaign.json"),
+    ("registration_only.json", "campaign.json", "regularisation_conditioned.json"),
+    ("registration_only.json", "campaign.json"),
+    ("registration_only.json",),
+    ("registration_only.json", "regularisation_conditioned.json"),
+)
+
+
+def _shapes(state: Mapping) -> dict:
+    return {k.removeprefix("module."): tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def checkpoint_overlays(
+    bundle_root: str | os.PathLike, base: Sequence[str], state: Mapping, registration_only: bool | None = None,
+    path: str = "checkpoint",
+) -> list[str]:
+    """The config overlays to add to ``base`` so that its ``network_def`` takes ``state`` (same parameter names and
+    shapes): the first fitting entry of the bundle's architecture overlays (none for the shipped model on
+    ``inference.json``; ``joint.json`` for the joint model; ``registration_only.json`` [+ ``campaign.json``]
+    [+ ``regularisation_conditioned.json``] for the other registration-only U-Nets), plus
+    ``probabilistic_features.json`` for Gaussian encoder features. Settings a state dict cannot show (the
+    integration steps, the training grid) are those of the matching configs.
+
+    Args:
+        registration_only: ``True`` / ``False`` keep only registration-only / joint architectures; ``None``: any.
+        path: the checkpoint's name in the error message.
+
+    Raises:
+        ValueError: no overlay builds a network with these parameters.
+    """
+    wanted = _shapes(state)
+    probabilistic = ("probabilistic_features.json",) if is_probabilistic(state) else ()
+    if registration_only is not None and registration_only != is_registration_only(state):
+        kind = "registration-only" if registration_only else "joint (registration + segmentation)"
+        raise ValueError(f"{path} is not a {kind} model (its parameters say otherwise).")
+    for overlays in _ARCHITECTURE_OVERLAYS:
+        names = [*base, *overlays, *probabilistic]
+        if any(n in base for n in overlays):
+            continue
+        try:
+            network = read_config(bundle_root, names).get_parsed_content("network_def", instantiate=True)
+        except (FileNotFoundError, RuntimeError):  # an overlay this bundle lacks, or one that does not combine
+            continue
+        if _shapes(network.state_dict()) == wanted:
+            return [*overlays, *probabilistic]
+    raise ValueError(
+        f"{path}: no network of this bundle's configs ({', '.join(base)} with or without "
+        f"{', '.join(sorted({n for o in _ARCHITECTURE_OVERLAYS for n in o}))}) has its parameters; "
+        "was it trained with other channels or architecture settings?"
+    )

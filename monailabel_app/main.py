@@ -37,7 +37,7 @@ class BrainRegistrationApp(MONAILabelApp):
 
     def __init__(self, app_dir, studies, conf):
         self.settings = AppSettings.from_conf(app_dir, conf)
-        logger.info(f"bundle {self.settings.bundle_root}; weights {self.settings.model_paths}")
+        logger.info(f"bundle {self.settings.bundle_root}; weights {self.settings.model_paths}; atlas registration {self.settings.atlas_model}")
         super().__init__(
             app_dir=app_dir,
             studies=studies,

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = json.loads(args.overrides)
     if not isinstance(overrides, dict):
         parser.error(f"--overrides must be a JSON object, got {args.overrides!r}")
-    configs = ("inference.json", "inference_segmentation.json")
+    configs = ("inference.json", "joint.json", "inference_segmentation.json")
     model = args.model or read_config(args.bundle_root, configs, overrides).get_parsed_content("ckpt_path")
     dest = export_stock_bundle(args.bundle_root, args.dest, model, overrides)
     print(f"wrote {dest} (configs/inference.json, metadata.json, train.json, logging.conf; models/model.pt)")

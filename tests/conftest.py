@@ -253,8 +253,11 @@ def job_graph(request, tmp_path_factory):
     graph.close()
 
 
-def write_zero_checkpoint(path: str | os.PathLike, config_file: str = "inference.json", flow_bias=None) -> Path:
-    """Write the state dict of a fresh ``network_def`` of ``config_file`` (its flow layer is zero-initialised).
+def write_zero_checkpoint(
+    path: str | os.PathLike, config_files: Sequence[str] = ("inference.json", "joint.json"), flow_bias=None
+) -> Path:
+    """Write the state dict of a fresh ``network_def`` of ``config_files`` (default: the joint model; its flow layer
+    is zero-initialised).
 
     ``flow_bias`` (one value per spatial axis) sets the bias of the final, zero-weight flow convolution, and
     the network is checked to predict that constant displacement (network voxels) everywhere.
@@ -266,7 +269,7 @@ def write_zero_checkpoint(path: str | os.PathLike, config_file: str = "inference
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config_file))
+    parser.read_config([str(CONFIGS / name) for name in config_files])
     network = parser.get_parsed_content("network_def", instantiate=True)
     state = network.state_dict()
     if flow_bias is not None:
@@ -281,8 +284,7 @@ def write_zero_checkpoint(path: str | os.PathLike, config_file: str = "inference
             raise LookupError(f"no unique zero-initialised flow layer in {type(network).__name__}: {biases}")
         state[biases[0]] = torch.as_tensor(flow_bias, dtype=state[biases[0]].dtype)
         network.load_state_dict(state)
-        meta = json.loads((CONFIGS / "metadata.json").read_text())
-        channels = meta["network_data_format"]["inputs"]["image"]["num_channels"]
+        channels = 2 * int(parser.get_parsed_content("num_channels"))  # a pair (not for the λ-conditioned network)
         size = 2 * getattr(network, "size_divisor", 16)
         with torch.no_grad():
             ddf = network.eval()(torch.rand(1, channels, *([size] * ndim)))[:, :ndim]

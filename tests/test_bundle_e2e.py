@@ -51,7 +51,7 @@ def _train(bundle_root: Path, epochs: int, log: Path, command: str = "training",
 
 
 def _infer(bundle_root: Path, out: Path, log: Path, datalist=None, ckpt=None, cwd=REPO_ROOT, extra=()):
-    args = ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", bundle_root,
+    args = ["run", "inference", "--config_file", config("inference.json", "joint.json"), "--bundle_root", bundle_root,
             "--output_dir", out, "--pixdim", PIXDIM, *extra]
     args += ["--datalist", datalist] if datalist else []
     args += ["--ckpt_path", ckpt] if ckpt else []
@@ -92,7 +92,7 @@ def _tiny_inputs(folder: Path) -> dict:
     files["blob_label_shifted"] = save_nifti(
         np.roll(blob_label, 4, axis=0), shifted, folder / "blob_seg_shifted.nii.gz"
     )
-    files["zero_train_ckpt"] = str(write_zero_checkpoint(folder / "zero_train.pt", config_file="train.json"))
+    files["zero_train_ckpt"] = str(write_zero_checkpoint(folder / "zero_train.pt", config_files=("train.json",)))
 
     def pair(moving, fixed, name):
         return {"moving": files[moving], "fixed": files[fixed], "moving_label": files["label"], "name": name}
@@ -164,11 +164,11 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
         _, models = graph.result("train")
         common = ["--bundle_root", bundle_root, "--pixdim", PIXDIM, "--ckpt_path", models / BEST_CKPT, "--prealign", "none"]
         two = run(["--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "inference", "--config_file",
-                   config("inference.json", "multi_process_inference.json"), "--output_dir", root / "cohort2", *common],
+                   config("inference.json", "joint.json", "multi_process_inference.json"), "--output_dir", root / "cohort2", *common],
                   module="torch.distributed.run", log=logs / "cohort2.log", timeout=300)
-        one = run(["run", "inference", "--config_file", config("inference.json"), "--output_dir", root / "cohort1", *common],
+        one = run(["run", "inference", "--config_file", config("inference.json", "joint.json"), "--output_dir", root / "cohort1", *common],
                   log=logs / "cohort1.log", timeout=300)
-        worker = run(["run", "inference", "--config_file", config("inference.json"), "--output_dir", root / "cohort1w",
+        worker = run(["run", "inference", "--config_file", config("inference.json", "joint.json"), "--output_dir", root / "cohort1w",
                       "--num_workers", "1", *common], log=logs / "cohort1w.log", timeout=300)
         return two, one, worker
 
@@ -388,7 +388,7 @@ def test_best_model_loads_into_inference_network(e2e):
     _, models = _job(e2e, "train")
     assert (models / "model.pt").is_file()
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "joint.json")])  # train.json trains the joint model
     load_weights(parser.get_parsed_content("network_def"), models / "model.pt")
 
 

@@ -28,8 +28,8 @@ TEST_PAIR = 0  # the demo's first test pair: a tumour-to-healthy pair with label
 
 
 def _write_checkpoint(path: Path, *overlays: str) -> Path:
-    """A fresh network of ``inference.json`` (+ ``overlays``) with a random flow layer, saved as training
-    saves ``model.pt``."""
+    """A fresh network of ``inference.json`` (+ ``overlays``, e.g. ``joint.json`` for the joint model) with a random
+    flow layer, saved as training saves ``model.pt``."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / name) for name in ("inference.json", *overlays)])
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
         datalist = json.loads((root / "demo_data" / "datalist.json").read_text())
         return {k: str(root / "demo_data" / v) for k, v in datalist["testing"][TEST_PAIR].items() if k != "name"}
 
-    _write_checkpoint(ctx["ckpt"])  # in the main thread: ConfigParser in a job thread races with imports
+    _write_checkpoint(ctx["ckpt"], "joint.json")  # in the main thread: ConfigParser in a job thread races with imports
 
     def demo():
         return run(["demo", "--root", root, "--notrain", "--noinfer"], module="bundle", timeout=300,
@@ -228,7 +228,7 @@ def test_bad_checkpoints_and_options_are_explained(capsys, small_image, tmp_path
     pair = ["register", small_image, small_image, "--out", tmp_path]
     assert "checkpoint not found" in _fails(capsys, *pair, "--model", tmp_path / "absent.pt")
     assert "is unreadable" in _fails(capsys, *pair, "--model", small_image.parent / "corrupt.pt")
-    ckpt = _write_checkpoint(tmp_path / "joint.pt")
+    ckpt = _write_checkpoint(tmp_path / "joint.pt", "joint.json")
     assert "--prealign must be one of" in _fails(capsys, *pair, "--model", ckpt, "--prealign", "bspline")
     assert "--device must be 'cpu', 'cuda' or 'cuda:N'" in _fails(capsys, *pair, "--model", ckpt, "--device", "gpu")
     reg_only = _write_checkpoint(tmp_path / "reg.pt", "registration_only.json")
@@ -247,7 +247,7 @@ def test_prealign_passes_only_when_the_config_has_it():
 
 
 def test_registration_only_checkpoints_are_detected(tmp_path):
-    joint = torch.load(_write_checkpoint(tmp_path / "j.pt"), weights_only=True)["network"]
+    joint = torch.load(_write_checkpoint(tmp_path / "j.pt", "joint.json"), weights_only=True)["network"]
     reg = torch.load(_write_checkpoint(tmp_path / "r.pt", "registration_only.json"), weights_only=True)["network"]
     assert not is_registration_only(joint) and is_registration_only(reg)
     assert is_registration_only({f"module.{k}": v for k, v in reg.items()})  # DDP prefix

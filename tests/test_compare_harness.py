@@ -169,7 +169,7 @@ def test_run_passes_and_records_greedy_threads(tmp_path, monkeypatch):
 
 
 def test_ours_runs_the_bundle_inference_and_scores_against_the_fixed_subject(tmp_path):
-    """Method ``ours``: the bundle's inference config in-process (shipped weights, 4 mm grid, no pre-alignment on
+    """Method ``ours``: the bundle's inference config in-process (shipped registration weights, 2 mm grid, no pre-alignment on
     the blob pair), one scored row per pair, resumable."""
     class Tiny:
         testing, labels = ["moving", "fixed"], {1: "a", 2: "b"}

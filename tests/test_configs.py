@@ -10,8 +10,16 @@ import sys
 import pytest
 import torch
 
-from bundle.configs import REPO_ROOT, bundle_command, config_file_arg, config_paths, is_registration_only, read_config
-from bundle.networks import JointRegSegNet, RegistrationUNet, TumourSegmentationNet
+from bundle.configs import (
+    REPO_ROOT,
+    bundle_command,
+    checkpoint_overlays,
+    config_file_arg,
+    config_paths,
+    is_registration_only,
+    read_config,
+)
+from bundle.networks import ConditionedRegistrationUNet, JointRegSegNet, RegistrationUNet, TumourSegmentationNet
 from conftest import CONFIGS
 
 
@@ -25,12 +33,19 @@ def test_config_paths_in_order_and_missing_ones_named(tmp_path):
 
 
 def test_read_config_overlays_and_overrides(tmp_path):
-    joint = read_config(REPO_ROOT, ["inference.json"], {"pixdim": [2.0, 2.0, 2.0]})
-    assert joint["bundle_root"] == str(REPO_ROOT) and joint.get_parsed_content("pixdim") == [2.0, 2.0, 2.0]
+    shipped = read_config(REPO_ROOT, ["inference.json"], {"pixdim": [4.0, 4.0, 4.0]})
+    assert shipped["bundle_root"] == str(REPO_ROOT) and shipped.get_parsed_content("pixdim") == [4.0, 4.0, 4.0]
+    network = shipped.get_parsed_content("network_def")
+    assert isinstance(network, ConditionedRegistrationUNet) and network.head.half_res  # the campaign's registration model
+    assert shipped.get_parsed_content("prepare_batch").regularisation_weight == shipped.get_parsed_content("regularisation_weight")
+    joint = read_config(REPO_ROOT, ["inference.json", "joint.json"])
     assert isinstance(joint.get_parsed_content("network_def"), JointRegSegNet)
+    assert joint.get_parsed_content("prepare_batch").regularisation_weight is None
+    assert joint.get_parsed_content("ckpt_path").endswith("joint_t1_ibsr_4mm.pt")
     reg = read_config(REPO_ROOT, ["inference.json", "registration_only.json"])
-    assert isinstance(reg.get_parsed_content("network_def"), RegistrationUNet)
-    seg = read_config(REPO_ROOT, ["inference.json", "inference_segmentation.json"])
+    network = reg.get_parsed_content("network_def")
+    assert type(network) is RegistrationUNet and reg.get_parsed_content("prepare_batch").regularisation_weight is None
+    seg = read_config(REPO_ROOT, ["inference.json", "joint.json", "inference_segmentation.json"])
     assert isinstance(seg.get_parsed_content("network_def"), TumourSegmentationNet)
 
 
@@ -50,6 +65,43 @@ def test_registration_only_state_dicts_are_recognised():
     assert is_registration_only(reg) and not is_registration_only(joint)
     assert is_registration_only({f"module.{k}": v for k, v in reg.items()})  # a DDP checkpoint
     assert not is_registration_only({"x": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    "base, overlays, expected",
+    [
+        (["inference.json"], [], []),
+        (["inference.json"], ["joint.json"], ["joint.json"]),
+        (["inference.json"], ["registration_only.json"], ["registration_only.json"]),
+        (["inference.json"], ["registration_only.json", "campaign.json"], ["registration_only.json", "campaign.json"]),
+        (["inference.json"], ["registration_only.json", "regularisation_conditioned.json"],
+         ["registration_only.json", "regularisation_conditioned.json"]),
+        (["inference.json"], ["joint.json", "tumour_campaign.json"], ["joint.json", "tumour_campaign.json"]),
+        (["inference.json"], ["registration_only.json", "probabilistic_features.json"],
+         ["registration_only.json", "probabilistic_features.json"]),
+        (["train.json"], [], []),
+        (["train.json"], ["registration_only.json", "campaign.json", "regularisation_conditioned.json"],
+         ["registration_only.json", "campaign.json", "regularisation_conditioned.json"]),
+        (["train.json"], ["tumour_campaign.json"], ["tumour_campaign.json"]),
+    ],
+)
+def test_checkpoint_overlays_rebuild_the_network_a_state_dict_came_from(base, overlays, expected):
+    """The configs chosen from a checkpoint's parameters are the ones it was built with, and take it."""
+    state = read_config(REPO_ROOT, [*base, *overlays]).get_parsed_content("network_def").state_dict()
+    found = checkpoint_overlays(REPO_ROOT, base, state)
+    assert found == expected
+    rebuilt = read_config(REPO_ROOT, [*base, *found]).get_parsed_content("network_def").state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_checkpoint_overlays_name_a_checkpoint_that_fits_no_network():
+    state = RegistrationUNet(spatial_dims=3, in_channels=6).state_dict()  # 3-channel images: no config builds it
+    with pytest.raises(ValueError, match="weird.pt: no network of this bundle's configs"):
+        checkpoint_overlays(REPO_ROOT, ["inference.json"], state, path="weird.pt")
+    joint = JointRegSegNet(spatial_dims=3).state_dict()
+    with pytest.raises(ValueError, match="joint.pt is not a registration-only model"):
+        checkpoint_overlays(REPO_ROOT, ["inference.json"], joint, registration_only=True, path="joint.pt")
+    assert checkpoint_overlays(REPO_ROOT, ["inference.json"], {f"module.{k}": v for k, v in joint.items()}) == ["joint.json"]
 
 
 def test_no_config_branches_on_the_model_kind():

@@ -39,7 +39,8 @@ def _blobs(path: Path, shift: float) -> Path:
 
 def _start(moving: Path, fixed: Path, out: Path, tmp: Path) -> subprocess.Popen:
     env = dict(bundle_env(1), TMPDIR=str(tmp))
-    args = ["register", moving, fixed, "--out", out, "--prealign", "none", "--device", "cpu"]
+    # --itk: two more staged files (the ITK field and transform), so that staging lasts long enough to be hit
+    args = ["register", moving, fixed, "--out", out, "--prealign", "none", "--device", "cpu", "--itk"]
     return subprocess.Popen([sys.executable, "-c", MAIN, *map(str, args)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

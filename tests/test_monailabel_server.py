@@ -41,7 +41,7 @@ STUDIES = ["test/brats_2013_pat0002_1", "validation/brats_2013_pat0003_1", "vali
            "train/brats_2013_pat0005_1"]  # sorted by id: the last one validates (val_split 0.25)
 FLAIR, TUMOUR, BRAIN = "Flair_subtrMeanDivStd.nii.gz", "OTMultiClass.nii.gz", "brainmask.nii.gz"
 
-PIXDIM = [4.0, 4.0, 4.0]  # network grid of every task here, set explicitly (whatever the configs default to)
+PIXDIM = [4.0, 4.0, 4.0]  # network grid of the joint model's commands here, set explicitly (what its weights are trained at)
 TRAIN_EPOCHS = 4  # 6 ordered pairs of 3 training subjects per epoch
 STARTUP_S, INFER_S, TRAIN_S, STOP_S = 240, 600, 900, 30
 
@@ -156,14 +156,17 @@ def studies(work) -> Path:
 
 @pytest.fixture(scope="module")
 def app_server(work, studies):
-    """This repository's app (a copy, so that its models and logs stay out of the checkout) with untrained weights."""
+    """This repository's app (a copy, so that its models and logs stay out of the checkout): untrained joint weights
+    (tumour task), the shipped registration model (atlas task)."""
     app = work / "app"
     ignore = shutil.ignore_patterns("model", "logs", "bin", "__pycache__")
     shutil.copytree(REPO_ROOT / "monailabel_app", app, ignore=ignore)
     conf = {
         "bundle_root": str(REPO_ROOT),
         "model": str(write_zero_checkpoint(work / "untrained.pt")),
-        "overrides": json.dumps({"pixdim": PIXDIM, "demo_dir": str(work / "demo_data")}),
+        # no grid override: the tumour task runs the joint configs' 4 mm grid, the atlas task the shipped
+        # registration model on its own 2 mm grid
+        "overrides": json.dumps({"demo_dir": str(work / "demo_data")}),
     }
     server = Server([sys.executable, "-m", "monailabel.main"], app, studies, conf, work / "app_server.log")
     server.app = app
@@ -270,7 +273,7 @@ def test_app_segmentation_equals_the_bundle_command(trained, trained_segmentatio
     """Same weights, same image: MONAI Label's answer is the bundle's ``inference_segmentation.json`` output."""
     datalist = work / "segment.json"
     datalist.write_text(json.dumps({"testing": [{"image": str(HELD_OUT / FLAIR), "name": "pat0001"}]}))
-    run(["run", "inference", "--config_file", f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'inference_segmentation.json'}']",
+    run(["run", "inference", "--config_file", f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'joint.json'}','{CONFIGS / 'inference_segmentation.json'}']",
          "--bundle_root", str(work / "bundle_cmd"), "--datalist", str(datalist), "--ckpt_path", str(trained),
          "--pixdim", str(PIXDIM), "--output_dir", str(work / "bundle_cmd")], timeout=600).check()
     expected = np.asarray(nib.load(str(work / "bundle_cmd" / "pat0001" / "seg.nii.gz")).dataobj)

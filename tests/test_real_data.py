@@ -104,7 +104,7 @@ def _zero_inference(graph, root, logs, name, pairs, ckpt_key="zero"):
         files = graph.result("real_prep")
         datalist = write_datalist(root / f"datalist_{name}.json", pairs(files))
         result = run(
-            ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", root,
+            ["run", "inference", "--config_file", config("inference.json", "joint.json"), "--bundle_root", root,
              "--datalist", datalist, "--ckpt_path", files[ckpt_key], "--output_dir", root / name,
              "--pixdim", PIXDIM, "--prealign", "none"],  # the network's own DDF, in world coordinates
             log=logs / f"{name}.log", timeout=300,
@@ -162,7 +162,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> JobGraph | None:
         # the last epoch's checkpoint: the only validation is at the last epoch, so model.pt has the same weights
         ckpt = bundle_root / "models" / f"checkpoint_epoch={OASIS_EPOCHS}.pt"
         result = run(
-            ["run", "inference", "--config_file", config("inference.json"), "--bundle_root", bundle_root,
+            ["run", "inference", "--config_file", config("inference.json", "joint.json"), "--bundle_root", bundle_root,
              "--datalist", datalist, "--output_dir", out, "--ckpt_path", ckpt, "--pixdim", PIXDIM,
              "--prealign", "none"],  # as trained (the pair is already aligned) and as the zero network ran
             log=logs / "oasis_trained.log", timeout=300,

@@ -1,10 +1,13 @@
-"""TorchScript export with ``python -m monai.bundle ckpt_export`` (traced) of both shipped models.
+"""TorchScript export with ``python -m monai.bundle ckpt_export`` (traced) of both shipped architectures: the
+registration model of ``configs/inference.json`` (λ-conditioned, half-resolution SVF; its input is
+``cat([moving, fixed, λ map])``) and the joint model (``configs/joint.json``).
 
 The exported models must reproduce the PyTorch outputs (DDF and, for the joint model, the tumour logits)
 within ``ATOL`` on a real pair (OASIS, ``oasis/lapirn``; acknowledge OASIS) and on inputs of another shape
-than the traced one. The checkpoints have a random (non-zero) flow layer, so the DDFs are not trivially 0.
-The joint checkpoint is written as training writes ``models/model.pt`` (weights under ``network`` with the
-best-metric record), hence ``--key_in_ckpt network``; the registration-only one is a plain state dict.
+than the traced one (for the conditioned model, at another λ too: λ is data, not a traced constant). The
+checkpoints have a random (non-zero) flow layer, so the DDFs are not trivially 0. The joint checkpoint is
+written as training writes ``models/model.pt`` (weights under ``network`` with the best-metric record), hence
+``--key_in_ckpt network``; the registration one is a plain state dict, as shipped.
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ TRACE_SHAPE = (1, 2, 48, 48, 48)
 OTHER_SHAPE = (1, 2, 32, 64, 48)
 ATOL = 1e-5  # measured: identical (0.0) on this CPU; the tolerance covers other kernels/threads
 MODELS = {
-    "joint": ("inference.json",),
-    "registration_only": ("inference.json", "registration_only.json"),
+    "joint": ("inference.json", "joint.json"),
+    "registration": ("inference.json",),
 }
+TRACE_WEIGHT, OTHER_WEIGHT = 0.173, 1.5  # λ of the conditioned model: traced at one, checked at another
+
+
+def _inputs(model: str, images: torch.Tensor, weight: float) -> torch.Tensor:
+    """The network input: the image pair, and for the conditioned model a λ channel."""
+    if model == "joint":
+        return images
+    return torch.cat([images, torch.full_like(images[:, :1], weight)], dim=1)
 
 
 def _network(config_files):
@@ -45,6 +56,9 @@ def _write_checkpoint(model: str, path: Path) -> Path:
     head = net.reg_head if model == "joint" else net.head
     with torch.no_grad():
         torch.nn.init.normal_(head.conv.weight, std=1.0)
+        for name, p in net.named_parameters():  # FiLM starts as the identity: make λ matter
+            if name.startswith("film_"):
+                torch.nn.init.normal_(p, std=0.5)
     state = net.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"network": state, "checkpointer": {"saved": []}} if model == "joint" else state, path)
@@ -68,7 +82,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                 "--meta_file", CONFIGS / "metadata.json",
                 "--config_file", config(*MODELS[model]),
                 "--use_trace", "True",
-                "--input_shape", str(list(TRACE_SHAPE)),
+                "--input_shape", str([1, TRACE_SHAPE[1] + (model != "joint"), *TRACE_SHAPE[2:]]),
             ]
             if model == "joint":
                 args += ["--key_in_ckpt", "network"]
@@ -116,6 +130,7 @@ def test_export_reproduces_pytorch_on_a_real_pair(job_graph, exported, model):
     eager, scripted, extra = _models(job_graph, exported, model)
     x = _oasis_pair()
     assert tuple(x.shape) == TRACE_SHAPE
+    x = _inputs(model, x, TRACE_WEIGHT)
     with torch.no_grad():
         expected, actual = eager(x), scripted(x)
     channels = 7 if model == "joint" else 3
@@ -129,12 +144,18 @@ def test_export_reproduces_pytorch_on_a_real_pair(job_graph, exported, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_export_runs_on_another_shape_and_embeds_the_bundle_files(job_graph, exported, model):
     eager, scripted, extra = _models(job_graph, exported, model)
-    x = torch.rand(OTHER_SHAPE, generator=torch.Generator().manual_seed(1))
+    x = _inputs(model, torch.rand(OTHER_SHAPE, generator=torch.Generator().manual_seed(1)), OTHER_WEIGHT)
     with torch.no_grad():
         expected, actual = eager(x), scripted(x)
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
-    assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["num_channels"] == 2
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "bundle.networks.JointRegSegNet"
-    if model == "registration_only":  # the overlay that makes it the registration-only network
-        assert json.loads(extra["registration_only.json"])["network_def"]["_target_"] == "bundle.networks.RegistrationUNet"
+    if model == "registration":  # λ reaches the traced network as data: another λ, another field
+        with torch.no_grad():
+            other = _inputs(model, x[:, :2], TRACE_WEIGHT)
+            assert (scripted(other) - actual).abs().max() > 1e-4
+            torch.testing.assert_close(scripted(other), eager(other), atol=ATOL, rtol=0)
+    # the metadata describes the default (registration) network; the joint overlay is embedded with its configs
+    assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["num_channels"] == 3
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "bundle.networks.ConditionedRegistrationUNet"
+    if model == "joint":
+        assert json.loads(extra["joint.json"])["network_def"]["_target_"] == "bundle.networks.JointRegSegNet"
 

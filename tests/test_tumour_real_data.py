@@ -69,7 +69,7 @@ def test_evaluation_reports_tumour_dice(trained):
 def test_pair_inference_writes_segmentations_on_fixed_grid(trained):
     root, datalist, args, _ = trained
     out = root / "pairs"
-    run(["run", "inference", "--config_file", config("inference.json"), *args, "--output_dir", out,
+    run(["run", "inference", "--config_file", config("inference.json", "joint.json"), *args, "--output_dir", out,
          "--ckpt_path", root / "models" / "model.pt"], timeout=300).check()
     fixed, affine = load_nifti(CASES[1] / "T1c_subtrMeanDivStd.nii.gz")
     folder = out / json.loads(datalist.read_text())["testing"][0]["name"]
@@ -89,7 +89,7 @@ def test_pair_inference_writes_segmentations_on_fixed_grid(trained):
 def test_single_image_segmentation(trained):
     root, _, args, _ = trained
     out = root / "seg"
-    run(["run", "inference", "--config_file", config("inference.json", "inference_segmentation.json"), *args, "--output_dir", out,
+    run(["run", "inference", "--config_file", config("inference.json", "joint.json", "inference_segmentation.json"), *args, "--output_dir", out,
          "--ckpt_path", root / "models" / "model.pt"], timeout=300).check()
     fixed, affine = load_nifti(CASES[1] / "T1c_subtrMeanDivStd.nii.gz")
     seg, seg_affine = load_nifti(out / "T1c_subtrMeanDivStd" / "seg.nii.gz")

@@ -3,7 +3,11 @@
 The app's ``--conf`` options (``monailabel start_server ... --conf KEY VALUE``):
 
 - ``bundle_root``: the bundle (a folder with ``configs/``); default: the repository that holds this app.
-- ``model``: the checkpoint the infer tasks start from; default: the bundle configs' ``ckpt_path``.
+- ``model``: the joint model's checkpoint (tumour segmentation and training start from it); default: the
+  ``ckpt_path`` of ``inference.json`` + ``joint.json`` + ``inference_segmentation.json``.
+- ``atlas_model``: the checkpoint of the atlas registration task; default: ``inference.json``'s ``ckpt_path`` (the
+  shipped registration model for plain, tumour-free pairs). A joint or other registration checkpoint also works:
+  the configs that build its network are chosen from its parameters.
 - ``overrides``: JSON object of config ids set in every config the app reads, e.g. ``'{"pixdim": [4, 4, 4]}'``
   for a checkpoint trained at 4 mm (the network grid must match the one the weights were trained on).
 - ``atlas_image`` / ``atlas_label``: the atlas of the registration task (default: the embedded demo's).
@@ -36,6 +40,7 @@ class AppSettings:
     app_dir: Path
     bundle_root: Path
     model: Path
+    atlas_model: Path | None = None
     overrides: dict = field(default_factory=dict)
     atlas_image: str | None = None
     atlas_label: str | None = None
@@ -64,10 +69,12 @@ class AppSettings:
         if not (root / "configs" / "inference.json").is_file():
             raise FileNotFoundError(f"bundle_root {root} has no configs/inference.json (set --conf bundle_root).")
         overrides = _json_object(conf, "overrides") or {}
-        model = conf.get("model") or read_config(root, ("inference.json", "inference_segmentation.json"), overrides).get_parsed_content(
+        model = conf.get("model") or read_config(root, ("inference.json", "joint.json", "inference_segmentation.json"), overrides).get_parsed_content(
             "ckpt_path"
         )
         model = Path(os.path.expanduser(str(model))).resolve()
+        atlas_model = conf.get("atlas_model") or read_config(root, ("inference.json",), overrides).get_parsed_content("ckpt_path")
+        atlas_model = Path(os.path.expanduser(str(atlas_model))).resolve()
         atlas = [conf.get("atlas_image"), conf.get("atlas_label")]
         if any(atlas) and not all(atlas):
             raise ValueError("give both --conf atlas_image and --conf atlas_label, or neither (the demo atlas).")
@@ -78,6 +85,7 @@ class AppSettings:
             app_dir=Path(app_dir).resolve(),
             bundle_root=root,
             model=model,
+            atlas_model=atlas_model,
             overrides=overrides,
             atlas_image=atlas[0],
             atlas_label=atlas[1],

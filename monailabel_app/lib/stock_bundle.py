@@ -8,7 +8,8 @@ and output of ``network_data_format``, the output's ``channel_def`` as the label
 the pair registration and its metadata describes the joint network, so the layout is made from the MONAI
 Label variants, each file being the bundle's own config merged with its overlay:
 
-- ``inference.json`` = ``inference.json`` + ``inference_segmentation.json`` + ``monailabel_infer.json`` (no file writer);
+- ``inference.json`` = ``inference.json`` + ``joint.json`` + ``inference_segmentation.json`` + ``monailabel_infer.json`` (no file
+  writer);
 - ``metadata.json`` = ``metadata.json`` + ``monailabel_metadata.json`` (the segmentation head's I/O);
 - ``train.json`` = ``train.json`` + ``monailabel_train.json`` (datastore subjects -> every ordered pair).
 """
@@ -29,7 +30,7 @@ from .bundle_config import read_config, read_metadata
 __all__ = ["export_stock_bundle", "STOCK_CONFIGS"]
 
 STOCK_CONFIGS = {
-    "inference.json": ("inference.json", "inference_segmentation.json", "monailabel_infer.json"),
+    "inference.json": ("inference.json", "joint.json", "inference_segmentation.json", "monailabel_infer.json"),
     "train.json": ("train.json", "monailabel_train.json"),
 }
 

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from monai.transforms import CastToTyped, Lambda, MapTransform, SqueezeDimd
 
+from bundle.configs import checkpoint_overlays
 from bundle.data.demo import build_demo_dataset
+from bundle.engines.checkpoints import network_state_dict
 
 from ..bundle_config import AppSettings, read_config
 from .base import BundleConfigInferTask
@@ -56,7 +58,8 @@ def _finish(d: dict) -> dict:
 
 
 class AtlasRegistration(BundleConfigInferTask):
-    """Warp an atlas onto the request's image with the bundle's registration pipeline (``configs/inference.json``).
+    """Warp an atlas onto the request's image with the bundle's registration pipeline (``configs/inference.json``
+    and its shipped registration model, or ``--conf atlas_model`` with the configs its parameters call for).
 
     The image is the **fixed** image and the atlas the **moving** one, so the displacement field lives on the
     image's grid and the atlas labels are pulled onto it (nearest neighbour) exactly as ``warped_label.nii.gz``
@@ -66,7 +69,9 @@ class AtlasRegistration(BundleConfigInferTask):
     """
 
     def __init__(self, settings: AppSettings, **kwargs):
-        parser = read_config(settings.bundle_root, ("inference.json",), settings.overrides)
+        model = settings.atlas_model or settings.model
+        configs = ("inference.json", *checkpoint_overlays(settings.bundle_root, ["inference.json"], network_state_dict(model), path=str(model)))
+        parser = read_config(settings.bundle_root, configs, settings.overrides)
         self.demo_dir = Path(parser.get_parsed_content("demo_dir"))
         self.atlas = (settings.atlas_image, settings.atlas_label) if settings.atlas_image else None
         self._atlas_lock = threading.Lock()  # MONAI Label may run requests in threads: build the demo once
@@ -75,9 +80,9 @@ class AtlasRegistration(BundleConfigInferTask):
         )
         super().__init__(
             parser,
-            settings.model_paths,
+            [str(model)],
             labels=labels,
-            description="Registration-based segmentation: the atlas labels warped onto the image by the joint model",
+            description="Registration-based segmentation: the atlas labels warped onto the image by the registration model",
             config={"atlas": ""},
             **kwargs,
         )

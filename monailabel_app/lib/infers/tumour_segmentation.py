@@ -13,7 +13,7 @@ from .base import BundleConfigInferTask
 __all__ = ["TumourSegmentation", "CONFIGS"]
 
 # the bundle's single-image segmentation overlay, with MONAI Label's post-processing (no file writer)
-CONFIGS = ("inference.json", "inference_segmentation.json", "monailabel_infer.json")
+CONFIGS = ("inference.json", "joint.json", "inference_segmentation.json", "monailabel_infer.json")
 
 
 class TumourSegmentation(BundleConfigInferTask):
