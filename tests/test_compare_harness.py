@@ -375,15 +375,17 @@ def test_split_pairs_testing_and_validation(tmp_path):
 
 
 def test_metadata_eval_metric_is_the_published_held_out_number():
-    """``configs/metadata.json``'s ``eval_metrics`` is the shipped model's mean Dice over the IBSR test pairs
-    in docs/results/baselines.csv (method ``ours``), not a placeholder."""
+    """``configs/metadata.json``'s ``eval_metrics`` are the shipped model's mean Dice over the IBSR and LPBA40 test
+    pairs in docs/results/baselines.csv and baselines_lpba40.csv (method ``ours``), not placeholders."""
     import json
 
     meta = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())
-    rows = [r for r in csv.DictReader(open(REPO_ROOT / "docs" / "results" / "baselines.csv")) if r["method"] == "ours"]
-    assert rows, "no 'ours' rows in docs/results/baselines.csv"
-    mean = float(np.mean([float(r["dice_mean"]) for r in rows]))
-    assert meta["eval_metrics"] == {"ibsr_test_mean_dice_csf_gm_wm": round(mean, 3)}
+    expected = {}
+    for name, key in (("baselines.csv", "ibsr_test_mean_dice_csf_gm_wm"), ("baselines_lpba40.csv", "lpba40_test_mean_dice_56_structures")):
+        rows = [r for r in csv.DictReader(open(REPO_ROOT / "docs" / "results" / name)) if r["method"] == "ours"]
+        assert rows, f"no 'ours' rows in docs/results/{name}"
+        expected[key] = round(float(np.mean([float(r["dice_mean"]) for r in rows])), 3)
+    assert meta["eval_metrics"] == expected
 
 
 def _rows(*specs) -> list[dict]:
