@@ -65,6 +65,17 @@ def test_check_finite_rejects_blank_and_empty_images(value):
         CheckFinited("moving")({"moving": torch.full((1, 4, 4, 4), value)})
 
 
+def test_check_finite_checks_the_2d_block_of_a_2d_images_affine():
+    """A 2-D image whose 3-D header swaps its second axis out of the plane: the 4x4 affine is invertible but the
+    2-D block that MONAI's spatial transforms use is singular (Orientationd's unclear "Unable to find out axis")."""
+    image = MetaTensor(torch.rand(1, 5, 6), affine=torch.tensor([[2.0, 0, 0, 0], [0, 0, 2, 0], [0, 2, 0, 0], [0, 0, 0, 1]]),
+                       meta={"filename_or_obj": "/data/slice.nii.gz"})
+    with pytest.raises(ValueError, match=r"moving \(/data/slice\.nii\.gz\): the voxel-to-world affine .* singular"):
+        CheckFinited("moving")({"moving": image})
+    image.affine = torch.diag(torch.tensor([2.0, 3.0, 1.0, 1.0]))  # in-plane axes: accepted
+    assert CheckFinited("moving")({"moving": image})["moving"] is image
+
+
 def test_check_finite_accepts_a_missing_sequence_but_not_another_constant_channel():
     """An all-zero channel beside a real one is a missing sequence (no FLAIR); a non-zero constant channel is not."""
     image = torch.zeros(3, 4, 4, 4)

@@ -498,6 +498,7 @@ def test_images(tmp_path_factory, inference_parser, good_image):
     @example(spec=image_spec(bad_affine="nan"), role="moving")  # NaN sform: Orientationd's "Unable to find out axis"
     @example(spec=image_spec(bad_affine="absurd", seed=6), role="fixed")  # 1e10 mm voxels: a 6e11-voxel grid
     @example(spec=image_spec(shape=(12, 10)), role="both")  # 2-D pair: PreAlignd's error named no file
+    @example(spec=image_spec(shape=(1, 2), permutation=(0, 2, 1)), role="both")  # 2-D, axes swapped: singular 2-D block
     @example(spec=image_spec(shape=(12, 10, 8, 3)), role="both")  # 3 channels each: the network's conv error
     @example(spec=image_spec(shape=(12, 10, 8, 1), extension=500_000), role="fixed")  # valid: trailing singleton
     def check(spec, role):

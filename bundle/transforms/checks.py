@@ -6,6 +6,7 @@ from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
+from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform
 
 __all__ = [
@@ -50,6 +51,8 @@ class CheckFinited(MapTransform):
             affine = getattr(d[key], "affine", None)
             if affine is not None:
                 affine = torch.as_tensor(affine, dtype=torch.float64)
+                if 1 < values.ndim < affine.shape[0]:  # a 2-D image: MONAI's spatial transforms use the 2-D block
+                    affine = to_affine_nd(values.ndim - 1, affine)
                 linear = affine[:-1, :-1]
                 if not torch.isfinite(affine).all() or torch.linalg.matrix_rank(linear) < linear.shape[0]:
                     raise ValueError(f"{source_name(d, key)}: the voxel-to-world affine {_rounded(affine)} is "
