@@ -173,3 +173,24 @@ def test_two_dimensional_pairs_and_several_channels():
     fixed = torch.cat([_blobs((20, 20, 20)), 1.0 - _blobs((20, 20, 20))])
     out = refine_native(torch.roll(fixed, 1, dims=1), fixed, torch.zeros(3, 20, 20, 20), torch.eye(4), levels=[(1, 5)])
     assert out.shape == (3, 20, 20, 20) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("residual", ["ddf", "svf"])
+def test_a_step_samples_where_the_moved_field_points(residual):
+    """The per-step grid (constant terms computed once per level) equals the moving grid of the level's field
+    ``_moved(parameter, ...)``, written out term by term, on a level coarser than the native grid."""
+    from bundle.engines.native_refinement import _Exponential, _moved, _MovingGrid, _StepGrid
+
+    torch.manual_seed(0)
+    shape, moving_shape = [9, 7, 8], [12, 10, 11]
+    level_map = torch.tensor([[1.9, 0.1, 0.0, 0.5], [0.0, 2.1, -0.2, 1.0], [0.1, 0.0, 2.0, -0.3], [0, 0, 0, 1]],
+                             dtype=torch.float64)
+    linear = torch.tensor([[0.95, 0.05, 0.0], [0.0, 1.05, -0.1], [0.05, 0.0, 1.0]])
+    vectors = torch.tensor([2.1, 1.8, 1.95]).view(1, 3, 1, 1, 1)
+    start, taper = torch.randn(1, 3, *shape), torch.rand(1, 1, *shape)
+    integrate = None if residual == "ddf" else _Exponential([5, 4, 4], shape, 7)
+    parameter = 0.5 * torch.randn(1, 3, *(shape if residual == "ddf" else [5, 4, 4]))
+    moving_grid = _MovingGrid(level_map, shape, moving_shape, linear)
+
+    expected = moving_grid(_moved(parameter, start, taper, vectors, integrate))
+    assert torch.allclose(_StepGrid(moving_grid, start, taper, vectors, integrate)(parameter), expected, atol=1e-5)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 
+from bundle.spatial.sampling import grid_sample
+
 __all__ = ["MI_LEVELS", "SCHEDULES", "SIMILARITIES", "TORCH_LEVELS", "torch_affine_register"]
 
 SIMILARITIES = ("ncc", "mi")
@@ -222,7 +224,7 @@ def torch_affine_register(
             mapped = moving_centre[:, None] + matrix() @ (w - fixed_centre[:, None]) + translation[:, None]
             voxel = to_moving[:3, :3] @ mapped + to_moving[:3, 3:]
             grid = (voxel * scale[:, None] - 1).flip(0).T.reshape(1, 1, 1, -1, 3)
-            sampled = F.grid_sample(moving_image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            sampled = grid_sample(moving_image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
             loss = loss_of(sampled.reshape(-1), v)
             optimiser.zero_grad()
             loss.backward()

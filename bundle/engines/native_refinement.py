@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from bundle.losses.fixed_target_lncc import FixedTargetLNCCLoss
 from bundle.spatial.grid import affine_points
+from bundle.spatial.sampling import grid_sample
 
 __all__ = ["RESIDUALS", "check_options", "foreground_box", "refine_native", "robust_normalise"]
 
@@ -163,12 +164,11 @@ def refine_native(
             integrate = _Exponential(parameter.shape[2:], shape, integration_steps)
         parameter.requires_grad_(True)
         optimiser = torch.optim.Adam([parameter], lr=learning_rate)
+        step_grid = _StepGrid(moving_grid, level_start, level_taper, vectors, integrate)
         with torch.enable_grad():
             for step in range(1, steps + 1):
                 optimiser.zero_grad()
-                field = _moved(parameter, level_start, level_taper, vectors, integrate)
-                warped = F.grid_sample(moving[None], moving_grid(field), mode="bilinear", padding_mode="zeros",
-                                       align_corners=True)
+                warped = grid_sample(moving[None], step_grid(parameter), mode="bilinear", padding_mode="zeros")
                 loss = similarity(warped) + smoothness * _smoothness(parameter)
                 loss.backward()
                 optimiser.step()
@@ -194,6 +194,30 @@ def _moved(parameter: torch.Tensor, start: torch.Tensor, taper: torch.Tensor, ve
     return start + taper * (composed * vectors - start)
 
 
+class _StepGrid:
+    """The moving image's sampling grid of one optimisation step, ``moving_grid(_moved(parameter, ...))`` with every
+    term that does not change between a level's steps computed once (``start`` in level voxels, its share of the
+    grid; the ``vectors`` folded into the linear map): the 20 native steps of an LPBA40 pair take 35 instead of 43 s
+    (1 thread). The same arithmetic up to float rounding, but Adam's normalised steps amplify rounding where the
+    similarity's gradient is nearly zero, so a refined field is not reproduced bit for bit across such changes."""
+
+    def __init__(self, moving_grid: _MovingGrid, start: torch.Tensor, taper: torch.Tensor, vectors: torch.Tensor,
+                 integrate: _Exponential | None) -> None:
+        self.integrate, self.taper = integrate, taper
+        self.start_level = start / vectors  # level voxels (what the velocity's exponential composes with)
+        self.base = moving_grid(start)
+        self.linear = moving_grid.linear * vectors.flatten()  # level-voxel residuals -> normalised moving grid
+
+    def __call__(self, parameter: torch.Tensor) -> torch.Tensor:
+        if self.integrate is None:
+            residual = self.taper * parameter
+        else:
+            velocity = self.integrate(parameter)  # level voxels, on the level's grid
+            composed = velocity + self.integrate.level_warp(self.start_level, velocity, padding_mode="border")
+            residual = self.taper * (composed - self.start_level)  # start o exp(v) - start, tapered, level voxels
+        return self.base + torch.einsum("kl,bl...->b...k", self.linear, residual)
+
+
 class _SameGridWarp:
     """``grid_sample`` of a field on a grid at that grid's voxels displaced by a DDF in voxels (``field(x + ddf(x))``).
 
@@ -207,7 +231,7 @@ class _SameGridWarp:
 
     def __call__(self, field: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
         grid = self.identity + torch.movedim(ddf.flip(1), 1, -1) * self.per_voxel
-        return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+        return grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode)
 
 
 class _Exponential:

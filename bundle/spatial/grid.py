@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .sampling import grid_sample
+
 __all__ = ["index_grid", "sample_field", "affine_points", "resample_to_grid", "resample_ddf", "ddf_source_points",
            "warp_through_world"]
 
@@ -47,7 +49,7 @@ def sample_field(
         ``(C, *out_shape)`` interpolated values (in the dtype of ``points``).
     """
     grid = _normalised_grid(list(points), field.shape[1:])
-    out = F.grid_sample(field.unsqueeze(0).to(points.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    out = grid_sample(field.unsqueeze(0).to(points.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return out[0]
 
 
@@ -118,7 +120,7 @@ def _resample(values: torch.Tensor, index_map: torch.Tensor, dst_shape: Sequence
     if axes is not None and padding_mode in ("zeros", "border") and mode in ("bilinear", "nearest"):
         return _separable_resample(values, index_map, axes, dst_shape, mode, padding_mode)
     grid = _normalised_grid(affine_points(index_map, dst_shape, device=values.device), values.shape[1:])
-    return F.grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding_mode, align_corners=True)[0]
+    return grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding_mode, align_corners=True)[0]
 
 
 def _axis_aligned(linear: torch.Tensor) -> list[int] | None:
@@ -245,7 +247,7 @@ def warp_through_world(
         shape = [1] * (ndim + 1) + [ndim]
         shape[axis + 1] = int(spatial[axis])
         grid.add_(term.to(device=ddf.device, dtype=dtype).view(shape))
-    out = F.grid_sample(source.unsqueeze(0).to(device=ddf.device, dtype=dtype), grid, mode=mode,
+    out = grid_sample(source.unsqueeze(0).to(device=ddf.device, dtype=dtype), grid, mode=mode,
                         padding_mode=padding_mode, align_corners=True)
     return out[0]
 
