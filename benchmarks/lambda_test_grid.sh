@@ -3,7 +3,7 @@
 # on the held-out test pairs at every λ of the validation grid (docs/README.md, "λ chosen on validation pairs"), to
 # see how far the λ chosen on validation (0.173) is from the best λ scored on the test split. Scoring only: nothing
 # is chosen from these rows. Rows -> runs/lambda_test_<dataset>/results.csv (resumable), copied to
-# docs/results/regularisation/lambda_test_<dataset>.csv; `summary` prints the mean Dice per λ.
+# docs/results/regularisation/lambda_test_<dataset>.csv; `summary` prints the mean Dice per λ (benchmarks/method_summary.py).
 #   bash benchmarks/lambda_test_grid.sh [run|summary]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,14 +18,6 @@ for dataset in lpba40 ibsr; do
         done
         cp "$out/results.csv" "docs/results/regularisation/lambda_test_${dataset}.csv"
     fi
-    python - "docs/results/regularisation/lambda_test_${dataset}.csv" <<'PY'
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-for method in dict.fromkeys(r["method"] for r in rows):
-    mine = [r for r in rows if r["method"] == method]
-    print(f"{sys.argv[1]}: {method}: {len(mine)} pairs, mean Dice {statistics.mean(float(r['dice_mean']) for r in mine):.4f}, "
-          f"folding mean {statistics.mean(float(r['folding_pct']) for r in mine):.5f} % max "
-          f"{max(float(r['folding_pct']) for r in mine):.4f} %, SDlogJ {statistics.mean(float(r['sd_log_jacobian']) for r in mine):.3f}")
-PY
+    python benchmarks/method_summary.py "docs/results/regularisation/lambda_test_${dataset}.csv"
 done
 echo "LAMBDA_TEST_DONE"

@@ -484,3 +484,20 @@ def test_validation_reports_name_the_validation_subjects_not_the_test_split():
     validation = dataset.describe("validation")
     assert "validation" in validation and "S21, S22" in validation and "S01" not in validation
     assert "test split" in dataset.describe() and "S01, S23, S24, S25" in dataset.describe()
+
+
+def test_method_summary_reads_the_results_csv_per_method(tmp_path):
+    """benchmarks/method_summary.py (the lines the retime and λ scripts print): per method, in order of appearance."""
+    import method_summary
+
+    path = tmp_path / "results.csv"
+    fields = ["method", "pair", "dice_mean", "folding_pct", "sd_log_jacobian", "seconds", "hardware"]
+    rows = [("b", "p1", 0.5, 0.0, 0.2, 10.0), ("a", "p1", 0.7, 0.01, 0.3, 1.0), ("b", "p2", 0.7, 0.02, 0.4, 30.0)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows([(*r, "cpu") for r in rows])
+    lines = method_summary.summarise(str(path))
+    assert [line.split(": ")[1] for line in lines] == ["b", "a"]
+    assert "2 pairs, mean Dice 0.6000, folding mean 0.01000 % max 0.0200 %, SDlogJ 0.300, median 20.0 s" in lines[0]
+    assert "1 pairs, mean Dice 0.7000" in lines[1]

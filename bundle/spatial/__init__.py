@@ -10,7 +10,7 @@
   ``f`` times coarser is centred on fine position ``f * i + (f - 1) / 2``, as average pooling makes it).
 
 Modules: :mod:`.grid` (index grids, sampling, resampling between grids), :mod:`.field` (resizing, pooling,
-composition, Jacobian determinant), :mod:`.world` (RAS <-> LPS for grids, matrices and DDF vectors; ITK grids). Nothing here imports the rest of
+composition, Jacobian determinant), :mod:`.sampling` (``grid_sample`` on every CPU thread), :mod:`.world` (RAS <-> LPS for grids, matrices and DDF vectors; ITK grids). Nothing here imports the rest of
 the bundle, so every other module can import it.
 """
 

@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .sampling import grid_sample
 
@@ -248,7 +247,7 @@ def warp_through_world(
         shape[axis + 1] = int(spatial[axis])
         grid.add_(term.to(device=ddf.device, dtype=dtype).view(shape))
     out = grid_sample(source.unsqueeze(0).to(device=ddf.device, dtype=dtype), grid, mode=mode,
-                        padding_mode=padding_mode, align_corners=True)
+                      padding_mode=padding_mode, align_corners=True)
     return out[0]
 
 
