@@ -197,8 +197,8 @@ def _moved(parameter: torch.Tensor, start: torch.Tensor, taper: torch.Tensor, ve
 class _StepGrid:
     """The moving image's sampling grid of one optimisation step, ``moving_grid(_moved(parameter, ...))`` with every
     term that does not change between a level's steps computed once (``start`` in level voxels, its share of the
-    grid; the ``vectors`` folded into the linear map): the 20 native steps of an LPBA40 pair take 35 instead of 43 s
-    (1 thread). The same arithmetic up to float rounding, but Adam's normalised steps amplify rounding where the
+    grid; the ``vectors`` folded into the linear map), with less elementwise work per step
+    (``benchmarks/refinement_speed.py``). The same arithmetic up to float rounding, but Adam's normalised steps amplify rounding where the
     similarity's gradient is nearly zero, so a refined field is not reproduced bit for bit across such changes."""
 
     def __init__(self, moving_grid: _MovingGrid, start: torch.Tensor, taper: torch.Tensor, vectors: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Ours because PyTorch's CPU kernel of 3-D ``grid_sample`` (forward and backward) splits its work over the batch only:
 one volume runs on one thread however many are set (measured: the same 0.19 s at 1 and 2 threads for a 3-million-voxel
-warp with its gradient). Here the output points are cut into one slab per thread and the slabs go through the kernel
+warp with its gradient; `benchmarks/refinement_speed.py`). Here the output points are cut into one slab per thread and the slabs go through the kernel
 as a batch sharing the input: every output value is computed exactly as before (bit for bit), by
 all threads.
 """
