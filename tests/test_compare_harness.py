@@ -501,3 +501,18 @@ def test_method_summary_reads_the_results_csv_per_method(tmp_path):
     assert [line.split(": ")[1] for line in lines] == ["b", "a"]
     assert "2 pairs, mean Dice 0.6000, folding mean 0.01000 % max 0.0200 %, SDlogJ 0.300, median 20.0 s" in lines[0]
     assert "1 pairs, mean Dice 0.7000" in lines[1]
+
+
+def test_refinement_speed_times_a_warp_with_its_gradient():
+    """benchmarks/refinement_speed.py's grid_sample timing: the sampler is called on the volume and its grid, and
+    the gradient flows (a sampler that ignored the grid would fail the backward pass)."""
+    import refinement_speed
+
+    calls = []
+
+    def sample(image, grid):
+        calls.append((tuple(image.shape), tuple(grid.shape)))
+        return torch.nn.functional.grid_sample(image, grid, align_corners=True)
+
+    seconds = refinement_speed.time_grid_sample(sample, repeats=1)
+    assert seconds > 0 and calls == [((1, 1, 160, 192, 160), (1, 135, 171, 130, 3))] * 2
