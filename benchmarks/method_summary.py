@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
-import sys
 
 
 def summarise(path: str) -> list[str]:
@@ -30,4 +30,6 @@ def summarise(path: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(summarise(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a compare_baselines.py results CSV")
+    print("\n".join(summarise(parser.parse_args().results)))
