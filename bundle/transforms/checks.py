@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
@@ -10,7 +10,7 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform
 
 __all__ = [
-    "CheckFinited", "CheckLabeld", "CheckMemoryd", "CheckPaird", "InsufficientMemoryError", "MAX_LABEL", "available_memory_bytes", "estimate_memory_bytes",
+    "CheckChannelsd", "CheckFinited", "CheckLabeld", "CheckMemoryd", "CheckPaird", "InsufficientMemoryError", "MAX_LABEL", "available_memory_bytes", "estimate_memory_bytes",
     "source_name",
 ]
 
@@ -116,6 +116,7 @@ class CheckPaird(MapTransform):
         label_keys: ``(moving_label, fixed_label)`` keys, either may be absent from the data or ``None``
             (not checked, e.g. a label that the pipeline does not load).
         num_channels: the channels each image must have; ``None``: any, the same for both.
+        channel_names: what those channels are (named in the error), e.g. ``["T1c", "FLAIR"]``.
     """
 
     def __init__(
@@ -123,12 +124,14 @@ class CheckPaird(MapTransform):
         keys: KeysCollection = ("moving", "fixed"),
         label_keys=("moving_label", "fixed_label"),
         num_channels: int | None = None,
+        channel_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != 2:
             raise ValueError(f"keys must be (moving, fixed), got {self.keys}.")
         self.label_keys = tuple(label_keys)
         self.num_channels = num_channels
+        self.channel_names = channel_names
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -149,7 +152,7 @@ class CheckPaird(MapTransform):
         if self.num_channels is not None and moving.shape[0] != self.num_channels:
             raise ValueError(
                 f"{source_name(d, moving_key)} and {source_name(d, fixed_key)} have {moving.shape[0]} channels, "
-                f"expected {self.num_channels} (num_channels; a 4-D image is read as channels)."
+                f"expected {_expected_channels(self.num_channels, self.channel_names)}."
             )
         for image_key, label_key in zip(self.keys, self.label_keys):
             if label_key is None or label_key not in d:
@@ -160,6 +163,35 @@ class CheckPaird(MapTransform):
                     f"{source_name(d, label_key)} has shape {tuple(label.shape)}, expected (1, "
                     f"{', '.join(map(str, image.shape[1:]))}) like {source_name(d, image_key)}."
                 )
+        return d
+
+
+def _expected_channels(num_channels: int, names: Sequence[str] | None) -> str:
+    what = f" ({', '.join(names)}: a list of files, or one 4-D image)" if names else " (a 4-D image is read as channels)"
+    return f"{num_channels}{what}, num_channels"
+
+
+class CheckChannelsd(MapTransform):
+    """Check that each channel-first image has the ``num_channels`` channels the network takes (a clear error naming
+    the file, instead of a convolution's shape error).
+
+    Args:
+        keys: images to check.
+        num_channels: the channels each must have.
+        channel_names: what those channels are (named in the error), e.g. ``["T1c", "FLAIR"]``.
+    """
+
+    def __init__(self, keys: KeysCollection, num_channels: int, channel_names: Sequence[str] | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_channels, self.channel_names = int(num_channels), channel_names
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].shape[0] != self.num_channels:
+                raise ValueError(f"{source_name(d, key)} has {d[key].shape[0]} channel(s), expected "
+                                 f"{_expected_channels(self.num_channels, self.channel_names)}.")
         return d
 
 

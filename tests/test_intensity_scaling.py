@@ -1,0 +1,90 @@
+"""``ScaleIntensityInBraind``: the tumour model's normalisation (percentiles inside the brain -> [0, 1], 0 outside)
+and ``CheckChannelsd``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from bundle.transforms import CheckChannelsd, ScaleIntensityInBraind
+
+
+def _brain(shape=(2, 12, 14, 10), seed=0):
+    """A 2-channel image: a box of random intensities (the brain) in a constant background."""
+    rng = np.random.default_rng(seed)
+    inside = np.zeros(shape[1:], bool)
+    inside[2:10, 3:11, 2:8] = True
+    image = rng.normal(3.0, 2.0, shape).astype(np.float32)
+    return image, inside
+
+
+def _expected(image, inside, lower=0.5, upper=99.5):
+    """The campaign's preparation (benchmarks/tumour_ablation.py ``prepare``), channel by channel."""
+    out = np.zeros_like(image)
+    for c in range(image.shape[0]):
+        low, high = np.percentile(image[c][inside], [lower, upper])
+        out[c] = np.where(inside, np.clip((image[c] - low) / (high - low), 0, 1), 0)
+    return out
+
+
+@pytest.mark.parametrize("background", [0.0, -4.5])
+def test_brain_found_above_the_background_and_scaled_like_the_campaign_data(background):
+    """Zero background (skull-stripped) and a z-scored image's negative constant background give the same result:
+    the brain is every voxel above the minimum in any channel."""
+    image, inside = _brain()
+    image[:, ~inside] = background
+    image[:, inside] = np.maximum(image[:, inside], background + 0.01)  # no brain voxel at the background value
+    meta = MetaTensor(torch.as_tensor(image), meta={"filename_or_obj": "t1c.nii.gz"})
+    out = ScaleIntensityInBraind("image")({"image": meta})["image"]
+    np.testing.assert_allclose(out.numpy(), _expected(image, inside), atol=1e-6)
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "t1c.nii.gz" and out.dtype == torch.float32
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+
+
+def test_a_brain_mask_key_is_used_where_given():
+    image, inside = _brain(seed=1)
+    mask = torch.as_tensor(inside)[None].to(torch.uint8)
+    out = ScaleIntensityInBraind("image", mask_key="mask", lower=2, upper=98)({"image": torch.as_tensor(image), "mask": mask})
+    np.testing.assert_allclose(out["image"].numpy(), _expected(image, inside, 2, 98), atol=1e-6)
+
+
+def test_a_channel_without_background_still_counts_the_other_channels_brain():
+    """FLAIR of BraTS 2013 is z-scored over the whole brain box: the union of the channels' brains is the brain."""
+    image, inside = _brain(seed=2)
+    image[0, ~inside] = image[0].min() - 1  # T1c: constant background
+    wider = inside.copy()
+    wider[1:11] = True
+    image[1, ~wider] = image[1].min() - 1
+    out = ScaleIntensityInBraind("image")({"image": torch.as_tensor(image)})["image"]
+    np.testing.assert_allclose(out.numpy(), _expected(image, wider), atol=1e-6)
+
+
+def test_unusable_inputs_are_named():
+    with pytest.raises(ValueError, match=r"image \(flat.nii.gz\): no brain voxel .*constant"):
+        ScaleIntensityInBraind("image")({"image": MetaTensor(torch.ones(2, 4, 4, 4), meta={"filename_or_obj": "flat.nii.gz"})})
+    image, inside = _brain()
+    image[0, ~inside] = image[0].min() - 1
+    image[1, inside] = 7.0
+    image[1, ~inside] = 0.0
+    with pytest.raises(ValueError, match="channel 1 is constant inside the brain"):
+        ScaleIntensityInBraind("image")({"image": torch.as_tensor(image)})
+    data = {"image": torch.as_tensor(_brain()[0]), "mask": torch.ones(1, 3, 3, 3)}
+    with pytest.raises(ValueError, match=r"brain mask 'mask' has shape \(3, 3, 3\)"):
+        ScaleIntensityInBraind("image", mask_key="mask")(data)
+    with pytest.raises(ValueError, match="mask 'mask' is empty"):
+        ScaleIntensityInBraind("image", mask_key="mask")({**data, "mask": torch.zeros(1, 12, 14, 10)})
+    with pytest.raises(ValueError, match="0 <= lower < upper <= 100"):
+        ScaleIntensityInBraind("image", lower=50, upper=10)
+
+
+def test_channel_count_is_checked_with_the_sequences_named():
+    check = CheckChannelsd("image", num_channels=2, channel_names=["T1c", "FLAIR"])
+    ok = {"image": torch.zeros(2, 3, 3, 3)}
+    assert check(ok) is not ok and check(ok)["image"] is ok["image"]
+    one = {"image": MetaTensor(torch.zeros(1, 3, 3, 3), meta={"filename_or_obj": "t1c.nii.gz"})}
+    with pytest.raises(ValueError, match=r"image \(t1c.nii.gz\) has 1 channel\(s\), expected 2 \(T1c, FLAIR: a list of files"):
+        check(one)
+    with pytest.raises(ValueError, match=r"expected 2 \(a 4-D image is read as channels\)"):
+        CheckChannelsd("image", num_channels=2)(one)
