@@ -18,7 +18,14 @@ from pathlib import Path
 
 import fire
 
-from bundle.configs import checkpoint_overlays, config_paths, is_registration_only, read_config, run_config
+from bundle.configs import (
+    TUMOUR_SEGMENTATION_CONFIGS,
+    checkpoint_overlays,
+    config_paths,
+    is_registration_only,
+    read_config,
+    run_config,
+)
 from bundle.errors import input_error
 from bundle.io.readers import is_file
 from bundle.io.writers import writable_folder
@@ -248,9 +255,13 @@ def segment(
     """Segment the tumour in IMAGE (joint model's segmentation path, configs/inference_segmentation.json).
 
     Args:
-        image: image (or a list of files stacked as channels).
+        image: the shipped tumour model takes two skull-stripped sequences stacked as channels, T1c then FLAIR
+            (a list of two files, or one file with both), e.g. ``--image "['t1c.nii.gz','flair.nii.gz']"``;
+            another model its own channels.
         out: output folder; gets seg.nii.gz (0 background, 1 tumour) on the image's grid.
-        model: joint-model checkpoint; default the config's ckpt_path.
+        model: joint-model checkpoint; default the shipped tumour model (configs/tumour.json,
+            models/pretrained/joint_tumour_t1c_flair_2mm.pt). The configs that build its network are chosen
+            from its parameters (``joint.json`` for a T1 joint model, ``joint.json`` + ``tumour.json``).
         device: cpu, cuda or cuda:N.
         bundle_root: the bundle folder (see register).
         overrides: any other config id of inference_segmentation.json.
@@ -266,10 +277,11 @@ def segment(
     entry = {"image": _existing(image, "image")}
     out_dir = writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
-    files = ["inference.json", "joint.json", "inference_segmentation.json"]
-    ckpt_path, state = _checkpoint(model, read_config(root, files))
+    ckpt_path, state = _checkpoint(model, read_config(root, TUMOUR_SEGMENTATION_CONFIGS))
     if is_registration_only(state):
         raise ValueError(f"checkpoint {ckpt_path} is a registration-only model: it has no tumour segmentation head.")
+    overlays = checkpoint_overlays(root, ["inference.json"], state, registration_only=False, path=ckpt_path)
+    files = ["inference.json", *overlays, "inference_segmentation.json"]
     settings = {**_device_override(device), "ckpt_path": ckpt_path, "output_dir": str(out_dir.parent)}
     _check_overrides(overrides, root, files, "segment", segment)
     with _work_folder() as tmp:

@@ -24,9 +24,14 @@ __all__ = [
     "is_regularisation_conditioned",
     "is_probabilistic",
     "checkpoint_overlays",
+    "TUMOUR_CONFIGS",
+    "TUMOUR_SEGMENTATION_CONFIGS",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the shipped tumour model (T1c + FLAIR, 2 mm): tumour pairs, and one image's tumour segmentation
+TUMOUR_CONFIGS = ("inference.json", "joint.json", "tumour.json")
+TUMOUR_SEGMENTATION_CONFIGS = (*TUMOUR_CONFIGS, "inference_segmentation.json")
 
 
 def config_paths(bundle_root: str | os.PathLike, names: Sequence[str]) -> list[str]:
@@ -117,6 +122,7 @@ def is_registration_only(state: Mapping) -> bool:
 _ARCHITECTURE_OVERLAYS = (
     (),
     ("joint.json",),
+    ("joint.json", "tumour.json"),
     ("tumour_campaign.json",),
     ("joint.json", "tumour_campaign.json"),
     ("registration_only.json", "campaign.json", "regularisation_conditioned.json"),
@@ -136,7 +142,8 @@ def checkpoint_overlays(
 ) -> list[str]:
     """The config overlays to add to ``base`` so that its ``network_def`` takes ``state`` (same parameter names and
     shapes): the first fitting entry of the bundle's architecture overlays (none for the shipped model on
-    ``inference.json``; ``joint.json`` for the joint model; ``registration_only.json`` [+ ``campaign.json``]
+    ``inference.json``; ``joint.json`` for the joint T1 model, ``joint.json`` + ``tumour.json`` for the T1c + FLAIR
+    tumour model; ``registration_only.json`` [+ ``campaign.json``]
     [+ ``regularisation_conditioned.json``] for the other registration-only U-Nets), plus
     ``probabilistic_features.json`` for Gaussian encoder features. Settings a state dict cannot show (the
     integration steps, the training grid) are those of the matching configs.

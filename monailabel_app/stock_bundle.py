@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from bundle.configs import TUMOUR_CONFIGS
 from lib.bundle_config import REPO_ROOT, read_config
 from lib.stock_bundle import export_stock_bundle
 
@@ -19,14 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dest", help="bundle folder to write, e.g. <monaibundle app>/model/brain_tumour_segmentation")
     parser.add_argument("--bundle-root", default=str(REPO_ROOT), help="this bundle (default: this repository)")
-    parser.add_argument("--model", default=None, help="checkpoint to ship (default: the configs' ckpt_path)")
+    parser.add_argument("--model", default=None, help="checkpoint to ship (default: the shipped tumour model, "
+                        "configs/tumour.json's ckpt_path)")
     parser.add_argument("--overrides", default="{}", help='config ids to set, JSON, e.g. \'{"pixdim": [4, 4, 4]}\'')
     args = parser.parse_args(argv)
     overrides = json.loads(args.overrides)
     if not isinstance(overrides, dict):
         parser.error(f"--overrides must be a JSON object, got {args.overrides!r}")
-    configs = ("inference.json", "joint.json", "inference_segmentation.json")
-    model = args.model or read_config(args.bundle_root, configs, overrides).get_parsed_content("ckpt_path")
+    model = args.model or read_config(args.bundle_root, TUMOUR_CONFIGS, overrides).get_parsed_content("ckpt_path")
     dest = export_stock_bundle(args.bundle_root, args.dest, model, overrides)
     print(f"wrote {dest} (configs/inference.json, metadata.json, train.json, logging.conf; models/model.pt)")
     return 0

@@ -76,13 +76,16 @@ def test_registration_only_state_dicts_are_recognised():
         (["inference.json"], ["registration_only.json", "campaign.json"], ["registration_only.json", "campaign.json"]),
         (["inference.json"], ["registration_only.json", "regularisation_conditioned.json"],
          ["registration_only.json", "regularisation_conditioned.json"]),
-        (["inference.json"], ["joint.json", "tumour_campaign.json"], ["joint.json", "tumour_campaign.json"]),
+        (["inference.json"], ["joint.json", "tumour.json"], ["joint.json", "tumour.json"]),
+        # the campaign's training overlay builds the same network as the shipped tumour model's inference overlay
+        (["inference.json"], ["joint.json", "tumour_campaign.json"], ["joint.json", "tumour.json"]),
         (["inference.json"], ["registration_only.json", "probabilistic_features.json"],
          ["registration_only.json", "probabilistic_features.json"]),
         (["train.json"], [], []),
         (["train.json"], ["registration_only.json", "campaign.json", "regularisation_conditioned.json"],
          ["registration_only.json", "campaign.json", "regularisation_conditioned.json"]),
-        (["train.json"], ["tumour_campaign.json"], ["tumour_campaign.json"]),
+        (["train.json"], ["tumour_campaign.json"], ["joint.json", "tumour.json"]),
+        (["train.json"], ["joint.json"], []),
     ],
 )
 def test_checkpoint_overlays_rebuild_the_network_a_state_dict_came_from(base, overlays, expected):
@@ -92,6 +95,27 @@ def test_checkpoint_overlays_rebuild_the_network_a_state_dict_came_from(base, ov
     assert found == expected
     rebuilt = read_config(REPO_ROOT, [*base, *found]).get_parsed_content("network_def").state_dict()
     assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_the_shipped_tumour_model_is_what_the_tumour_configs_load():
+    """``configs/tumour.json``: T1c + FLAIR, 2 mm, brain-scaled; its weights load strictly into the pair network and
+    the segmentation-only network, and a checkpoint of it is recognised as that overlay."""
+    from bundle.configs import TUMOUR_CONFIGS, TUMOUR_SEGMENTATION_CONFIGS
+    from bundle.engines import load_weights
+    from bundle.engines.checkpoints import network_state_dict
+
+    pair = read_config(REPO_ROOT, TUMOUR_CONFIGS)
+    path = pair.get_parsed_content("ckpt_path")
+    assert path.endswith("joint_tumour_t1c_flair_2mm.pt")
+    assert pair.get_parsed_content("num_channels") == 2 and pair.get_parsed_content("channel_names") == ["T1c", "FLAIR"]
+    assert pair.get_parsed_content("pixdim") == [2.0, 2.0, 2.0] and pair.get_parsed_content("brain_scaling")
+    network = load_weights(pair.get_parsed_content("network_def"), path)
+    assert isinstance(network, JointRegSegNet) and network.reg_decoder is not None
+    seg = read_config(REPO_ROOT, TUMOUR_SEGMENTATION_CONFIGS)
+    assert isinstance(load_weights(seg.get_parsed_content("network_def"), path), TumourSegmentationNet)
+    assert checkpoint_overlays(REPO_ROOT, ["inference.json"], network_state_dict(path)) == ["joint.json", "tumour.json"]
+    # the one-channel T1 joint model keeps its own overlay
+    assert read_config(REPO_ROOT, ["inference.json", "joint.json"]).get_parsed_content("brain_scaling") is False
 
 
 def test_checkpoint_overlays_name_a_checkpoint_that_fits_no_network():

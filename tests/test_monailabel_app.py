@@ -99,6 +99,47 @@ def test_stock_train_config_pairs_the_datastore_subjects(stock_bundle):
     assert len(parser.get_parsed_content("validate#data")) == 2
 
 
+def test_stock_export_of_the_shipped_tumour_model(tmp_path):
+    """The default model of ``monailabel_app/stock_bundle.py``: T1c + FLAIR configs, metadata of 2 channels, and a
+    training config that trains the same network."""
+    from bundle.configs import TUMOUR_CONFIGS, read_config
+
+    model = read_config(REPO_ROOT, TUMOUR_CONFIGS).get_parsed_content("ckpt_path")
+    dest = export_stock_bundle(REPO_ROOT, tmp_path / "brain", model)
+    infer = _parser(dest / "configs" / "inference.json")
+    assert infer["num_channels"] == 2 and infer["brain_scaling"] is True and infer["pixdim"] == [2.0, 2.0, 2.0]
+    infer["bundle_root"] = str(dest)
+    load_weights(infer.get_parsed_content("network_def"), dest / "models" / "model.pt")
+    meta = json.loads((dest / "configs" / "metadata.json").read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 2 and list(image["channel_def"].values()) == ["T1c (skull-stripped)", "FLAIR (skull-stripped)"]
+    verify_net_in_out(net_id="network_def", meta_file=str(dest / "configs" / "metadata.json"),
+                      config_file=str(dest / "configs" / "inference.json"), n=2, device="cpu")
+    train = _parser(dest / "configs" / "train.json")
+    train["bundle_root"] = str(dest)
+    load_weights(train.get_parsed_content("network_def"), dest / "models" / "model.pt")  # what it trains, loads
+    assert train["brain_scaling"] is True
+
+
+def test_app_configs_follow_the_joint_model_it_runs(tmp_path):
+    """The app's tumour task and train task build the network of the checkpoint they use: the shipped tumour model
+    by default, a one-channel T1 joint model when ``--conf model`` is one; the newest existing checkpoint counts."""
+    from monailabel_app.lib.bundle_config import AppSettings
+
+    settings = AppSettings.from_conf(tmp_path, {})
+    assert settings.model.name == "joint_tumour_t1c_flair_2mm.pt"
+    assert settings.joint_overlays("inference.json") == ["joint.json", "tumour.json"]
+    assert settings.joint_overlays("train.json") == ["joint.json", "tumour.json"]
+    t1 = AppSettings.from_conf(tmp_path, {"model": str(write_zero_checkpoint(tmp_path / "t1.pt"))})
+    assert t1.joint_overlays("inference.json") == ["joint.json"] and t1.joint_overlays("train.json") == []
+    settings.trained_model.parent.mkdir(parents=True)
+    write_zero_checkpoint(settings.trained_model)  # a published one-channel model replaces the shipped one
+    assert settings.joint_overlays("inference.json") == ["joint.json"]
+    missing = AppSettings.from_conf(tmp_path / "other", {"model": str(tmp_path / "absent.pt")})
+    with pytest.raises(FileNotFoundError, match="no joint-model checkpoint"):
+        missing.joint_overlays("inference.json")
+
+
 def test_stock_export_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         export_stock_bundle(REPO_ROOT, tmp_path / "brain", tmp_path / "missing.pt")

@@ -95,3 +95,26 @@ def test_single_image_segmentation(trained):
     seg, seg_affine = load_nifti(out / "T1c_subtrMeanDivStd" / "seg.nii.gz")
     assert seg.shape == fixed.shape and np.allclose(seg_affine, affine)
     assert set(np.unique(seg)) <= {0, 1}
+
+
+def test_shipped_tumour_model_segments_a_subject_it_was_not_trained_on(tmp_path):
+    """``brainreg segment`` with its default model (``configs/tumour.json``) on the raw BraTS 2013 files of the
+    fold-``all`` validation subject (never trained on): T1c + FLAIR in, the tumour where the experts drew it."""
+    from bundle.data import load_split
+
+    subject = load_split("tumour")["folds"]["all"]["validation"]
+    case = SHARED_DATA / "brats2013" / "validation" / subject
+    image = [str(case / "T1c_subtrMeanDivStd.nii.gz"), str(case / "Flair_subtrMeanDivStd.nii.gz")]
+    run(["segment", str(image), "--out", tmp_path / "seg"], module="bundle", timeout=300).check()
+    seg, affine = load_nifti(tmp_path / "seg" / "seg.nii.gz")
+    truth, truth_affine = load_nifti(case / "OTMultiClass.nii.gz")
+    assert seg.shape == truth.shape and np.allclose(affine, truth_affine)
+    seg, truth = seg > 0, truth > 0
+    assert 2 * (seg & truth).sum() / (seg.sum() + truth.sum()) > 0.7
+
+
+def test_shipped_tumour_model_names_a_missing_sequence(tmp_path):
+    case = CASES[0]
+    result = run(["segment", case / "T1c_subtrMeanDivStd.nii.gz", "--out", tmp_path / "seg"], module="bundle", timeout=300)
+    result.check_fails("has 1 channel(s), expected 2 (T1c, FLAIR")
+    assert not (tmp_path / "seg" / "seg.nii.gz").exists()

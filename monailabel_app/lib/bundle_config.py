@@ -4,7 +4,10 @@ The app's ``--conf`` options (``monailabel start_server ... --conf KEY VALUE``):
 
 - ``bundle_root``: the bundle (a folder with ``configs/``); default: the repository that holds this app.
 - ``model``: the joint model's checkpoint (tumour segmentation and training start from it); default: the
-  ``ckpt_path`` of ``inference.json`` + ``joint.json`` + ``inference_segmentation.json``.
+  shipped tumour model (``ckpt_path`` of ``inference.json`` + ``joint.json`` + ``tumour.json``; it takes T1c and
+  FLAIR stacked as 2 channels: one 4-D NIfTI per image in the datastore). The configs that build its network
+  are chosen from its parameters (``joint.json`` for a one-channel T1 joint model, ``joint.json`` +
+  ``tumour.json`` for the tumour model), for the infer task and for the train task alike.
 - ``atlas_model``: the checkpoint of the atlas registration task; default: ``inference.json``'s ``ckpt_path`` (the
   shipped registration model for plain, tumour-free pairs). A joint or other registration checkpoint also works:
   the configs that build its network are chosen from its parameters.
@@ -24,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundle.configs import read_config  # the bundle's config plumbing, shared with its CLI and benchmarks
+from bundle.configs import TUMOUR_CONFIGS, checkpoint_overlays, read_config  # the bundle's config plumbing
 
 __all__ = ["AppSettings", "read_config", "read_metadata", "TRAINED_MODEL"]
 
@@ -56,6 +59,23 @@ class AppSettings:
         """Checkpoints in MONAI Label's order: the last one that exists is used."""
         return [str(self.model), str(self.trained_model)]
 
+    def joint_overlays(self, base: str) -> list[str]:
+        """The overlays of ``base`` (``"inference.json"`` or ``"train.json"``) that build the network of the app's
+        joint model (the last existing of :attr:`model_paths`): ``["joint.json"]`` for a T1 joint model,
+        ``["joint.json", "tumour.json"]`` for the shipped tumour model.
+
+        Raises:
+            FileNotFoundError, ValueError: no checkpoint, or one that no joint network of the bundle takes.
+        """
+        from bundle.engines.checkpoints import network_state_dict
+
+        existing = [p for p in self.model_paths if Path(p).is_file()]
+        if not existing:
+            raise FileNotFoundError(f"no joint-model checkpoint: none of {self.model_paths} exists (set --conf model).")
+        state = network_state_dict(existing[-1])
+        overlays = checkpoint_overlays(self.bundle_root, [base], state, registration_only=False, path=existing[-1])
+        return overlays
+
     @classmethod
     def from_conf(cls, app_dir: str | os.PathLike, conf: dict) -> AppSettings:
         """Read the ``--conf`` options.
@@ -69,9 +89,7 @@ class AppSettings:
         if not (root / "configs" / "inference.json").is_file():
             raise FileNotFoundError(f"bundle_root {root} has no configs/inference.json (set --conf bundle_root).")
         overrides = _json_object(conf, "overrides") or {}
-        model = conf.get("model") or read_config(root, ("inference.json", "joint.json", "inference_segmentation.json"), overrides).get_parsed_content(
-            "ckpt_path"
-        )
+        model = conf.get("model") or read_config(root, TUMOUR_CONFIGS, overrides).get_parsed_content("ckpt_path")
         model = Path(os.path.expanduser(str(model))).resolve()
         atlas_model = conf.get("atlas_model") or read_config(root, ("inference.json",), overrides).get_parsed_content("ckpt_path")
         atlas_model = Path(os.path.expanduser(str(atlas_model))).resolve()

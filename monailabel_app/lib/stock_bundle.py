@@ -8,10 +8,11 @@ and output of ``network_data_format``, the output's ``channel_def`` as the label
 the pair registration and its metadata describes the joint network, so the layout is made from the MONAI
 Label variants, each file being the bundle's own config merged with its overlay:
 
-- ``inference.json`` = ``inference.json`` + ``joint.json`` + ``inference_segmentation.json`` + ``monailabel_infer.json`` (no file
-  writer);
+- ``inference.json`` = ``inference.json`` + the model's architecture overlays (``joint.json`` [+ ``tumour.json``],
+  chosen from its parameters) + ``inference_segmentation.json`` + ``monailabel_infer.json`` (no file writer);
 - ``metadata.json`` = ``metadata.json`` + ``monailabel_metadata.json`` (the segmentation head's I/O);
-- ``train.json`` = ``train.json`` + ``monailabel_train.json`` (datastore subjects -> every ordered pair).
+- ``train.json`` = ``train.json`` + the same architecture overlays + ``monailabel_train.json`` (datastore subjects
+  -> every ordered pair).
 """
 
 from __future__ import annotations
@@ -19,20 +20,46 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from bundle.engines import load_checkpoint
+from bundle.configs import checkpoint_overlays
+from bundle.engines.checkpoints import network_state_dict
 
 from .bundle_config import read_config, read_metadata
 
-__all__ = ["export_stock_bundle", "STOCK_CONFIGS"]
+__all__ = ["export_stock_bundle", "stock_configs"]
 
-STOCK_CONFIGS = {
-    "inference.json": ("inference.json", "joint.json", "inference_segmentation.json", "monailabel_infer.json"),
-    "train.json": ("train.json", "monailabel_train.json"),
-}
+
+def stock_configs(bundle_root: str | os.PathLike, state: dict, path: str = "checkpoint") -> dict[str, tuple[str, ...]]:
+    """``{stock file name: the bundle's configs merged into it}`` for the joint model ``state``.
+
+    Raises:
+        ValueError: no joint network of the bundle takes ``state``.
+    """
+    def overlays(base: str) -> list[str]:
+        return checkpoint_overlays(bundle_root, [base], state, registration_only=False, path=path)
+
+    return {
+        "inference.json": ("inference.json", *overlays("inference.json"), "inference_segmentation.json",
+                           "monailabel_infer.json"),
+        "train.json": ("train.json", *overlays("train.json"), "monailabel_train.json"),
+    }
+
+
+def _metadata(bundle_root: Path, names: Sequence[str], overrides: dict | None) -> dict:
+    """The MONAI Label metadata with the input channels of the shipped model's configs (T1c + FLAIR for the tumour
+    model; the static overlay describes one channel)."""
+    parser = read_config(bundle_root, names, overrides)
+    metadata = read_metadata(bundle_root)
+    image = next(iter(metadata["network_data_format"]["inputs"].values()))
+    image["num_channels"] = int(parser.get_parsed_content("num_channels"))
+    names = parser.get_parsed_content("channel_names") if "channel_names" in parser else None
+    if names:
+        image["channel_def"] = {str(i): f"{name} (skull-stripped)" for i, name in enumerate(names)}
+    return metadata
 
 
 def export_stock_bundle(
@@ -48,17 +75,17 @@ def export_stock_bundle(
 
     Raises:
         FileNotFoundError: a config or the checkpoint is missing.
-        ValueError: the checkpoint is not a readable state dict.
+        ValueError: the checkpoint is not a readable state dict, or no joint network of the bundle takes it.
     """
     bundle_root, dest = Path(bundle_root), Path(dest)
-    load_checkpoint(model)  # clear error before anything is written
+    files = stock_configs(bundle_root, network_state_dict(model), str(model))  # clear error before anything is written
     (dest / "configs").mkdir(parents=True, exist_ok=True)
     (dest / "models").mkdir(parents=True, exist_ok=True)
-    for name, files in STOCK_CONFIGS.items():
-        parser = read_config(bundle_root, files, overrides)
+    for name, names in files.items():
+        parser = read_config(bundle_root, names, overrides)
         config = {**parser.get(), "bundle_root": "."}  # MONAI Label sets it to the bundle's folder
         ConfigParser.export_config_file(config, str(dest / "configs" / name), fmt="json", indent=4)
-    (dest / "configs" / "metadata.json").write_text(json.dumps(read_metadata(bundle_root), indent=4) + "\n")
+    (dest / "configs" / "metadata.json").write_text(json.dumps(_metadata(bundle_root, files["inference.json"], overrides), indent=4) + "\n")
     shutil.copyfile(bundle_root / "configs" / "logging.conf", dest / "configs" / "logging.conf")
     shutil.copyfile(model, dest / "models" / "model.pt")
     return dest

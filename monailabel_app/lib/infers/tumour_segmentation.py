@@ -10,18 +10,25 @@ from monai.transforms import CastToTyped, SqueezeDimd
 from ..bundle_config import AppSettings, read_config, read_metadata
 from .base import BundleConfigInferTask
 
-__all__ = ["TumourSegmentation", "CONFIGS"]
+__all__ = ["TumourSegmentation", "configs"]
 
-# the bundle's single-image segmentation overlay, with MONAI Label's post-processing (no file writer)
-CONFIGS = ("inference.json", "joint.json", "inference_segmentation.json", "monailabel_infer.json")
+
+
+def configs(settings: AppSettings) -> tuple[str, ...]:
+    """The bundle's single-image segmentation configs for the app's joint model (its architecture overlays chosen
+    from its parameters), with MONAI Label's post-processing (no file writer)."""
+    return ("inference.json", *settings.joint_overlays("inference.json"), "inference_segmentation.json",
+            "monailabel_infer.json")
 
 
 class TumourSegmentation(BundleConfigInferTask):
     """``bundle.networks.TumourSegmentationNet`` on the request's image; returns the tumour label map on its grid.
 
     Pre-processing, inferer and post-processing are those of ``configs/inference_segmentation.json`` (an overlay
-    of ``configs/inference.json``; post-processing from ``configs/monailabel_infer.json``: logits resampled onto
-    the image's native grid, argmax); the labels are the ``channel_def`` of ``configs/monailabel_metadata.json``.
+    of ``configs/inference.json`` and the model's architecture overlays, see :func:`configs`; post-processing from
+    ``configs/monailabel_infer.json``: logits resampled onto the image's native grid, argmax); the labels are the
+    ``channel_def`` of ``configs/monailabel_metadata.json``. The shipped tumour model takes T1c and FLAIR as one
+    2-channel (4-D) image.
     """
 
     def __init__(self, settings: AppSettings, **kwargs):
@@ -29,7 +36,7 @@ class TumourSegmentation(BundleConfigInferTask):
         output = next(iter(metadata["network_data_format"]["outputs"].values()))
         labels = {name: int(k) for k, name in output["channel_def"].items() if name.lower() != "background"}
         super().__init__(
-            read_config(settings.bundle_root, CONFIGS, settings.overrides),
+            read_config(settings.bundle_root, configs(settings), settings.overrides),
             settings.model_paths,
             labels=labels,
             description="Tumour segmentation with the joint registration/segmentation model's segmentation head",

@@ -19,16 +19,21 @@ from bundle.io.writers import write_atomic
 from ..bundle_config import AppSettings
 from ..subjects import split_subjects
 
-__all__ = ["JointTraining", "CONFIGS"]
+__all__ = ["JointTraining", "configs"]
 
 logger = logging.getLogger(__name__)
 
-# the bundle's training config with MONAI Label's data (subjects -> every ordered pair; see docs/monailabel.md)
-CONFIGS = ("train.json", "monailabel_train.json")
+
+
+def configs(settings: AppSettings) -> tuple[str, ...]:
+    """The bundle's training config for the architecture of the app's joint model (so that what it trains, the
+    infer task loads), with MONAI Label's data (subjects -> every ordered pair; see docs/monailabel.md)."""
+    return ("train.json", *settings.joint_overlays("train.json"), "monailabel_train.json")
 
 
 class JointTraining(TrainTask):
-    """Run the bundle's training (``configs/train.json`` + ``configs/monailabel_train.json``) on the datastore.
+    """Run the bundle's training (``configs/train.json`` + the model's architecture overlays +
+    ``configs/monailabel_train.json``, see :func:`configs`) on the datastore.
 
     Every labelled image is a subject (its final label is its tumour mask); sorted by path, the last
     ``val_split`` of them validate. Training pairs are every ordered pair of training subjects, validation pairs
@@ -52,10 +57,10 @@ class JointTraining(TrainTask):
         train, val = split_subjects(subjects, float(request.get("val_split", 0.2)))
         run_dir = self.settings.app_dir / "model" / "train_runs" / time.strftime("%Y%m%d_%H%M%S")
         device = name_to_device(request.get("device"))
-        configs = self.settings.bundle_root / "configs"
+        folder = self.settings.bundle_root / "configs"
         workflow = ConfigWorkflow(
-            config_file=[str(configs / f) for f in CONFIGS],
-            meta_file=str(configs / "metadata.json"),
+            config_file=[str(folder / f) for f in configs(self.settings)],
+            meta_file=str(folder / "metadata.json"),
             **{
                 **self.settings.overrides,
                 "bundle_root": str(self.settings.bundle_root),
