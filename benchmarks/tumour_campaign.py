@@ -4,6 +4,7 @@
     python benchmarks/tumour_campaign.py train [--minutes M] [--threads T] # folds in turn; resumes where it stopped
     python benchmarks/tumour_campaign.py status                           # per fold: iterations, best validation
     python benchmarks/tumour_campaign.py evaluate                         # held-out tumour Dice per fold -> CSV
+    python benchmarks/tumour_campaign.py evaluate-segment                 # the same through `brainreg segment`'s configs
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
@@ -46,6 +47,7 @@ DATA = REPO.parent / "shared" / "data"
 RUNS = REPO / "runs" / "tumour_campaign"
 CAMPAIGNS = REPO / "models" / "campaign"
 RESULTS = REPO / "docs" / "results" / "tumour_cv.csv"
+SEGMENT_RESULTS = REPO / "docs" / "results" / "tumour_cv_segment.csv"
 CONFIGS = ["train.json", "tumour_campaign.json"]
 # the validation pairs hold no anatomical labels: select on the tumour Dice of the fixed image
 TRAINING_OVERRIDES = [
@@ -239,16 +241,55 @@ def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
     return target
 
 
+def evaluate_segment(out: Path = RUNS, target: Path = SEGMENT_RESULTS) -> Path:
+    """Each finished fold's best weights through the shipped single-image segmentation command (the configs of
+    ``brainreg segment``: raw T1c + FLAIR files, scaled inside the brain by the configs) on its test subjects;
+    Dice against the subject's own tumour labels on its native grid, to ``target``."""
+    import tumour_ablation  # the raw files of every case
+
+    from bundle.configs import TUMOUR_SEGMENTATION_CONFIGS, bundle_command
+
+    split, sources, rows = load_split("tumour"), tumour_ablation._sources(DATA), []
+    for fold, spec in split["folds"].items():
+        root = fold_root(fold)
+        if not spec["testing"] or not (root / "finished.json").is_file():
+            continue
+        finished = json.loads((root / "finished.json").read_text())
+        datalist = {"testing": [{"image": [str(sources[s]["t1c"]), str(sources[s]["flair"])], "name": s}
+                                for s in spec["testing"]]}
+        datalist_path, out_dir = out / fold / "datalist_segment.json", out / fold / "segment_outputs"
+        datalist_path.parent.mkdir(parents=True, exist_ok=True)
+        datalist_path.write_text(json.dumps(datalist, indent=1))
+        settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
+                    "ckpt_path": root / "models" / "model.pt"}
+        with open(out / fold / "segment.log", "a") as log:
+            subprocess.run(bundle_command("inference", REPO, list(TUMOUR_SEGMENTATION_CONFIGS), settings),
+                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+        for subject in spec["testing"]:
+            truth = np.squeeze(_load(sources[subject]["tumour"])) > 0
+            seg = np.squeeze(_load(out_dir / subject / "seg.nii.gz")) > 0
+            rows.append({"fold": fold, "subject": subject,
+                         "labels": "expert" if subject.startswith("brats_2013") else "automatic (silver)",
+                         "tumour_dice": round(dice(seg, truth), 4), "sequences": "T1c+FLAIR",
+                         "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
+            print(f"{fold} {subject}: {rows[-1]['tumour_dice']}")
+    if not rows:
+        raise FileNotFoundError("no finished cross-validation fold: run `tumour_campaign.py train` first")
+    write_csv(target, rows)
+    print(f"mean over folds' images {np.mean([r['tumour_dice'] for r in rows]):.3f} -> {target}")
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate"])
+    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment"])
     parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra), "status": status,
-                "evaluate": evaluate}
+                "evaluate": evaluate, "evaluate-segment": evaluate_segment}
     try:
         result = commands[a.command]()
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it

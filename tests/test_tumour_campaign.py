@@ -101,3 +101,53 @@ def test_a_missing_flair_is_given_as_a_zero_image_on_its_grid(tmp_path):
         flair = nib.load(pair[image][1])
         assert zero.shape == flair.shape and np.allclose(zero.affine, flair.affine)
         assert not np.asarray(zero.dataobj).any()
+
+
+def test_evaluate_segment_scores_each_held_out_subject_from_its_raw_files(tmp_path, monkeypatch):
+    """``evaluate-segment``: one run of the shipped segmentation configs per finished fold on its test subjects'
+    raw T1c + FLAIR files with the fold's best weights; Dice against the subject's own labels (any label > 0)."""
+    import json
+    import subprocess
+
+    import tumour_ablation
+
+    affine = np.eye(4)
+    truth = np.zeros((8, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 2  # 64 voxels of label 2 (edema): the whole tumour is label > 0
+    sources = {}
+    for subject in ("brats_2013_pat0001_1", "TCGA-DU-7294"):
+        files = {k: tmp_path / "raw" / subject / f"{k}.nii.gz" for k in ("t1c", "flair", "tumour")}
+        write_nifti(truth[None], affine, files["tumour"])
+        sources[subject] = files
+    split = {"subjects": [*sources, "x", "y"],
+             "folds": {"f": {"testing": list(sources), "validation": "x"}, "g": {"testing": ["x"], "validation": "y"},
+                       "all": {"testing": [], "validation": "x"}}}
+    for fold in ("f", "all"):  # g is not finished: skipped
+        (tmp_path / "campaign" / f"tumour_{fold}").mkdir(parents=True)
+        (tmp_path / "campaign" / f"tumour_{fold}" / "finished.json").write_text(json.dumps({"best_iteration": 300, "hardware": "cpu"}))
+    monkeypatch.setattr(tumour_campaign, "load_split", lambda name: split)
+    monkeypatch.setattr(tumour_ablation, "_sources", lambda data: sources)
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # the bundle command: a half-found tumour, and one found whole
+        settings = dict(zip(cmd, cmd[1:]))
+        calls.append(settings)
+        datalist = json.loads(Path(settings["--datalist"]).read_text())
+        assert [e["image"] for e in datalist["testing"]] == [[str(sources[s]["t1c"]), str(sources[s]["flair"])] for s in sources]
+        half = (truth > 0).astype(np.uint8)
+        half[2:4] = 0
+        write_nifti(half[None], affine, Path(settings["--output_dir"]) / "brats_2013_pat0001_1" / "seg.nii.gz")
+        write_nifti((truth > 0).astype(np.uint8)[None], affine, Path(settings["--output_dir"]) / "TCGA-DU-7294" / "seg.nii.gz")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tumour_campaign.subprocess, "run", fake_run)
+    target = tumour_campaign.evaluate_segment(tmp_path / "runs", tmp_path / "cv_segment.csv")
+    assert len(calls) == 1 and calls[0]["--ckpt_path"] == str(tmp_path / "campaign" / "tumour_f" / "models" / "model.pt")
+    assert "tumour.json" in calls[0]["--config_file"] and "inference_segmentation.json" in calls[0]["--config_file"]
+    import csv
+
+    rows = {r["subject"]: r for r in csv.DictReader(open(target))}
+    assert float(rows["brats_2013_pat0001_1"]["tumour_dice"]) == pytest.approx(2 * 32 / 96, abs=1e-4)
+    assert float(rows["TCGA-DU-7294"]["tumour_dice"]) == 1.0 and rows["TCGA-DU-7294"]["labels"] == "automatic (silver)"
+    assert rows["brats_2013_pat0001_1"]["best_iteration"] == "300"
