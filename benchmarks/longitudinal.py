@@ -1,9 +1,12 @@
 """Longitudinal tumour pairs (time point 0 -> 1 of one patient): rigid pre-alignment, then the joint model.
 
-    python benchmarks/longitudinal.py [--ckpt models/pretrained/joint_t1_ibsr_4mm.pt] [--out runs/longitudinal]
+    python benchmarks/longitudinal.py [--ckpt models/pretrained/joint_tumour_t1c_flair_2mm.pt] [--out runs/longitudinal]
 
 Data: ``../shared/data/tumor_progression`` (TCIA Brain-Tumor-Progression, CC BY 3.0): glioblastoma patients
-scanned twice, T1 post-contrast with 6.5 mm slices, not skull-stripped, expert tumour masks per time point.
+scanned twice, T1 post-contrast and FLAIR (co-registered within a time point) with 6.5 mm slices, not
+skull-stripped, expert tumour masks per time point. The joint model gets the channels its checkpoint takes: T1post
+and FLAIR for the shipped tumour model (``configs/tumour.json``), T1post alone for a one-channel T1 joint model;
+its configs are chosen from the checkpoint's parameters. None of these images is in the tumour model's training.
 The time points lie in different grids and positions, so the pair needs a rigid pre-alignment
 (``prealign: rigid``; the patient's anatomy is the same) before the deformable network.
 
@@ -29,14 +32,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tumor_progression"
-DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_t1_ibsr_4mm.pt"
+DEFAULT_CKPT = REPO / "models" / "pretrained" / "joint_tumour_t1c_flair_2mm.pt"
 
 
-def pairs() -> list[dict]:
+def pairs(channels: int = 1) -> list[dict]:
+    """Each patient's tp0 -> tp1 pair; ``channels`` 2: T1post and FLAIR stacked (the image keys hold both files),
+    the similarity scores use T1post alone either way (``t1_moving`` / ``t1_fixed``)."""
+    if channels not in (1, 2):
+        raise ValueError(f"the time points have T1post and FLAIR: a model of {channels} channels does not fit.")
     out = []
     for patient in sorted(p for p in DATA.glob("PGBM-*") if p.is_dir()):
         tp0, tp1 = (next(patient.glob(f"{tp}_*")) for tp in ("tp0", "tp1"))
-        out.append({"name": f"{patient.name}_tp0_to_tp1", "moving": str(tp0 / "T1post.nii.gz"), "fixed": str(tp1 / "T1post.nii.gz"),
+        files = [lambda tp: str(tp / "T1post.nii.gz"), lambda tp: [str(tp / "T1post.nii.gz"), str(tp / "FLAIRreg.nii.gz")]][channels - 1]
+        out.append({"name": f"{patient.name}_tp0_to_tp1", "moving": files(tp0), "fixed": files(tp1),
+                    "t1_moving": str(tp0 / "T1post.nii.gz"), "t1_fixed": str(tp1 / "T1post.nii.gz"),
                     "moving_label": str(tp0 / "MaskTumor.nii.gz"), "fixed_tumour": str(tp1 / "MaskTumor.nii.gz")})
     return out
 
@@ -60,8 +69,8 @@ def _baseline(pair: dict, transform: str) -> tuple[np.ndarray, np.ndarray, np.nd
     from bundle.alignment import itk_affine_register
     from bundle.spatial import ddf_source_points, index_grid, resample_to_grid
 
-    moving, m_affine = _load(pair["moving"])
-    fixed, f_affine = _load(pair["fixed"])
+    moving, m_affine = _load(pair["t1_moving"])
+    fixed, f_affine = _load(pair["t1_fixed"])
     mask, _ = _load(pair["moving_label"])
     matrix = itk_affine_register(moving, m_affine, fixed, f_affine, transform)
     dst = torch.as_tensor(matrix @ f_affine)
@@ -73,7 +82,7 @@ def _baseline(pair: dict, transform: str) -> tuple[np.ndarray, np.ndarray, np.nd
 def score(pair: dict, warped: np.ndarray, warped_tumour: np.ndarray, ddf: np.ndarray) -> dict:
     from bundle.metrics import region_registration_metrics
 
-    fixed, f_affine = _load(pair["fixed"])
+    fixed, f_affine = _load(pair["t1_fixed"])
     fixed_tumour = _load(pair["fixed_tumour"])[0] > 0
     spacing = np.linalg.norm(f_affine[:3, :3], axis=0).tolist()
     metrics = region_registration_metrics(
@@ -89,18 +98,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "longitudinal")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    items = pairs()
-    (a.out / "datalist.json").write_text(json.dumps({"testing": items}))
-    from bundle.configs import bundle_command
+    from bundle.configs import bundle_command, checkpoint_overlays, read_config
+    from bundle.engines.checkpoints import network_state_dict
 
-    subprocess.run(bundle_command("inference", REPO, ["inference.json", "joint.json"], {
+    state = network_state_dict(a.ckpt)
+    configs = ["inference.json", *checkpoint_overlays(REPO, ["inference.json"], state, registration_only=False, path=str(a.ckpt))]
+    items = pairs(int(read_config(REPO, configs).get_parsed_content("num_channels")))
+    (a.out / "datalist.json").write_text(json.dumps({"testing": items}))
+    subprocess.run(bundle_command("inference", REPO, configs, {
         "datalist": a.out / "datalist.json", "ckpt_path": a.ckpt, "prealign": "rigid", "output_dir": a.out / "joint"}), check=True, cwd=REPO)
     rows = []
     for pair in items:
         for method in ("identity", "rigid"):
             rows.append({"method": method, "pair": pair["name"], **score(pair, *_baseline(pair, "none" if method == "identity" else "rigid"))})
         folder = a.out / "joint" / pair["name"]
-        warped = _load(folder / "warped.nii.gz")[0]
+        warped = np.asarray(nib.load(folder / "warped.nii.gz").dataobj, dtype=np.float32)
+        warped = warped[..., 0] if warped.ndim == 4 else warped  # T1post, the first channel
         ddf = np.moveaxis(np.asarray(nib.load(folder / "ddf.nii.gz").dataobj)[..., 0, :], -1, 0)
         warped_tumour = _load(folder / "warped_label.nii.gz")[0] > 0
         row = {"method": "rigid+joint", "pair": pair["name"], **score(pair, warped, warped_tumour, ddf)}

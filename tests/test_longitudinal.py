@@ -37,9 +37,16 @@ def test_pairs_list_each_patient_tp0_to_tp1(tmp_path, monkeypatch):
     pairs = longitudinal.pairs()
     assert [p["name"] for p in pairs] == ["PGBM-002_tp0_to_tp1", "PGBM-007_tp0_to_tp1"]
     tp0, tp1 = tmp_path / "PGBM-002" / "tp0_2001-01-01", tmp_path / "PGBM-002" / "tp1_2001-06-01"
-    assert pairs[0] == {"name": "PGBM-002_tp0_to_tp1",
-                        "moving": str(tp0 / "T1post.nii.gz"), "fixed": str(tp1 / "T1post.nii.gz"),
-                        "moving_label": str(tp0 / "MaskTumor.nii.gz"), "fixed_tumour": str(tp1 / "MaskTumor.nii.gz")}
+    t1 = {"t1_moving": str(tp0 / "T1post.nii.gz"), "t1_fixed": str(tp1 / "T1post.nii.gz"),
+          "moving_label": str(tp0 / "MaskTumor.nii.gz"), "fixed_tumour": str(tp1 / "MaskTumor.nii.gz")}
+    assert pairs[0] == {"name": "PGBM-002_tp0_to_tp1", "moving": str(tp0 / "T1post.nii.gz"),
+                        "fixed": str(tp1 / "T1post.nii.gz"), **t1}
+    # the tumour model's two channels: T1post then FLAIR, the scores still on T1post
+    assert longitudinal.pairs(channels=2)[0] == {
+        "name": "PGBM-002_tp0_to_tp1", "moving": [str(tp0 / "T1post.nii.gz"), str(tp0 / "FLAIRreg.nii.gz")],
+        "fixed": [str(tp1 / "T1post.nii.gz"), str(tp1 / "FLAIRreg.nii.gz")], **t1}
+    with pytest.raises(ValueError, match="a model of 3 channels does not fit"):
+        longitudinal.pairs(channels=3)
 
 
 def test_scaling_dice_and_loading():
@@ -74,9 +81,9 @@ def _scan_pair(tmp_path: Path, offset_voxels: int = 4) -> dict:
     fixed_tumour = np.zeros(SHAPE, np.uint8)
     fixed_tumour[20:22, 8:12, 2:4] = 1
     return {"name": "P_tp0_to_tp1",
-            "moving": _save(moving, moving_affine, tmp_path / "tp0" / "T1post.nii.gz"),
+            "t1_moving": _save(moving, moving_affine, tmp_path / "tp0" / "T1post.nii.gz"),
             "moving_label": _save(tumour, moving_affine, tmp_path / "tp0" / "MaskTumor.nii.gz"),
-            "fixed": _save(fixed, FIXED_AFFINE, tmp_path / "tp1" / "T1post.nii.gz"),
+            "t1_fixed": _save(fixed, FIXED_AFFINE, tmp_path / "tp1" / "T1post.nii.gz"),
             "fixed_tumour": _save(fixed_tumour, FIXED_AFFINE, tmp_path / "tp1" / "MaskTumor.nii.gz")}
 
 
@@ -84,7 +91,7 @@ def test_identity_baseline_resamples_by_world_coordinates(tmp_path):
     """``identity``: no transform, so a zero DDF, and the moving scan and tumour land ``offset`` voxels further on."""
     pair = _scan_pair(tmp_path)
     warped, warped_tumour, ddf = longitudinal._baseline(pair, "none")
-    fixed, _ = longitudinal._load(pair["fixed"])
+    fixed, _ = longitudinal._load(pair["t1_fixed"])
     assert warped.shape == warped_tumour.shape == SHAPE and ddf.shape == (3, *SHAPE)
     np.testing.assert_allclose(warped[4:], fixed[4:], atol=1e-5)
     assert np.all(warped[:4] == 0)  # beyond the moving grid
@@ -114,7 +121,7 @@ def test_rigid_baseline_ddf_is_the_transform_in_fixed_voxels(tmp_path, monkeypat
     assert calls == ["rigid"]
     np.testing.assert_allclose(ddf[0], 6.0, atol=1e-5)
     np.testing.assert_allclose(ddf[1:], 0.0, atol=1e-5)
-    fixed, _ = longitudinal._load(pair["fixed"])
+    fixed, _ = longitudinal._load(pair["t1_fixed"])
     np.testing.assert_allclose(warped[:-6], fixed[6:], atol=1e-5)
     assert warped_tumour.sum() == 32 and np.argwhere(warped_tumour)[:, 0].min() == 8  # tp0 tumour at 10 - 2
 
@@ -125,7 +132,7 @@ def test_score_regions_use_the_fixed_affine_spacing(tmp_path):
     fixed = np.full(SHAPE, 100.0, np.float32)  # scaled to 1 everywhere
     tumour = np.zeros(SHAPE, bool)
     tumour[10:12, 10:12, 2] = True
-    pair = {"fixed": _save(fixed, FIXED_AFFINE, tmp_path / "f.nii.gz"),
+    pair = {"t1_fixed": _save(fixed, FIXED_AFFINE, tmp_path / "f.nii.gz"),
             "fixed_tumour": _save(tumour.astype(np.uint8), FIXED_AFFINE, tmp_path / "t.nii.gz")}
     warped = fixed.copy()
     warped[31, 10, 2] = 50.0  # 20 voxels = 10 mm along x0: band
@@ -157,9 +164,10 @@ def test_real_pairs_and_a_perfect_registration_score(monkeypatch):
     monkeypatch.setattr(longitudinal, "DATA", SHARED_DATA / "tumor_progression")
     pairs = longitudinal.pairs()
     assert [p["name"] for p in pairs][:1] == ["PGBM-001_tp0_to_tp1"] and len(pairs) >= 2
-    assert all(Path(p[k]).is_file() for p in pairs for k in ("moving", "fixed", "moving_label", "fixed_tumour"))
+    assert all(Path(p[k]).is_file() for p in pairs for k in ("t1_moving", "t1_fixed", "moving_label", "fixed_tumour"))
+    assert all(Path(f).is_file() for p in longitudinal.pairs(channels=2) for f in [*p["moving"], *p["fixed"]])
     pair = pairs[0]
-    fixed, affine = longitudinal._load(pair["fixed"])
+    fixed, affine = longitudinal._load(pair["t1_fixed"])
     tumour = longitudinal._load(pair["fixed_tumour"])[0] > 0
     assert tumour.sum() > 100 and np.linalg.norm(affine[:3, 2]) == pytest.approx(6.5, abs=0.01)
     row = longitudinal.score(pair, fixed, tumour, np.zeros((3, *fixed.shape), np.float32))
