@@ -742,15 +742,17 @@ def test_write_csv_writes_rows_in_column_order_and_leaves_no_temporary_file(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
 
 
-def test_one_loader_shared_by_threads_keeps_every_channel(tmp_path):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_one_loader_shared_by_threads_keeps_every_channel(tmp_path, parallel):
     """CacheDataset's threads share one LoadImaged: MONAI's reader keeps the file names of a read for its get_data, so
-    without our lock a 2-file (2-channel) image read beside a 1-file mask came back with 1 channel."""
+    without our lock a 2-file (2-channel) image read beside a 1-file mask came back with 1 channel; with its keys
+    read at the same time (``parallel``) as well."""
     import threading
 
     for name in ("t1c", "flair", "mask"):
         nib.save(nib.Nifti1Image(np.random.default_rng(0).random((6, 6, 6), dtype=np.float32), np.eye(4)),
                  str(tmp_path / f"{name}.nii.gz"))
-    load = LoadImaged(["image", "mask"], ensure_channel_first=True)
+    load = LoadImaged(["image", "mask"], ensure_channel_first=True, parallel=parallel)
     item = {"image": [str(tmp_path / "t1c.nii.gz"), str(tmp_path / "flair.nii.gz")], "mask": str(tmp_path / "mask.nii.gz")}
     shapes = []
 
@@ -765,6 +767,28 @@ def test_one_loader_shared_by_threads_keeps_every_channel(tmp_path):
     for t in threads:
         t.join()
     assert len(shapes) == 400 and set(shapes) == {(2, 1)}, sorted(set(shapes))
+
+
+@pytest.mark.parametrize("image_only", [True, False])
+def test_keys_read_at_the_same_time_give_what_one_after_another_gives(tmp_path, image_only):
+    rng = np.random.default_rng(1)
+    item = {}
+    for key, shape in (("moving", (5, 6, 7)), ("fixed", (7, 6, 5)), ("moving_label", (5, 6, 7))):
+        affine = np.diag([1.0, 2.0, 3.0, 1.0])
+        nib.save(nib.Nifti1Image(rng.random(shape, dtype=np.float32), affine), str(tmp_path / f"{key}.nii.gz"))
+        item[key] = str(tmp_path / f"{key}.nii.gz")
+    keys = ["moving", "fixed", "moving_label", "absent"]
+    together = LoadImaged(keys, image_only=image_only, allow_missing_keys=True)(item)
+    apart = LoadImaged(keys, image_only=image_only, allow_missing_keys=True, parallel=False)(item)
+    assert list(together) == list(apart) and "absent" not in together
+    for key in ("moving", "fixed", "moving_label"):
+        assert torch.equal(together[key], apart[key]) and together[key].meta["filename_or_obj"] == item[key]
+        np.testing.assert_array_equal(together[key].affine, apart[key].affine)
+        if not image_only:
+            assert together[f"{key}_meta_dict"]["filename_or_obj"] == item[key]
+    (tmp_path / "fixed.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"fixed.nii.gz: not a readable image"):
+        LoadImaged(keys, allow_missing_keys=True)(item)
 
 
 def test_output_files_name_what_was_asked_for_and_refuse_unknown_outputs():
