@@ -231,8 +231,10 @@ def register_pair(models: _Models, pair: dict, methods: list[str], masks: str) -
 
 
 def run(ckpt_pattern: str = CKPT_PATTERN, steps: int | None = None, methods=METHODS, masks: str = "prediction",
-        limit: int | None = None, out: Path = OUT, results: Path = RESULTS, command: str = "") -> Path:
-    """Register every pair (or the first ``limit``) with each method and score it; writes ``known_deformation_pairs.csv``."""
+        limit: int | None = None, out: Path = OUT, results: Path = RESULTS, command: str = "",
+        resume: bool = True) -> Path:
+    """Register every pair (or the first ``limit``) with each method and score it; writes ``known_deformation_pairs.csv``
+    after every pair. ``resume``: keep the pairs an earlier run of the same methods, masks and recipe scored."""
     from bundle.engines import hardware_description
     from bundle.metrics import endpoint_error_by_region
 
@@ -247,8 +249,13 @@ def run(ckpt_pattern: str = CKPT_PATTERN, steps: int | None = None, methods=METH
     torch.manual_seed(0)
     models = _Models(ckpt_pattern, steps)
     hardware = hardware_description(models.device)
-    rows = []
+    path = results / "known_deformation_pairs.csv"
+    rows = _earlier_rows(path, list(methods), masks, models.recipe) if resume else []
+    done = {r["pair"] for r in rows}
     for pair in pairs:
+        if pair["name"] in done:
+            print(f"{pair['name']}: scored earlier, kept", flush=True)
+            continue
         started = time.time()
         ddfs, excluded = register_pair(models, pair, list(methods), masks)
         folder = pair["folder"]
@@ -271,9 +278,29 @@ def run(ckpt_pattern: str = CKPT_PATTERN, steps: int | None = None, methods=METH
                              "hardware": hardware, "command": command})
         summary = ", ".join(f"{m} {v:.2f}" for m, v in outside.items())
         print(f"{pair['name']} ({time.time() - started:.0f} s): mean EPE outside the tumour and band (mm): {summary}", flush=True)
-    path = write_csv(results / "known_deformation_pairs.csv", rows)
+        write_csv(path, rows)  # after every pair: an interrupted run resumes from the next one
     print(f"{len(rows)} rows -> {path}")
     return path
+
+
+def _earlier_rows(path: Path, methods: list[str], masks: str, recipe: dict) -> list[dict]:
+    """The rows of an earlier (interrupted) run to keep: only if it scored the same methods, masks and refinement
+    recipe, else an error (a mixed table would compare unlike runs)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    earlier = {"methods": sorted({r["method"] for r in rows}),
+               "masks": sorted({r["masks"] for r in rows if r["masks"]}),
+               "recipe": {k: rows[0].get(f"refinement_{k}") for k in recipe}}
+    wanted = {"methods": sorted({"network", *methods}),
+              "masks": [masks] if {"tumour", "tumour+consistency"} & set(methods) else [],
+              "recipe": {k: str(v) for k, v in recipe.items()}}
+    if earlier != wanted:
+        raise ValueError(f"{path} holds another run ({earlier}, not {wanted}): move it away or pass --fresh.")
+    return rows
 
 
 def paired_tests(rows: list[dict], baseline: str = BASELINE, value: str = "epe_mean_mm") -> list[dict]:
@@ -372,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run: tumour masks from the network's segmentations (the paper) or the true masks")
     parser.add_argument("--limit", type=int, default=None, help="run: only the first K pairs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--fresh", action="store_true", help="run: start over instead of resuming an earlier run's CSV")
     a = parser.parse_args(argv)
     torch.set_num_threads(a.threads)
     command = "python benchmarks/known_deformation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -379,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.command == "make":
             make(a.data, a.out, a.seed)
         elif a.command == "run":
-            run(a.ckpt_pattern, a.steps, [m for m in a.methods.split(",") if m], a.masks, a.limit, a.out, a.results, command)
+            run(a.ckpt_pattern, a.steps, [m for m in a.methods.split(",") if m], a.masks, a.limit, a.out, a.results, command,
+                resume=not a.fresh)
         else:
             report(a.results, command)
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it

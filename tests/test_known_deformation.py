@@ -240,6 +240,15 @@ def test_make_run_report_chain_on_a_tiny_campaign(tmp_path, capsys):
         if r["pair"] == pairs[0]["name"] and r["method"] == "network":
             assert float(r["epe_mean_mm"]) == pytest.approx(expected[r["region"]]["epe_mean_mm"], abs=2e-3)
 
+    # an interrupted run resumes: the pairs already scored are kept, not registered again
+    before = (results / "known_deformation_pairs.csv").read_text()
+    capsys.readouterr()
+    benchmark.main(["run", *paths, "--ckpt-pattern", pattern, "--limit", "2", "--steps", "2"])
+    assert capsys.readouterr().out.count("scored earlier, kept") == 2
+    assert (results / "known_deformation_pairs.csv").read_text() == before
+    with pytest.raises(SystemExit, match="holds another run.*--fresh"):  # other methods: never mixed into one table
+        benchmark.main(["run", *paths, "--ckpt-pattern", pattern, "--limit", "2", "--steps", "2", "--methods", "unmasked"])
+
     benchmark.main(["report", "--results", str(results)])
     tests = _rows(results / "known_deformation.csv")
     assert {(t["method"], t["region"]) for t in tests} == {
@@ -252,7 +261,7 @@ def test_make_run_report_chain_on_a_tiny_campaign(tmp_path, capsys):
 
     # the true tumour masks: the tumour method then excludes voxels and its refinement differs from the unmasked one
     benchmark.main(["run", *paths, "--ckpt-pattern", pattern, "--limit", "1", "--steps", "2", "--masks", "truth",
-                    "--methods", "unmasked,tumour"])
+                    "--methods", "unmasked,tumour", "--fresh"])
     rows = {(r["method"], r["region"]): r for r in _rows(results / "known_deformation_pairs.csv")}
     assert float(rows[("tumour", "outside")]["excluded_pct"]) > 1 and rows[("tumour", "outside")]["masks"] == "truth"
     assert any(rows[("tumour", g)]["epe_mean_mm"] != rows[("unmasked", g)]["epe_mean_mm"] for g in ("tumour", "band", "outside"))
