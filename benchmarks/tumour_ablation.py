@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bundle.configs import bundle_command  # noqa: E402
+
+RESULTS = REPO / "docs" / "results"
 from bundle.io.writers import write_nifti  # noqa: E402
 from bundle.metrics import region_registration_metrics  # noqa: E402
 
@@ -156,7 +158,7 @@ def train(work_dir: Path, epochs: int, variants: list[str]) -> None:
         _bundle("training", ["train.json"], overrides, work_dir / variant / "train.log")
 
 
-def evaluate(work_dir: Path, variants: list[str], band_mm: float) -> None:
+def evaluate(work_dir: Path, variants: list[str], band_mm: float, results: Path = RESULTS) -> None:
     datalist = json.loads((work_dir / "datalist.json").read_text())
     rows = []
     for variant in variants:
@@ -167,7 +169,7 @@ def evaluate(work_dir: Path, variants: list[str], band_mm: float) -> None:
             rows.append({"variant": variant, **_score(work_dir, pair, out_dir / pair["name"], band_mm)})
     identity = [{"variant": "identity", **_score(work_dir, p, None, band_mm)} for p in datalist["testing"]]
     rows = identity + rows
-    _write_tables(rows, work_dir)
+    _write_tables(rows, results)
     for pair in datalist["testing"][:2]:
         _figure(work_dir, pair, variants, REPO / "docs" / "figures" / f"tumour_ablation_{pair['name']}.png")
 
@@ -231,10 +233,12 @@ def _score(work_dir: Path, pair: dict, out: Path | None, band_mm: float) -> dict
         warped = np.moveaxis(_load(out / "warped.nii.gz"), -1, 0) if fixed.shape[0] > 1 else _load(out / "warped.nii.gz")[None]
         ddf = np.moveaxis(_load(out / "ddf.nii.gz")[..., 0, :], -1, 0)
         warped_tumour = _load(out / "warped_label.nii.gz")[None] > 0
-        seg = {
-            "tumour_dice_moving": _dice(_load(out / "seg_moving.nii.gz") > 0, _load(work_dir / pair["moving_tumour"]) > 0),
-            "tumour_dice_fixed": _dice(_load(out / "seg_fixed.nii.gz") > 0, fixed_tumour[0]),
-        }
+        # segmentation scored on the held-out (test) subjects' images only: a pair's other image may be a training one
+        seg = {}
+        if _subject(pair["moving_tumour"]) in SPLIT["test"]:
+            seg["tumour_dice_moving"] = _dice(_load(out / "seg_moving.nii.gz") > 0, _load(work_dir / pair["moving_tumour"]) > 0)
+        if _subject(pair["fixed_tumour"]) in SPLIT["test"]:
+            seg["tumour_dice_fixed"] = _dice(_load(out / "seg_fixed.nii.gz") > 0, fixed_tumour[0])
     tumour = torch.as_tensor(fixed_tumour | warped_tumour)
     metrics = region_registration_metrics(
         torch.as_tensor(warped), torch.as_tensor(fixed), torch.as_tensor(ddf), tumour, spacing, band_mm
@@ -242,14 +246,21 @@ def _score(work_dir: Path, pair: dict, out: Path | None, band_mm: float) -> dict
     return {"pair": pair["name"], **metrics, **seg}
 
 
+def _subject(path: str) -> str:
+    """``data/<subject>/tumour.nii.gz`` -> ``<subject>``."""
+    return Path(path).parent.name
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return float(2 * (a & b).sum() / total) if total else float("nan")
 
 
-def _write_tables(rows: list[dict], work_dir: Path) -> None:
+def _write_tables(rows: list[dict], folder: Path) -> None:
+    """Per-pair rows to ``folder/tumour_ablation.csv``, per-variant means to ``folder/tumour_ablation.md``."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(work_dir / "tumour_ablation.csv", "w", newline="") as f:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "tumour_ablation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
@@ -259,7 +270,7 @@ def _write_tables(rows: list[dict], work_dir: Path) -> None:
         values = [np.nanmean([r.get(c, np.nan) for r in rows if r["variant"] == variant]) for c in columns]
         lines.append(f"| {variant} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     table = "\n".join(lines)
-    (work_dir / "tumour_ablation.md").write_text(table + "\n")
+    (folder / "tumour_ablation.md").write_text(table + "\n")
     print(table)
 
 
@@ -270,6 +281,7 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=REPO / "runs" / "tumour_ablation")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--band_mm", type=float, default=10.0)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of tumour_ablation.{csv,md}")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     work_dir = args.work_dir.resolve()
@@ -278,7 +290,7 @@ def main() -> None:
     if args.step in ("train", "all"):
         train(work_dir, args.epochs, args.variants)
     if args.step in ("evaluate", "all"):
-        evaluate(work_dir, args.variants, args.band_mm)
+        evaluate(work_dir, args.variants, args.band_mm, args.results)
 
 
 if __name__ == "__main__":

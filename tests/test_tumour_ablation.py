@@ -185,10 +185,11 @@ def test_identity_score_uses_both_tumours_and_the_header_spacing(tmp_path):
     assert narrow["mse_outside"] == pytest.approx(0.02 / 9, rel=1e-4)
 
 
-def test_score_reads_the_bundle_outputs(tmp_path):
+def test_score_reads_the_bundle_outputs(tmp_path, monkeypatch):
     """Outputs written as the inference config writes them (``SaveNiftid`` / ``write_nifti``): a 2-channel warped
     image equal to the fixed one, a DDF folding half of the grid (x0 -> -x0 for x1 < 5, det J = -1 there), the warped
-    moving tumour and both segmentations."""
+    moving tumour and both segmentations; a segmentation is scored only on a held-out (test) subject's image."""
+    monkeypatch.setitem(tumour_ablation.SPLIT, "test", ["M", "F"])
     pair, fixed, fixed_tumour, moving_tumour = _scoring_case(tmp_path)
     out = tmp_path / "variant" / "test_outputs" / pair["name"]
     x0 = np.arange(GRID[0], dtype=np.float32)[:, None, None] * np.ones(GRID, np.float32)
@@ -207,6 +208,9 @@ def test_score_reads_the_bundle_outputs(tmp_path):
         assert row[f"ncc_{region}"] == pytest.approx(1.0, abs=1e-4)
         assert row[f"folding_pct_{region}"] == pytest.approx(50.0)
     assert row["tumour_dice_moving"] == 1.0 and row["tumour_dice_fixed"] == pytest.approx(2 / 3)
+    monkeypatch.setitem(tumour_ablation.SPLIT, "test", ["F"])  # the moving subject trained the model: not scored
+    row = tumour_ablation._score(tmp_path, pair, out, band_mm=10.0)
+    assert "tumour_dice_moving" not in row and row["tumour_dice_fixed"] == pytest.approx(2 / 3)
 
 
 def test_tables_are_per_variant_means_ignoring_missing_values(tmp_path):
