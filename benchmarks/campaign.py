@@ -11,6 +11,8 @@
 log-uniformly in [0.03, 3] per pair, validation at λ = 0.3), started from the plain run's best weights
 (``models/campaign/registration_t1_conditioned/init/``). ``--run autoreg_search``: the architecture search (AutoReg,
 ``configs/autoreg_search.json``) at 4 mm, 40 epochs of 50 iterations, its genotype in ``models/campaign/autoreg_search/genotype.json``.
+``--run registration_t1_lambda_{0.1,0.3,1}``: issue 17's fixed-λ references, plain networks with the smoothness weight
+fixed, from the conditioned run's starting weights, its learning rate and 1,800 iterations (``configs/campaign_fixed_lambda.json``).
 
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
@@ -205,6 +207,14 @@ RECIPES = {
     "autoreg_search": ([*RECIPE, "autoreg_search.json", "autoreg_search_campaign.json"],
                        SHIPPED.with_name("autoreg_search_4mm.pt")),
 }
+# issue 17's reference: plain networks, one per fixed smoothness weight λ, fine-tuned from the conditioned run's
+# starting weights with its learning rate for the iterations of its 1,800-iteration snapshot (equal budget)
+FIXED_LAMBDAS = (0.1, 0.3, 1.0)
+RUN_OVERRIDES: dict[str, list[str]] = {}
+for _lam in FIXED_LAMBDAS:
+    RECIPES[f"registration_t1_lambda_{_lam:g}"] = ([*RECIPE, "campaign_fixed_lambda.json"],
+                                                   SHIPPED.with_name(f"registration_t1_lambda_{_lam:g}_2mm.pt"))
+    RUN_OVERRIDES[f"registration_t1_lambda_{_lam:g}"] = ["--smoothness_weight", f"{_lam:g}"]
 
 
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str], configs: list[str] = RECIPE) -> list[str]:
@@ -337,6 +347,7 @@ def main() -> None:
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     root, (configs, shipped) = CAMPAIGNS / a.run, RECIPES[a.run]
+    extra = [*RUN_OVERRIDES.get(a.run, []), *extra]
     commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, root=root, configs=configs),
                 "status": lambda: status(root), "plot": lambda: plot(root), "ship": lambda: ship(root, shipped)}
     try:

@@ -126,6 +126,37 @@ def test_the_conditioned_run_starts_from_the_plain_runs_weights(tmp_path):
         torch.testing.assert_close(network(inputs), reference(torch.cat([batch["moving"], batch["fixed"]], 1)))
 
 
+@pytest.mark.parametrize("lam", campaign.FIXED_LAMBDAS)
+def test_the_fixed_lambda_runs_start_where_the_conditioned_run_started_with_its_budget(tmp_path, lam):
+    """Issue 17's references: a plain network with the smoothness weight fixed at λ, from the conditioned run's
+    starting weights, at its learning rate, for 1,800 iterations (its snapshot's), validated on the same pairs."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from bundle.networks import RegistrationUNet
+
+    run = f"registration_t1_lambda_{lam:g}"
+    configs, shipped = campaign.RECIPES[run]
+    conditioned, _ = campaign.RECIPES["registration_t1_conditioned"]
+    assert shipped.name == f"registration_t1_lambda_{lam:g}_2mm.pt" and configs[: len(campaign.RECIPE)] == campaign.RECIPE
+    assert campaign.RUN_OVERRIDES[run] == ["--smoothness_weight", f"{lam:g}"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(tmp_path / "campaign" / run)
+    parser["smoothness_weight"] = lam
+    reference = ConfigParser()
+    reference.read_config([str(REPO_ROOT / "configs" / c) for c in conditioned])
+    reference["bundle_root"] = str(tmp_path / "campaign" / "registration_t1_conditioned")
+    init = Path(parser.get_parsed_content("init_ckpt"))
+    assert init == Path(reference.get_parsed_content("init_ckpt"))  # the same starting weights
+    assert parser.get_parsed_content("learning_rate") == reference.get_parsed_content("learning_rate")
+    assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 1800
+    init.parent.mkdir(parents=True)
+    torch.save(RegistrationUNet(3, 2, half_res=True, integration_steps=7).state_dict(), init)
+    assert type(parser.get_parsed_content("initial_network")) is RegistrationUNet
+    assert parser.get_parsed_content("loss").smoothness_weight == lam
+
+
 def test_the_search_run_builds_the_searchable_network_at_4_mm(tmp_path):
     from monai.bundle import ConfigParser
 
