@@ -99,7 +99,8 @@ def test_single_image_segmentation(trained):
 
 def test_shipped_tumour_model_segments_a_subject_it_was_not_trained_on(tmp_path):
     """``brainreg segment`` with its default model (``configs/tumour.json``) on the raw BraTS 2013 files of the
-    fold-``all`` validation subject (never trained on): T1c + FLAIR in, the tumour where the experts drew it."""
+    fold-``all`` validation subject (never trained on, but the weights were selected on it: a check that the shipped
+    path works end to end, not an accuracy figure): T1c + FLAIR in, the tumour where the experts drew it."""
     from bundle.data import load_split
 
     subject = load_split("tumour")["folds"]["all"]["validation"]
