@@ -6,6 +6,10 @@
     python benchmarks/tumour_campaign.py evaluate                         # held-out tumour Dice per fold -> CSV
     python benchmarks/tumour_campaign.py evaluate-segment                 # the same through `brainreg segment`'s configs
 
+Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped model) or ``tumour_aug`` (the same plus
+``configs/tumour_augmentation.json``: left-right flips, random rotations/scalings shared by both images of a pair, and a
+gamma contrast change drawn for each sequence separately, more epochs).
+
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
 any tumour label > 0, cropped to the common SRI24 brain box (``benchmarks/tumour_ablation.py prepare``). Folds are
@@ -49,6 +53,8 @@ CAMPAIGNS = REPO / "models" / "campaign"
 RESULTS = REPO / "docs" / "results" / "tumour_cv.csv"
 SEGMENT_RESULTS = REPO / "docs" / "results" / "tumour_cv_segment.csv"
 CONFIGS = ["train.json", "tumour_campaign.json"]
+# run name -> training configs; each run has its own folds (models/campaign/<run>_<fold>/) and results
+RECIPES = {"tumour": CONFIGS, "tumour_aug": [*CONFIGS, "tumour_augmentation.json"]}
 # the validation pairs hold no anatomical labels: select on the tumour Dice of the fixed image
 TRAINING_OVERRIDES = [
     "--validate#key_metric", "$({'val_tumour_dice_fixed': @metrics#tumour_dice_fixed})",
@@ -56,8 +62,20 @@ TRAINING_OVERRIDES = [
 ]
 
 
-def fold_root(fold: str) -> Path:
-    return CAMPAIGNS / f"tumour_{fold}"
+def fold_root(fold: str, run: str = "tumour") -> Path:
+    if run not in RECIPES:
+        raise ValueError(f"unknown run {run!r}: expected one of {', '.join(RECIPES)}")
+    return CAMPAIGNS / f"{run}_{fold}"
+
+
+def outputs_dir(out: Path, fold: str, name: str, run: str = "tumour") -> Path:
+    """Where a run writes a fold's evaluation outputs (the default run keeps its historical places)."""
+    return out / fold / name if run == "tumour" else out / fold / run / name
+
+
+def results_path(default: Path, run: str) -> Path:
+    """``docs/results/tumour_cv.csv`` -> ``tumour_aug_cv.csv`` for run ``tumour_aug``."""
+    return default if run == "tumour" else default.with_name(default.name.replace("tumour_", f"{run}_", 1))
 
 
 def _pair(data: Path, m: str, f: str) -> dict:
@@ -105,11 +123,11 @@ def prepare(out: Path = RUNS) -> list[Path]:
     return paths
 
 
-def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS) -> int:
+def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, run: str = "tumour") -> int:
     """Train the unfinished folds in order, within ``minutes`` in all; a fold that ends on its own is marked."""
     deadline = None if minutes is None else time.time() + minutes * 60
     for fold in load_split("tumour")["folds"]:
-        root = fold_root(fold)
+        root = fold_root(fold, run)
         if (root / "finished.json").is_file():
             continue
         left = None if deadline is None else (deadline - time.time()) / 60
@@ -117,7 +135,7 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             print("time is up: the next fold starts with the next call")
             return 0
         started = time.time()
-        rc = campaign.train(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=CONFIGS,
+        rc = campaign.train(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=RECIPES[run],
                             datalist=out / fold / "datalist.json")
         if rc != 0:
             print(f"{fold}: training exited with {rc}; see {root / 'train.log'}")
@@ -130,10 +148,10 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
     return 0
 
 
-def status() -> dict:
+def status(run: str = "tumour") -> dict:
     info = {}
     for fold in load_split("tumour")["folds"]:
-        root = fold_root(fold)
+        root = fold_root(fold, run)
         if (root / "training_log.csv").is_file():
             from bundle.engines.training import read_training_log
 
@@ -200,15 +218,16 @@ def without_flair(datalist: dict) -> dict:
 SEQUENCES = {"T1c+FLAIR": ("datalist.json", "test_outputs"), "T1c only (FLAIR zero)": ("datalist_no_flair.json", "test_outputs_no_flair")}
 
 
-def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
+def evaluate(out: Path = RUNS, target: Path | None = None, run: str = "tumour") -> Path:
     """Run each finished cross-validation fold's best weights on its test pairs, with both sequences and with FLAIR
-    missing (zeroed); per-subject Dice to ``target``."""
+    missing (zeroed); per-subject Dice to ``target`` (default: the run's ``docs/results`` CSV)."""
     from bundle.configs import bundle_command
 
+    target = target or results_path(RESULTS, run)
     split = load_split("tumour")
     rows = []
     for fold, spec in split["folds"].items():
-        root = fold_root(fold)
+        root = fold_root(fold, run)
         if not spec["testing"]:
             continue
         if not (root / "finished.json").is_file():
@@ -217,12 +236,13 @@ def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
         finished = json.loads((root / "finished.json").read_text())
         full = json.loads((out / fold / "datalist.json").read_text())
         for sequences, (datalist_name, outputs) in SEQUENCES.items():
-            datalist_path, out_dir = out / fold / datalist_name, out / fold / outputs
+            datalist_path, out_dir = out / fold / datalist_name, outputs_dir(out, fold, outputs, run)
             if datalist_name != "datalist.json":
                 datalist_path.write_text(json.dumps(without_flair(full), indent=1))
             settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
                         "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
-            with open(out / fold / "inference.log", "a") as log:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir.parent / "inference.log", "a") as log:
                 subprocess.run(bundle_command("inference", REPO, ["inference.json", "joint.json", "tumour_campaign.json"], settings),
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
             for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir):
@@ -241,28 +261,29 @@ def evaluate(out: Path = RUNS, target: Path = RESULTS) -> Path:
     return target
 
 
-def evaluate_segment(out: Path = RUNS, target: Path = SEGMENT_RESULTS) -> Path:
+def evaluate_segment(out: Path = RUNS, target: Path | None = None, run: str = "tumour") -> Path:
     """Each finished fold's best weights through the shipped single-image segmentation command (the configs of
     ``brainreg segment``: raw T1c + FLAIR files, scaled inside the brain by the configs) on its test subjects;
-    Dice against the subject's own tumour labels on its native grid, to ``target``."""
+    Dice against the subject's own tumour labels on its native grid, to ``target`` (default: the run's CSV)."""
     import tumour_ablation  # the raw files of every case
 
     from bundle.configs import TUMOUR_SEGMENTATION_CONFIGS, bundle_command
 
+    target = target or results_path(SEGMENT_RESULTS, run)
     split, sources, rows = load_split("tumour"), tumour_ablation._sources(DATA), []
     for fold, spec in split["folds"].items():
-        root = fold_root(fold)
+        root = fold_root(fold, run)
         if not spec["testing"] or not (root / "finished.json").is_file():
             continue
         finished = json.loads((root / "finished.json").read_text())
         datalist = {"testing": [{"image": [str(sources[s]["t1c"]), str(sources[s]["flair"])], "name": s}
                                 for s in spec["testing"]]}
-        datalist_path, out_dir = out / fold / "datalist_segment.json", out / fold / "segment_outputs"
-        datalist_path.parent.mkdir(parents=True, exist_ok=True)
+        datalist_path, out_dir = out / fold / "datalist_segment.json", outputs_dir(out, fold, "segment_outputs", run)
+        out_dir.mkdir(parents=True, exist_ok=True)
         datalist_path.write_text(json.dumps(datalist, indent=1))
         settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
                     "ckpt_path": root / "models" / "model.pt"}
-        with open(out / fold / "segment.log", "a") as log:
+        with open(out_dir.parent / "segment.log", "a") as log:
             subprocess.run(bundle_command("inference", REPO, list(TUMOUR_SEGMENTATION_CONFIGS), settings),
                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
         for subject in spec["testing"]:
@@ -285,11 +306,13 @@ def main() -> None:
     parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment"])
     parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--run", choices=list(RECIPES), default="tumour", help="which recipe's folds (default: the shipped model's)")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra), "status": status,
-                "evaluate": evaluate, "evaluate-segment": evaluate_segment}
+    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run),
+                "status": lambda: status(a.run), "evaluate": lambda: evaluate(run=a.run),
+                "evaluate-segment": lambda: evaluate_segment(run=a.run)}
     try:
         result = commands[a.command]()
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import CONFIGS, REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import tumour_campaign  # noqa: E402
@@ -151,3 +151,15 @@ def test_evaluate_segment_scores_each_held_out_subject_from_its_raw_files(tmp_pa
     assert float(rows["brats_2013_pat0001_1"]["tumour_dice"]) == pytest.approx(2 * 32 / 96, abs=1e-4)
     assert float(rows["TCGA-DU-7294"]["tumour_dice"]) == 1.0 and rows["TCGA-DU-7294"]["labels"] == "automatic (silver)"
     assert rows["brats_2013_pat0001_1"]["best_iteration"] == "300"
+
+
+def test_the_augmented_run_has_its_own_folds_configs_and_results():
+    assert tumour_campaign.fold_root("fold0").name == "tumour_fold0"  # the shipped model's folds keep their place
+    assert tumour_campaign.fold_root("fold0", "tumour_aug").name == "tumour_aug_fold0"
+    assert tumour_campaign.RECIPES["tumour_aug"][-1] == "tumour_augmentation.json"
+    assert all((CONFIGS / f).is_file() for configs in tumour_campaign.RECIPES.values() for f in configs)
+    assert tumour_campaign.results_path(tumour_campaign.RESULTS, "tumour_aug").name == "tumour_aug_cv.csv"
+    assert tumour_campaign.results_path(tumour_campaign.SEGMENT_RESULTS, "tumour") == tumour_campaign.SEGMENT_RESULTS
+    assert tumour_campaign.outputs_dir(Path("r"), "fold0", "test_outputs", "tumour_aug") == Path("r/fold0/tumour_aug/test_outputs")
+    with pytest.raises(ValueError, match="unknown run"):
+        tumour_campaign.fold_root("fold0", "nope")

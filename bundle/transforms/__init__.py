@@ -3,7 +3,7 @@ from .foreground import above_minimum
 from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOriginald, Warpd
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
-from .channels import RandDropChanneld
+from .channels import RandAdjustContrastPerChanneld, RandDropChanneld
 from .intensity import ScaleIntensityInBraind
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd

@@ -1,4 +1,4 @@
-"""Random channel (sequence) dropout: trains a multi-sequence model to work when a sequence is missing."""
+"""Per-channel (per-sequence) random transforms: sequence dropout, and a contrast change drawn for each sequence."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, RandAdjustContrast, RandomizableTransform
 
-__all__ = ["RandDropChanneld"]
+__all__ = ["RandAdjustContrastPerChanneld", "RandDropChanneld"]
 
 
 class RandDropChanneld(RandomizableTransform, MapTransform):
@@ -45,4 +45,37 @@ class RandDropChanneld(RandomizableTransform, MapTransform):
             image = image.clone()
             image[channels] = 0
             d[key] = image
+        return d
+
+
+class RandAdjustContrastPerChanneld(RandomizableTransform, MapTransform):
+    """MONAI's gamma contrast change (``RandAdjustContrast``) drawn independently for every channel of every key.
+
+    ``RandAdjustContrastd`` draws one gamma for all channels of an image; sequences of one scan vary independently
+    between scanners and protocols (e.g. how bright the brain is relative to the tumour in FLAIR), hence our own.
+
+    Args:
+        keys: channel-first images, e.g. ``["moving", "fixed"]``.
+        prob: probability, per channel, of a change.
+        gamma: range the exponent is drawn from (``RandAdjustContrast``'s ``gamma``).
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.1, gamma: tuple[float, float] | float = (0.7, 1.5),
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, 1.0)  # the per-channel transform draws ``prob`` itself
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}.")
+        self.contrast = RandAdjustContrast(prob=prob, gamma=gamma)
+
+    def set_random_state(self, seed: int | None = None, state=None) -> "RandAdjustContrastPerChanneld":
+        super().set_random_state(seed, state)
+        self.contrast.set_random_state(state=self.R)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            d[key] = torch.cat([torch.as_tensor(self.contrast(image[c : c + 1])) for c in range(image.shape[0])])
         return d
