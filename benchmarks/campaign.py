@@ -13,6 +13,8 @@ log-uniformly in [0.03, 3] per pair, validation at λ = 0.3), started from the p
 ``configs/autoreg_search.json``) at 4 mm, 40 epochs of 50 iterations, its genotype in ``models/campaign/autoreg_search/genotype.json``.
 ``--run registration_t1_lambda_{0.1,0.3,1}``: issue 17's fixed-λ references, plain networks with the smoothness weight
 fixed, from the conditioned run's starting weights, its learning rate and 1,800 iterations (``configs/campaign_fixed_lambda.json``).
+``--run registration_t1_probabilistic``: the probabilistic-features ablation, the λ = 1 reference with Gaussian encoder
+features and their KL term (``configs/probabilistic_features*.json``), the same start, budget and validation pairs.
 
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
@@ -215,6 +217,12 @@ for _lam in FIXED_LAMBDAS:
     RECIPES[f"registration_t1_lambda_{_lam:g}"] = ([*RECIPE, "campaign_fixed_lambda.json"],
                                                    SHIPPED.with_name(f"registration_t1_lambda_{_lam:g}_2mm.pt"))
     RUN_OVERRIDES[f"registration_t1_lambda_{_lam:g}"] = ["--smoothness_weight", f"{_lam:g}"]
+# the probabilistic-features ablation: the λ = 1 reference above with Gaussian encoder features and their KL term
+# (the seed's bilevel feature learning), same starting weights (its Gaussians start as the identity), budget and λ
+RECIPES["registration_t1_probabilistic"] = (
+    [*RECIPE, "campaign_fixed_lambda.json", "probabilistic_features.json", "probabilistic_features_train.json"],
+    SHIPPED.with_name("registration_t1_probabilistic_2mm.pt"))
+RUN_OVERRIDES["registration_t1_probabilistic"] = ["--smoothness_weight", "1"]
 
 
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str], configs: list[str] = RECIPE) -> list[str]:

@@ -224,3 +224,34 @@ def test_train_stops_at_the_next_checkpoint_after_the_time_limit(tmp_path, monke
     # stopped by SIGINT after a checkpoint: well before the 30 s grace (and the 60 s wait before SIGTERM)
     assert checkpoints and elapsed < 25, elapsed
     assert (root / "train.log").read_text().count("# ") == 1
+
+
+def test_the_probabilistic_features_run_is_the_lambda_1_reference_with_gaussian_features(tmp_path):
+    """The ablation differs from ``registration_t1_lambda_1`` only by the Gaussian encoder features and the KL term:
+    same starting weights (loaded into the plain part, the Gaussians start as the identity), λ, rate and budget."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from bundle.losses import FeatureKLLoss
+    from bundle.networks import ProbabilisticRegistrationUNet, RegistrationUNet
+
+    configs, shipped = campaign.RECIPES["registration_t1_probabilistic"]
+    reference, _ = campaign.RECIPES["registration_t1_lambda_1"]
+    assert configs[: len(reference)] == reference and shipped.name == "registration_t1_probabilistic_2mm.pt"
+    assert campaign.RUN_OVERRIDES["registration_t1_probabilistic"] == campaign.RUN_OVERRIDES["registration_t1_lambda_1"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(tmp_path / "campaign" / "registration_t1_probabilistic")
+    init = Path(parser.get_parsed_content("init_ckpt"))
+    init.parent.mkdir(parents=True)
+    plain = RegistrationUNet(3, 2, half_res=True, integration_steps=7)
+    torch.save(plain.state_dict(), init)
+    network = parser.get_parsed_content("initial_network")
+    assert isinstance(network, ProbabilisticRegistrationUNet)
+    torch.testing.assert_close(network.encoder.state_dict(), plain.encoder.state_dict())
+    assert isinstance(parser.get_parsed_content("train#trainer#loss_function"), FeatureKLLoss)
+    assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 1800
+    network.eval()
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():  # at the start, the mean features are the plain network's
+        torch.testing.assert_close(network(x), plain.eval()(x), atol=1e-5, rtol=1e-4)
