@@ -55,6 +55,23 @@ SPLIT = {
 }
 
 
+# BraTS labels (1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing tumour; TCGA's fusions use 1, 2, 4 alike) ->
+# the two regions a 3-class model learns: 1 oedema, 2 tumour core (1, 3, 4). The whole tumour is every region > 0.
+BRATS_REGIONS = {1: 2, 2: 1, 3: 2, 4: 2}
+
+
+def tumour_regions(labels: np.ndarray) -> np.ndarray:
+    """BraTS label map -> 0 background, 1 oedema, 2 tumour core (uint8); an unknown label value is an error."""
+    labels = np.rint(np.asarray(labels)).astype(np.int64)
+    unknown = sorted(set(np.unique(labels).tolist()) - {0, *BRATS_REGIONS})
+    if unknown:
+        raise ValueError(f"label values {unknown} are not BraTS tumour labels (0, {', '.join(map(str, BRATS_REGIONS))})")
+    regions = np.zeros(labels.shape, np.uint8)
+    for label, region in BRATS_REGIONS.items():
+        regions[labels == label] = region
+    return regions
+
+
 def _sources(data_root: Path) -> dict[str, dict[str, Path]]:
     cases = {}
     for case in sorted(data_root.glob("brats2013/*/brats_2013_pat*")):
@@ -97,8 +114,9 @@ def prepare(data_root: Path, work_dir: Path) -> Path:
             low, high = np.percentile(inside, [0.5, 99.5])
             scaled = np.where(mask, np.clip((image - low) / (high - low), 0, 1), 0).astype(np.float32)
             write_nifti(scaled[crop][None], affine, data_dir / case / f"{seq}.nii.gz")
-        tumour = (np.asarray(nib.load(paths["tumour"]).dataobj) > 0).astype(np.uint8)
-        write_nifti(tumour[crop][None], affine, data_dir / case / "tumour.nii.gz")
+        labels = np.asarray(nib.load(paths["tumour"]).dataobj)
+        write_nifti((labels > 0).astype(np.uint8)[crop][None], affine, data_dir / case / "tumour.nii.gz")
+        write_nifti(tumour_regions(labels)[crop][None], affine, data_dir / case / "regions.nii.gz")
 
     def pair(m: str, f: str) -> dict:
         return {

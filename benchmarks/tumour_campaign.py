@@ -5,10 +5,13 @@
     python benchmarks/tumour_campaign.py status                           # per fold: iterations, best validation
     python benchmarks/tumour_campaign.py evaluate                         # held-out tumour Dice per fold -> CSV
     python benchmarks/tumour_campaign.py evaluate-segment                 # the same through `brainreg segment`'s configs
+    python benchmarks/tumour_campaign.py evaluate-progression             # fold `all` on the TCIA time points -> CSV
 
-Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped model) or ``tumour_aug`` (the same plus
-``configs/tumour_augmentation.json``: left-right flips, random rotations/scalings shared by both images of a pair, and a
-gamma contrast change drawn for each sequence separately, more epochs).
+Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped model: one whole-tumour class) or
+``tumour_v2``: three classes, background / oedema / tumour core (BraTS labels 2 and 1, 3, 4; whole tumour = both;
+``configs/tumour_regions.json``, datalists ``datalist_regions.json``), trained with ``configs/tumour_augmentation.json``
+(left-right flips and rotations/scalings shared by both images of a pair, a gamma contrast change drawn for each
+sequence separately, 25 epochs). Its results report the whole tumour and the core.
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
@@ -54,7 +57,15 @@ RESULTS = REPO / "docs" / "results" / "tumour_cv.csv"
 SEGMENT_RESULTS = REPO / "docs" / "results" / "tumour_cv_segment.csv"
 CONFIGS = ["train.json", "tumour_campaign.json"]
 # run name -> training configs; each run has its own folds (models/campaign/<run>_<fold>/) and results
-RECIPES = {"tumour": CONFIGS, "tumour_aug": [*CONFIGS, "tumour_augmentation.json"]}
+RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"]}
+# run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions)
+DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json"}
+PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression.csv"
+
+
+def regions(run: str) -> bool:
+    """Whether the run's model segments oedema and tumour core (3 classes) instead of the whole tumour."""
+    return "tumour_regions.json" in RECIPES[run]
 # the validation pairs hold no anatomical labels: select on the tumour Dice of the fixed image
 TRAINING_OVERRIDES = [
     "--validate#key_metric", "$({'val_tumour_dice_fixed': @metrics#tumour_dice_fixed})",
@@ -74,20 +85,20 @@ def outputs_dir(out: Path, fold: str, name: str, run: str = "tumour") -> Path:
 
 
 def results_path(default: Path, run: str) -> Path:
-    """``docs/results/tumour_cv.csv`` -> ``tumour_aug_cv.csv`` for run ``tumour_aug``."""
+    """``docs/results/tumour_cv.csv`` -> ``tumour_v2_cv.csv`` for run ``tumour_v2``."""
     return default if run == "tumour" else default.with_name(default.name.replace("tumour_", f"{run}_", 1))
 
 
-def _pair(data: Path, m: str, f: str) -> dict:
+def _pair(data: Path, m: str, f: str, tumour: str = "tumour.nii.gz") -> dict:
     def files(case: str) -> list[str]:
         return [str(data / case / "t1c.nii.gz"), str(data / case / "flair.nii.gz")]
 
-    return {"moving": files(m), "fixed": files(f), "moving_tumour": str(data / m / "tumour.nii.gz"),
-            "fixed_tumour": str(data / f / "tumour.nii.gz"), "moving_label": str(data / m / "tumour.nii.gz"),
+    return {"moving": files(m), "fixed": files(f), "moving_tumour": str(data / m / tumour),
+            "fixed_tumour": str(data / f / tumour), "moving_label": str(data / m / tumour),
             "name": f"{m}_to_{f}"}
 
 
-def fold_datalist(split: dict, fold: str, data: Path) -> dict:
+def fold_datalist(split: dict, fold: str, data: Path, tumour: str = "tumour.nii.gz") -> dict:
     """Training, validation and testing pairs of one fold (no test subject in the first two)."""
     spec = split["folds"][fold]
     test, val = spec["testing"], spec["validation"]
@@ -96,11 +107,11 @@ def fold_datalist(split: dict, fold: str, data: Path) -> dict:
         raise ValueError(f"fold {fold}: validation subject {val} is a test subject or nothing is left to train on")
     partners = train[:2]
     return {
-        "training": [_pair(data, m, f) for m, f in permutations(train, 2)],
+        "training": [_pair(data, m, f, tumour) for m, f in permutations(train, 2)],
         # the validation subject is the FIXED image of every validation pair: the key metric (the fixed image's
         # tumour Dice) is then measured on it alone, never on a training image
-        "validation": [_pair(data, t, val) for t in partners],
-        "testing": [_pair(data, m, f) for m, f in permutations(test, 2)],
+        "validation": [_pair(data, t, val, tumour) for t in partners],
+        "testing": [_pair(data, m, f, tumour) for m, f in permutations(test, 2)],
     }
 
 
@@ -108,18 +119,19 @@ def prepare(out: Path = RUNS) -> list[Path]:
     import tumour_ablation  # the normalised, cropped T1c/FLAIR/tumour copies
 
     split = load_split("tumour")
-    if not (out / "data").is_dir():
-        tumour_ablation.prepare(DATA, out)
+    if not all((out / "data" / s / "regions.nii.gz").is_file() for s in split["subjects"]):
+        tumour_ablation.prepare(DATA, out)  # deterministic: rewrites the same images, adds the region labels
     paths = []
     for fold in split["folds"]:
-        path = out / fold / "datalist.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        datalist = fold_datalist(split, fold, out / "data")
-        tmp = path.with_name(".datalist.json.tmp")
-        tmp.write_text(json.dumps(datalist, indent=1))
-        tmp.replace(path)
-        print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
-        paths.append(path)
+        for name, tumour in (("datalist.json", "tumour.nii.gz"), ("datalist_regions.json", "regions.nii.gz")):
+            path = out / fold / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            datalist = fold_datalist(split, fold, out / "data", tumour)
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(json.dumps(datalist, indent=1))
+            tmp.replace(path)
+            print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
+            paths.append(path)
     return paths
 
 
@@ -136,7 +148,7 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             return 0
         started = time.time()
         rc = campaign.train(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=RECIPES[run],
-                            datalist=out / fold / "datalist.json")
+                            datalist=out / fold / DATALISTS[run])
         if rc != 0:
             print(f"{fold}: training exited with {rc}; see {root / 'train.log'}")
             return rc
@@ -173,23 +185,30 @@ def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-def held_out_rows(fold: str, datalist: dict, out_dir: Path) -> list[dict]:
-    """Tumour Dice of each test subject segmented as the fixed image of a test pair (its own grid), and of the pair's
-    moving subject segmented on that grid."""
+def held_out_rows(fold: str, datalist: dict, out_dir: Path, core: bool = False) -> list[dict]:
+    """Whole-tumour Dice (every label > 0) of each test subject segmented as the fixed image of a test pair (its own
+    grid), and of the pair's moving subject segmented on that grid; with ``core`` (3-class models and region labels)
+    also the tumour core's (label 2)."""
     rows = []
     for pair in datalist["testing"]:
         subject = Path(pair["fixed_tumour"]).parent.name
-        truth_fixed = _load(pair["fixed_tumour"]) > 0
-        truth_moving = _load(pair["moving_tumour"]) > 0
+        truth_fixed = np.squeeze(_load(pair["fixed_tumour"]))
+        truth_moving = np.squeeze(_load(pair["moving_tumour"]))
         folder = out_dir / pair["name"]
-        rows.append({
+        seg_fixed = np.squeeze(_load(folder / "seg_fixed.nii.gz"))
+        seg_moving = np.squeeze(_load(folder / "seg_moving.nii.gz"))
+        row = {
             "fold": fold, "subject": subject,
             "labels": "expert" if subject.startswith("brats_2013") else "automatic (silver)",
-            "tumour_dice": round(dice(np.squeeze(_load(folder / "seg_fixed.nii.gz")) > 0, np.squeeze(truth_fixed)), 4),
+            "tumour_dice": round(dice(seg_fixed > 0, truth_fixed > 0), 4),
             # the pair's other (also held-out) image, segmented as the moving one on this image's grid
             "moving_subject": Path(pair["moving_tumour"]).parent.name,
-            "moving_subject_tumour_dice": round(dice(np.squeeze(_load(folder / "seg_moving.nii.gz")) > 0, np.squeeze(truth_moving)), 4),
-        })
+            "moving_subject_tumour_dice": round(dice(seg_moving > 0, truth_moving > 0), 4),
+        }
+        if core:
+            row["core_dice"] = round(dice(seg_fixed == 2, truth_fixed == 2), 4)
+            row["moving_subject_core_dice"] = round(dice(seg_moving == 2, truth_moving == 2), 4)
+        rows.append(row)
     return rows
 
 
@@ -215,7 +234,12 @@ def without_flair(datalist: dict) -> dict:
             for section, pairs in datalist.items()}
 
 
-SEQUENCES = {"T1c+FLAIR": ("datalist.json", "test_outputs"), "T1c only (FLAIR zero)": ("datalist_no_flair.json", "test_outputs_no_flair")}
+SEQUENCES = {"T1c+FLAIR": ("", "test_outputs"), "T1c only (FLAIR zero)": ("_no_flair", "test_outputs_no_flair")}
+
+
+def inference_configs(run: str, base: tuple[str, ...] | list[str]) -> list[str]:
+    """``base`` plus what the run's network needs at inference (its number of tumour classes)."""
+    return [*base, "tumour_regions.json"] if regions(run) else list(base)
 
 
 def evaluate(out: Path = RUNS, target: Path | None = None, run: str = "tumour") -> Path:
@@ -234,18 +258,20 @@ def evaluate(out: Path = RUNS, target: Path | None = None, run: str = "tumour") 
             print(f"{fold}: not finished, skipped")
             continue
         finished = json.loads((root / "finished.json").read_text())
-        full = json.loads((out / fold / "datalist.json").read_text())
-        for sequences, (datalist_name, outputs) in SEQUENCES.items():
-            datalist_path, out_dir = out / fold / datalist_name, outputs_dir(out, fold, outputs, run)
-            if datalist_name != "datalist.json":
+        full = json.loads((out / fold / DATALISTS[run]).read_text())
+        for sequences, (suffix, outputs) in SEQUENCES.items():
+            datalist_path = out / fold / DATALISTS[run].replace(".json", f"{suffix}.json")
+            out_dir = outputs_dir(out, fold, outputs, run)
+            if suffix:
                 datalist_path.write_text(json.dumps(without_flair(full), indent=1))
             settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
                         "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
             out_dir.mkdir(parents=True, exist_ok=True)
             with open(out_dir.parent / "inference.log", "a") as log:
-                subprocess.run(bundle_command("inference", REPO, ["inference.json", "joint.json", "tumour_campaign.json"], settings),
+                configs = inference_configs(run, ["inference.json", "joint.json", "tumour_campaign.json"])
+                subprocess.run(bundle_command("inference", REPO, configs, settings),
                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-            for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir):
+            for row in held_out_rows(fold, json.loads(datalist_path.read_text()), out_dir, core=regions(run)):
                 rows.append({**row, "sequences": sequences, "best_iteration": finished.get("best_iteration"),
                              "hardware": finished.get("hardware")})
     if not rows:
@@ -284,15 +310,18 @@ def evaluate_segment(out: Path = RUNS, target: Path | None = None, run: str = "t
         settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
                     "ckpt_path": root / "models" / "model.pt"}
         with open(out_dir.parent / "segment.log", "a") as log:
-            subprocess.run(bundle_command("inference", REPO, list(TUMOUR_SEGMENTATION_CONFIGS), settings),
+            subprocess.run(bundle_command("inference", REPO, inference_configs(run, TUMOUR_SEGMENTATION_CONFIGS), settings),
                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
         for subject in spec["testing"]:
-            truth = np.squeeze(_load(sources[subject]["tumour"])) > 0
-            seg = np.squeeze(_load(out_dir / subject / "seg.nii.gz")) > 0
-            rows.append({"fold": fold, "subject": subject,
-                         "labels": "expert" if subject.startswith("brats_2013") else "automatic (silver)",
-                         "tumour_dice": round(dice(seg, truth), 4), "sequences": "T1c+FLAIR",
-                         "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
+            truth = tumour_ablation.tumour_regions(np.squeeze(_load(sources[subject]["tumour"])))
+            seg = np.squeeze(_load(out_dir / subject / "seg.nii.gz"))
+            row = {"fold": fold, "subject": subject,
+                   "labels": "expert" if subject.startswith("brats_2013") else "automatic (silver)",
+                   "tumour_dice": round(dice(seg > 0, truth > 0), 4)}
+            if regions(run):
+                row["core_dice"] = round(dice(seg == 2, truth == 2), 4)
+            rows.append({**row, "sequences": "T1c+FLAIR", "best_iteration": finished.get("best_iteration"),
+                         "hardware": finished.get("hardware")})
             print(f"{fold} {subject}: {rows[-1]['tumour_dice']}")
     if not rows:
         raise FileNotFoundError("no finished cross-validation fold: run `tumour_campaign.py train` first")
@@ -301,9 +330,66 @@ def evaluate_segment(out: Path = RUNS, target: Path | None = None, run: str = "t
     return target
 
 
+def progression_sources(data: Path | None = None) -> dict[str, dict[str, Path]]:
+    """``{"PGBM-001_tp0": {"t1c", "flair", "tumour"}, ...}``: every time point of the TCIA progression patients."""
+    data, cases = data or DATA, {}
+    for patient in load_split("tumour")["progression"]:
+        for folder in sorted((data / "tumor_progression" / patient).glob("tp*")):
+            cases[f"{patient}_{folder.name.split('_')[0]}"] = {
+                "t1c": folder / "T1post.nii.gz", "flair": folder / "FLAIRreg.nii.gz", "tumour": folder / "MaskTumor.nii.gz"}
+    missing = [str(p) for c in cases.values() for p in c.values() if not p.is_file()]
+    if not cases or missing:
+        raise FileNotFoundError(f"TCIA progression time points not found under {data / 'tumor_progression'}: {missing or 'none'}")
+    return cases
+
+
+def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str = "tumour", fold: str = "all") -> Path:
+    """Fold ``fold``'s best weights (by default the model to ship) on every TCIA progression time point (raw T1post +
+    FLAIR, not skull-stripped, 6.5 mm slices; no fold trains on them) through the segmentation configs; Dice of
+    the whole tumour and, for 3-class models, of the core against the expert ``MaskTumor``, to ``target``.
+
+    The expert masks mark the contrast-enhancing tumour core, not the oedema: FLAIR is as bright just outside them
+    as inside (docs/README.md), so the core is the prediction that corresponds to them."""
+    from bundle.configs import TUMOUR_SEGMENTATION_CONFIGS, bundle_command
+
+    target = target or results_path(PROGRESSION_RESULTS, run)
+    root = fold_root(fold, run)
+    if not (root / "finished.json").is_file():
+        raise FileNotFoundError(f"{root / 'finished.json'}: fold {fold} of run {run} has not finished training")
+    finished = json.loads((root / "finished.json").read_text())
+    sources = progression_sources()
+    datalist = {"testing": [{"image": [str(c["t1c"]), str(c["flair"])], "name": n} for n, c in sources.items()]}
+    out_dir = outputs_dir(out, fold, "progression_outputs", run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datalist_path = out_dir.parent / "datalist_progression.json"
+    datalist_path.write_text(json.dumps(datalist, indent=1))
+    settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir, "ckpt_path": root / "models" / "model.pt"}
+    with open(out_dir.parent / "progression.log", "a") as log:
+        subprocess.run(bundle_command("inference", REPO, inference_configs(run, TUMOUR_SEGMENTATION_CONFIGS), settings),
+                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    rows = []
+    for name, case in sources.items():
+        truth = np.squeeze(_load(case["tumour"])) > 0
+        seg = np.squeeze(_load(out_dir / name / "seg.nii.gz"))
+        row = {"run": run, "fold": fold, "time_point": name, "expert_ml": round(float(truth.sum()) * _voxel_ml(case["tumour"]), 2),
+               "whole_tumour_dice": round(dice(seg > 0, truth), 4),
+               "whole_tumour_ml": round(float((seg > 0).sum()) * _voxel_ml(case["tumour"]), 2)}
+        if regions(run):
+            row.update(core_dice=round(dice(seg == 2, truth), 4), core_ml=round(float((seg == 2).sum()) * _voxel_ml(case["tumour"]), 2))
+        rows.append({**row, "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
+        print(", ".join(f"{k} {v}" for k, v in row.items()))
+    write_csv(target, rows)
+    print(f"-> {target}")
+    return target
+
+
+def _voxel_ml(path: Path) -> float:
+    return float(np.prod(nib.load(str(path)).header.get_zooms()[:3])) / 1000.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment"])
+    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment", "evaluate-progression"])
     parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--run", choices=list(RECIPES), default="tumour", help="which recipe's folds (default: the shipped model's)")
@@ -312,7 +398,8 @@ def main() -> None:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run),
                 "status": lambda: status(a.run), "evaluate": lambda: evaluate(run=a.run),
-                "evaluate-segment": lambda: evaluate_segment(run=a.run)}
+                "evaluate-segment": lambda: evaluate_segment(run=a.run),
+                "evaluate-progression": lambda: evaluate_progression(run=a.run)}
     try:
         result = commands[a.command]()
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it

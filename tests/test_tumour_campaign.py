@@ -153,13 +153,90 @@ def test_evaluate_segment_scores_each_held_out_subject_from_its_raw_files(tmp_pa
     assert rows["brats_2013_pat0001_1"]["best_iteration"] == "300"
 
 
-def test_the_augmented_run_has_its_own_folds_configs_and_results():
+def test_the_v2_run_has_its_own_folds_configs_datalists_and_results():
     assert tumour_campaign.fold_root("fold0").name == "tumour_fold0"  # the shipped model's folds keep their place
-    assert tumour_campaign.fold_root("fold0", "tumour_aug").name == "tumour_aug_fold0"
-    assert tumour_campaign.RECIPES["tumour_aug"][-1] == "tumour_augmentation.json"
+    assert tumour_campaign.fold_root("fold0", "tumour_v2").name == "tumour_v2_fold0"
+    assert tumour_campaign.RECIPES["tumour_v2"][-2:] == ["tumour_augmentation.json", "tumour_regions.json"]
+    assert tumour_campaign.regions("tumour_v2") and not tumour_campaign.regions("tumour")
+    assert tumour_campaign.DATALISTS["tumour_v2"] == "datalist_regions.json"
     assert all((CONFIGS / f).is_file() for configs in tumour_campaign.RECIPES.values() for f in configs)
-    assert tumour_campaign.results_path(tumour_campaign.RESULTS, "tumour_aug").name == "tumour_aug_cv.csv"
+    assert tumour_campaign.results_path(tumour_campaign.RESULTS, "tumour_v2").name == "tumour_v2_cv.csv"
     assert tumour_campaign.results_path(tumour_campaign.SEGMENT_RESULTS, "tumour") == tumour_campaign.SEGMENT_RESULTS
-    assert tumour_campaign.outputs_dir(Path("r"), "fold0", "test_outputs", "tumour_aug") == Path("r/fold0/tumour_aug/test_outputs")
+    assert tumour_campaign.outputs_dir(Path("r"), "fold0", "test_outputs", "tumour_v2") == Path("r/fold0/tumour_v2/test_outputs")
     with pytest.raises(ValueError, match="unknown run"):
         tumour_campaign.fold_root("fold0", "nope")
+
+
+def test_brats_labels_become_oedema_and_core_regions():
+    import tumour_ablation
+
+    labels = np.array([0, 1, 2, 3, 4, 2.0])  # necrosis, oedema, non-enhancing, enhancing (float storage, as BraTS 2013)
+    assert tumour_ablation.tumour_regions(labels).tolist() == [0, 2, 1, 2, 2, 1]
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        tumour_ablation.tumour_regions(np.array([0, 5]))
+
+
+def test_held_out_rows_score_the_whole_tumour_and_the_core(tmp_path):
+    affine = np.eye(4)
+    truth = np.zeros((8, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1  # oedema
+    truth[3:5, 3:5, 3:5] = 2  # core, 8 voxels
+    seg = truth.copy()
+    seg[seg == 2] = 1  # the whole tumour found, the core called oedema
+    seg[2, 2, 2] = 2  # and one wrong core voxel
+    for subject in ("a", "b"):
+        write_nifti(truth[None], affine, tmp_path / "data" / subject / "regions.nii.gz")
+    split = {"subjects": ["a", "b", "x", "y"], "folds": {"f": {"testing": ["a", "b"], "validation": "x"}}}
+    datalist = tumour_campaign.fold_datalist(split, "f", tmp_path / "data", "regions.nii.gz")
+    assert datalist["testing"][0]["fixed_tumour"].endswith("regions.nii.gz")
+    for pair in datalist["testing"]:
+        for key in ("seg_fixed", "seg_moving"):
+            write_nifti(seg[None], affine, tmp_path / "out" / pair["name"] / f"{key}.nii.gz")
+    rows = tumour_campaign.held_out_rows("f", datalist, tmp_path / "out", core=True)
+    assert rows[0]["tumour_dice"] == 1.0 and rows[0]["core_dice"] == 0.0 and rows[0]["moving_subject_core_dice"] == 0.0
+    assert "core_dice" not in tumour_campaign.held_out_rows("f", datalist, tmp_path / "out")[0]
+
+
+def test_evaluate_progression_scores_fold_all_on_every_time_point(tmp_path, monkeypatch):
+    """The model to ship on the TCIA time points (raw T1post + FLAIR): whole-tumour and core Dice against the expert
+    masks, volumes in ml on each time point's own grid."""
+    import csv
+    import json
+    import subprocess
+
+    affine = np.diag([0.5, 0.5, 6.5, 1.0])
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[2:6, 2:6, 1:3] = 1  # 32 voxels of 1.625 mm^3
+    data = tmp_path / "data"
+    for patient in ("P1", "P2"):
+        for tp in ("tp0_2000-01-01", "tp1_2000-06-01"):
+            folder = data / "tumor_progression" / patient / tp
+            for name in ("T1post", "FLAIRreg"):
+                write_nifti(np.ones((8, 8, 4), np.float32), affine, folder / f"{name}.nii.gz")
+            write_nifti(truth, affine, folder / "MaskTumor.nii.gz")
+    monkeypatch.setattr(tumour_campaign, "load_split", lambda name: {"progression": ["P1", "P2"]})
+    monkeypatch.setattr(tumour_campaign, "DATA", data)
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        tumour_campaign.evaluate_progression(tmp_path / "runs", tmp_path / "p.csv", run="tumour_v2")
+    (tmp_path / "campaign" / "tumour_v2_all").mkdir(parents=True)
+    (tmp_path / "campaign" / "tumour_v2_all" / "finished.json").write_text(json.dumps({"best_iteration": 900}))
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # oedema around the whole mask, the core on its first slice only
+        settings = dict(zip(cmd, cmd[1:]))
+        calls.append(settings)
+        seg = truth.copy()
+        seg[:, :, 2][truth[:, :, 2] > 0] = 2
+        for entry in json.loads(Path(settings["--datalist"]).read_text())["testing"]:
+            write_nifti(seg, affine, Path(settings["--output_dir"]) / entry["name"] / "seg.nii.gz")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tumour_campaign.subprocess, "run", fake_run)
+    target = tumour_campaign.evaluate_progression(tmp_path / "runs", tmp_path / "p.csv", run="tumour_v2")
+    assert len(calls) == 1 and calls[0]["--ckpt_path"] == str(tmp_path / "campaign" / "tumour_v2_all" / "models" / "model.pt")
+    assert "tumour_regions.json" in calls[0]["--config_file"] and "inference_segmentation.json" in calls[0]["--config_file"]
+    rows = list(csv.DictReader(open(target)))
+    assert [r["time_point"] for r in rows] == ["P1_tp0", "P1_tp1", "P2_tp0", "P2_tp1"]
+    assert float(rows[0]["whole_tumour_dice"]) == 1.0 and float(rows[0]["core_dice"]) == pytest.approx(2 * 16 / 48, abs=1e-4)
+    assert float(rows[0]["expert_ml"]) == pytest.approx(32 * 1.625 / 1000, abs=0.01)
