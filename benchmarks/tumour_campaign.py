@@ -61,6 +61,7 @@ RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json"
 # run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions)
 DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json"}
 PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression.csv"
+SHIPPED_TUMOUR = REPO / "models" / "pretrained" / "joint_tumour_t1c_flair_2mm.pt"  # fold all of run "tumour"
 
 
 def regions(run: str) -> bool:
@@ -363,7 +364,7 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     datalist_path = out_dir.parent / "datalist_progression.json"
     datalist_path.write_text(json.dumps(datalist, indent=1))
-    settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir, "ckpt_path": root / "models" / "model.pt"}
+    settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir, "ckpt_path": fold_weights(root, run, fold)}
     with open(out_dir.parent / "progression.log", "a") as log:
         subprocess.run(bundle_command("inference", REPO, inference_configs(run, TUMOUR_SEGMENTATION_CONFIGS), settings),
                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -381,6 +382,14 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
     write_csv(target, rows)
     print(f"-> {target}")
     return target
+
+
+def fold_weights(root: Path, run: str, fold: str) -> Path:
+    """A fold's best weights; the shipped model's fold ``all`` is not kept twice: its weights are the shipped file."""
+    weights = root / "models" / "model.pt"
+    if not weights.is_file() and (run, fold) == ("tumour", "all"):
+        return SHIPPED_TUMOUR
+    return weights
 
 
 def _voxel_ml(path: Path) -> float:

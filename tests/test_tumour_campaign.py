@@ -240,3 +240,13 @@ def test_evaluate_progression_scores_fold_all_on_every_time_point(tmp_path, monk
     assert [r["time_point"] for r in rows] == ["P1_tp0", "P1_tp1", "P2_tp0", "P2_tp1"]
     assert float(rows[0]["whole_tumour_dice"]) == 1.0 and float(rows[0]["core_dice"]) == pytest.approx(2 * 16 / 48, abs=1e-4)
     assert float(rows[0]["expert_ml"]) == pytest.approx(32 * 1.625 / 1000, abs=0.01)
+
+
+def test_the_shipped_fold_all_is_read_from_the_shipped_file(tmp_path):
+    root = tmp_path / "tumour_all"
+    assert tumour_campaign.fold_weights(root, "tumour", "all") == tumour_campaign.SHIPPED_TUMOUR
+    assert tumour_campaign.SHIPPED_TUMOUR.is_file()
+    assert tumour_campaign.fold_weights(root, "tumour_v2", "all") == root / "models" / "model.pt"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "model.pt").write_bytes(b"")
+    assert tumour_campaign.fold_weights(root, "tumour", "all") == root / "models" / "model.pt"
