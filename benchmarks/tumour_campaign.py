@@ -136,10 +136,16 @@ def prepare(out: Path = RUNS) -> list[Path]:
     return paths
 
 
-def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, run: str = "tumour") -> int:
-    """Train the unfinished folds in order, within ``minutes`` in all; a fold that ends on its own is marked."""
+def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, run: str = "tumour",
+          folds: list[str] | None = None) -> int:
+    """Train the unfinished folds (``folds``, default all) in order, within ``minutes`` in all; a fold that ends on
+    its own is marked."""
     deadline = None if minutes is None else time.time() + minutes * 60
-    for fold in load_split("tumour")["folds"]:
+    known = list(load_split("tumour")["folds"])
+    unknown = [f for f in folds or [] if f not in known]
+    if unknown:
+        raise ValueError(f"unknown fold(s) {unknown}: expected some of {', '.join(known)}")
+    for fold in folds or known:
         root = fold_root(fold, run)
         if (root / "finished.json").is_file():
             continue
@@ -402,10 +408,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--run", choices=list(RECIPES), default="tumour", help="which recipe's folds (default: the shipped model's)")
+    parser.add_argument("--folds", nargs="+", default=None, help="train these folds, in this order (default: all, in the split's order)")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run),
+    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run, folds=a.folds),
                 "status": lambda: status(a.run), "evaluate": lambda: evaluate(run=a.run),
                 "evaluate-segment": lambda: evaluate_segment(run=a.run),
                 "evaluate-progression": lambda: evaluate_progression(run=a.run)}

@@ -250,3 +250,25 @@ def test_the_shipped_fold_all_is_read_from_the_shipped_file(tmp_path):
     (root / "models").mkdir(parents=True)
     (root / "models" / "model.pt").write_bytes(b"")
     assert tumour_campaign.fold_weights(root, "tumour", "all") == root / "models" / "model.pt"
+
+
+def test_train_runs_the_chosen_folds_in_order_with_the_runs_configs_and_datalists(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(minutes, threads, extra, root, configs, datalist):
+        calls.append((root.name, configs, datalist.name))
+        return 0
+
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    monkeypatch.setattr(tumour_campaign.campaign, "train", fake_train)
+    monkeypatch.setattr(tumour_campaign.campaign, "status", lambda root, key: {"best_iteration": 1})
+    for fold in ("fold3", "fold0"):
+        (tmp_path / "campaign" / f"tumour_v2_{fold}").mkdir(parents=True)
+    assert tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v2", folds=["fold3", "fold0"]) == 0
+    assert [c[0] for c in calls] == ["tumour_v2_fold3", "tumour_v2_fold0"]
+    assert all(c[1] == tumour_campaign.RECIPES["tumour_v2"] and c[2] == "datalist_regions.json" for c in calls)
+    assert (tmp_path / "campaign" / "tumour_v2_fold3" / "finished.json").is_file()
+    assert tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v2", folds=["fold3"]) == 0
+    assert len(calls) == 2  # a finished fold is not trained again
+    with pytest.raises(ValueError, match="unknown fold"):
+        tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v2", folds=["fold9"])
