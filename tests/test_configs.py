@@ -79,6 +79,9 @@ def test_registration_only_state_dicts_are_recognised():
         (["inference.json"], ["joint.json", "tumour.json"], ["joint.json", "tumour.json"]),
         # the campaign's training overlay builds the same network as the shipped tumour model's inference overlay
         (["inference.json"], ["joint.json", "tumour_campaign.json"], ["joint.json", "tumour.json"]),
+        # the oedema / tumour core model (3 classes) of the campaign's run tumour_v2
+        (["inference.json"], ["joint.json", "tumour_campaign.json", "tumour_regions.json"],
+         ["joint.json", "tumour.json", "tumour_regions.json"]),
         (["inference.json"], ["registration_only.json", "probabilistic_features.json"],
          ["registration_only.json", "probabilistic_features.json"]),
         (["train.json"], [], []),
