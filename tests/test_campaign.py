@@ -255,3 +255,17 @@ def test_the_probabilistic_features_run_is_the_lambda_1_reference_with_gaussian_
     x = torch.rand(1, 2, 16, 16, 16)
     with torch.no_grad():  # at the start, the mean features are the plain network's
         torch.testing.assert_close(network(x), plain.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_the_fixed_lambda_test_script_scores_the_runs_the_campaign_trains():
+    """benchmarks/fixed_lambda_test.sh compares the conditioned snapshot with the three fixed-λ runs at their λ:
+    the same λ values as campaign.FIXED_LAMBDAS, the committed snapshot, the runs' best weights."""
+    import re
+
+    script = (REPO_ROOT / "benchmarks" / "fixed_lambda_test.sh").read_text()
+    weights = re.search(r"for weight in ([0-9. ]+); do", script).group(1).split()
+    assert [float(w) for w in weights] == list(campaign.FIXED_LAMBDAS)
+    assert all(f"registration_t1_lambda_{float(w):g}" in campaign.RECIPES for w in weights)
+    snapshot = re.search(r"snapshot=(\S+)", script).group(1)
+    assert (REPO_ROOT / snapshot).is_file()
+    assert "registration_t1_lambda_${weight}/models/model.pt" in script and "regularisation_weight=${weight}" in script
