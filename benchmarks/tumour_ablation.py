@@ -22,7 +22,6 @@ moving tumour (ground truth), the band is 0-10 mm around it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from bundle.configs import bundle_command  # noqa: E402
 
 RESULTS = REPO / "docs" / "results"
-from bundle.io.writers import write_nifti  # noqa: E402
+from bundle.io.writers import write_atomic, write_csv, write_nifti  # noqa: E402
 from bundle.metrics import region_registration_metrics  # noqa: E402
 
 VARIANTS = {
@@ -277,18 +276,14 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def _write_tables(rows: list[dict], folder: Path) -> None:
     """Per-pair rows to ``folder/tumour_ablation.csv``, per-variant means to ``folder/tumour_ablation.md``."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "tumour_ablation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(folder / "tumour_ablation.csv", [{k: r.get(k, "") for k in keys} for r in rows])
     columns = [k for k in keys if k not in ("variant", "pair")]
     lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        values = [np.nanmean([r.get(c, np.nan) for r in rows if r["variant"] == variant]) for c in columns]
-        lines.append(f"| {variant} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+        values = [[r[c] for r in rows if r["variant"] == variant and c in r and not np.isnan(r[c])] for c in columns]
+        lines.append(f"| {variant} | " + " | ".join(f"{np.mean(v):.4f}" if v else "nan" for v in values) + " |")
     table = "\n".join(lines)
-    (folder / "tumour_ablation.md").write_text(table + "\n")
+    write_atomic(folder / "tumour_ablation.md", ".md", lambda tmp: Path(tmp).write_text(table + "\n"))
     print(table)
 
 
