@@ -111,3 +111,17 @@ def test_synthseg_test_subject_cropped_in_world_space(tmp_path):
     assert 0.35 < float(image[label == 2].mean()) and float(image[label == 2].mean()) > float(image[label == 4].mean())
     again = SynthSeg().subject("17", tmp_path)  # reused from the work folder, not drawn again
     assert np.array_equal(again["image_array"], image)
+
+
+def test_a_prior_table_gives_another_sequence_and_a_prior_above_one_stays_brightest():
+    from bundle.transforms import FLAIR_MEANS
+
+    label = _label_map()
+    out = RandSynthesiseImaged("label", "image", prior=FLAIR_MEANS, gamma=(1.0, 1.0)).set_random_state(3)({"label": label})
+    image = out["image"]
+    wm = float(image[0, 10:22, 10:14, 10:22][out["label"][0, 10:22, 10:14, 10:22] == 2].mean())
+    gm, csf = float(image[0, 5, 5:27, 5:27].mean()), float(image[out["label"] == 4].mean())
+    assert gm > wm > csf, (gm, wm, csf)  # FLAIR: grey brighter than white matter, CSF suppressed
+    bright = RandSynthesiseImaged("label", "image", prior={**FLAIR_MEANS, 4: 1.4}, gamma=(1.0, 1.0)).set_random_state(3)(
+        {"label": label})["image"]
+    assert float(bright[label == 4].mean()) > float(bright[label == 3].mean())  # not clipped down to the cortex

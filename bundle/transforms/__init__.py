@@ -7,5 +7,6 @@ from .channels import RandAdjustContrastPerChanneld, RandDropChanneld
 from .intensity import ScaleIntensityInBraind
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
-from .synthesis import FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird
+from .synthesis import FLAIR_MEANS, FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird
+from .tumour_synthesis import RandSynthesiseTumourImaged, RandTumourImplantd, tumour_classes
 from .refinement import RefineNatived

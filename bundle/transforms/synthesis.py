@@ -22,7 +22,8 @@ from monai.transforms import (
 
 from .checks import source_name
 
-__all__ = ["FREESURFER_30", "FREESURFER_BRAIN_LABELS", "T1_MEANS", "RandSynthesiseImaged", "RandSynthesisePaird"]
+__all__ = ["FLAIR_MEANS", "FREESURFER_30", "FREESURFER_BRAIN_LABELS", "T1_MEANS", "RandSynthesiseImaged",
+           "RandSynthesisePaird"]
 
 # Mean T1-weighted intensity per FreeSurfer label (white matter 0.8, cortex 0.5, CSF 0.15), from the
 # usual T1 ordering of tissues; deep grey nuclei sit between cortex and white matter.
@@ -32,6 +33,15 @@ T1_MEANS = {
     10: 0.62, 49: 0.62, 11: 0.56, 50: 0.56, 12: 0.60, 51: 0.60, 13: 0.68, 52: 0.68, 26: 0.55, 58: 0.55,  # nuclei
     4: 0.15, 43: 0.15, 5: 0.15, 44: 0.15, 14: 0.15, 15: 0.15, 24: 0.18, 72: 0.15, 30: 0.30, 62: 0.30,  # CSF, vessel
     31: 0.40, 63: 0.40, 77: 0.70, 80: 0.45,  # choroid plexus, hypointensities
+}
+# Mean FLAIR intensity per FreeSurfer label, on the same scale: CSF suppressed (dark), grey matter brighter than
+# white matter, white-matter hypointensities (lesions on T1) bright.
+FLAIR_MEANS = {
+    2: 0.45, 41: 0.45, 7: 0.45, 46: 0.45, 16: 0.50, 28: 0.50, 60: 0.50, 85: 0.50,  # white-matter-like
+    3: 0.62, 42: 0.62, 8: 0.60, 47: 0.60, 17: 0.65, 53: 0.65, 18: 0.63, 54: 0.63,  # cortex, hippocampus, amygdala
+    10: 0.52, 49: 0.52, 11: 0.58, 50: 0.58, 12: 0.55, 51: 0.55, 13: 0.48, 52: 0.48, 26: 0.58, 58: 0.58,  # nuclei
+    4: 0.08, 43: 0.08, 5: 0.08, 44: 0.08, 14: 0.08, 15: 0.08, 24: 0.10, 72: 0.08, 30: 0.30, 62: 0.30,  # CSF, vessel
+    31: 0.45, 63: 0.45, 77: 0.75, 80: 0.50,  # choroid plexus, hypointensities
 }
 # The 30 FreeSurfer structures scored in the VoxelMorph papers (``oasis/labels.npz``), short names.
 FREESURFER_30 = {
@@ -52,7 +62,8 @@ class RandSynthesiseImaged(RandomizableTransform, MapTransform):
 
     ``contrast="t1"`` draws each label's mean around ``T1_MEANS`` (standard deviation ``mean_jitter``;
     labels without a prior are drawn uniformly), so images look like skull-stripped T1 scans with a
-    different contrast each draw. ``contrast="random"`` draws every label's mean uniformly in [0, 1]
+    different contrast each draw; ``prior`` replaces ``T1_MEANS`` by another sequence's table (e.g.
+    ``FLAIR_MEANS``). ``contrast="random"`` draws every label's mean uniformly in [0, 1]
     (SynthMorph: contrast-agnostic). Labels outside ``brain_labels`` are set to 0 in the image *and* in
     the label map (a skull-stripped image); pass ``brain_labels=None`` to keep the whole head.
 
@@ -67,6 +78,7 @@ class RandSynthesiseImaged(RandomizableTransform, MapTransform):
         gamma: range of the gamma exponent (``RandAdjustContrast``).
         noise_std: range of the Gaussian noise standard deviation (``RandGaussianNoise``).
         brain_labels: labels kept as brain (default FreeSurfer's 1..99); ``None`` keeps all.
+        prior: mean intensity per label for ``contrast="t1"`` (default ``T1_MEANS``).
 
     Raises:
         ValueError: unknown ``contrast``, ``image_keys`` not one per key, or a label map that is not integral.
@@ -84,10 +96,12 @@ class RandSynthesiseImaged(RandomizableTransform, MapTransform):
         gamma: Sequence[float] = (0.8, 1.25),
         noise_std: Sequence[float] = (0.0, 0.03),
         brain_labels: Sequence[int] | None = FREESURFER_BRAIN_LABELS,
+        prior: Mapping[int, float] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=1.0)
+        self.prior = dict(T1_MEANS if prior is None else prior)
         if contrast not in ("t1", "random"):
             raise ValueError(f"contrast must be 't1' or 'random', got {contrast!r}.")
         self.image_keys = tuple([image_keys] if isinstance(image_keys, str) else image_keys)
@@ -109,9 +123,10 @@ class RandSynthesiseImaged(RandomizableTransform, MapTransform):
     def _means(self, labels: np.ndarray) -> np.ndarray:
         if self.contrast == "random":
             return self.R.uniform(0.0, 1.0, len(labels))
-        prior = np.array([T1_MEANS.get(int(v), np.nan) for v in labels])
+        prior = np.array([self.prior.get(int(v), np.nan) for v in labels])
         drawn = prior + self.R.normal(0.0, self.mean_jitter, len(labels))
-        return np.clip(np.where(np.isnan(prior), self.R.uniform(0.0, 1.0, len(labels)), drawn), 0.02, 1.0)
+        # no ceiling at 1: a prior above 1 (an enhancing rim) stays the brightest; the output is rescaled to [0, 1]
+        return np.clip(np.where(np.isnan(prior), self.R.uniform(0.0, 1.0, len(labels)), drawn), 0.02, None)
 
     def synthesise(self, label: torch.Tensor, name: str = "label map") -> tuple[torch.Tensor, torch.Tensor]:
         """Image and (skull-stripped) label map from one channel-first label map."""
