@@ -11,7 +11,9 @@ Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped mo
 ``tumour_v2``: three classes, background / oedema / tumour core (BraTS labels 2 and 1, 3, 4; whole tumour = both;
 ``configs/tumour_regions.json``, datalists ``datalist_regions.json``), trained with ``configs/tumour_augmentation.json``
 (left-right flips and rotations/scalings shared by both images of a pair, a gamma contrast change drawn for each
-sequence separately, 25 epochs). Its results report the whole tumour and the core.
+sequence separately, 25 epochs). Its results report the whole tumour and the core. ``tumour_v3``: v2's recipe with
+28 ordered pairs of synthetic tumour subjects (``prepare_synthetic``: tumours implanted in SynthSeg label maps, T1c
+and FLAIR drawn from them) added to every fold's training pairs (datalists ``datalist_regions_synthetic.json``).
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
@@ -57,9 +59,14 @@ RESULTS = REPO / "docs" / "results" / "tumour_cv.csv"
 SEGMENT_RESULTS = REPO / "docs" / "results" / "tumour_cv_segment.csv"
 CONFIGS = ["train.json", "tumour_campaign.json"]
 # run name -> training configs; each run has its own folds (models/campaign/<run>_<fold>/) and results
-RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"]}
-# run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions)
-DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json"}
+RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
+           "tumour_v3": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"]}
+# run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions; v3
+# adds pairs of synthetic tumour subjects to every fold's training pairs)
+DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json",
+             "tumour_v3": "datalist_regions_synthetic.json"}
+SYNTHETIC_SUBJECTS = 28  # synthetic tumour subjects (2 per SynthSeg training map) ...
+SYNTHETIC_PAIRS = 28  # ... and ordered pairs of them added to each fold's training pairs (seeded sample)
 PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression.csv"
 SHIPPED_TUMOUR = REPO / "models" / "pretrained" / "joint_tumour_t1c_flair_2mm.pt"  # fold all of run "tumour"
 
@@ -116,18 +123,84 @@ def fold_datalist(split: dict, fold: str, data: Path, tumour: str = "tumour.nii.
     }
 
 
-def prepare(out: Path = RUNS) -> list[Path]:
+def scale_in_brain(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The real cases' scaling (``tumour_ablation.prepare``): the 0.5-99.5 percentiles inside the brain to [0, 1],
+    0 outside."""
+    low, high = np.percentile(image[brain], [0.5, 99.5])
+    return np.where(brain, np.clip((image - low) / max(high - low, 1e-6), 0, 1), 0).astype(np.float32)
+
+
+def prepare_synthetic(out: Path, count: int = SYNTHETIC_SUBJECTS, seed: int = 0) -> list[str]:
+    """Synthetic tumour subjects from the SynthSeg training label maps (healthy brains, aligned affinely to one
+    another by the registration campaign's prepare step, which this reuses): a tumour implanted in each map
+    (``RandTumourImplantd``: necrosis / enhancing rim / oedema, mass effect), then T1c and FLAIR drawn from it
+    (``RandSynthesiseTumourImaged``), scaled like the real cases; written once to ``out/<name>/`` as
+    ``t1c.nii.gz``, ``flair.nii.gz``, ``tumour.nii.gz`` (whole tumour) and ``regions.nii.gz`` (1 oedema, 2 core).
+    Subject ``i`` uses training map ``i mod 14`` and seed ``seed + i``; returns the subject names."""
+    import torch
+    from monai.data import MetaTensor
+
+    from bundle.io import write_nifti
+    from bundle.transforms import RandSynthesiseTumourImaged, RandTumourImplantd
+
+    maps = campaign.synthseg_subjects(load_split("synthseg"), campaign.RUNS / "synthseg")
+    names = []
+    for i in range(count):
+        subject = sorted(maps)[i % len(maps)]
+        name = f"synthetic_{i:02d}_synthseg_{subject}"
+        names.append(name)
+        target = out / name
+        if (target / "regions.nii.gz").is_file():
+            continue
+        image = nib.load(maps[subject])
+        label = MetaTensor(torch.as_tensor(np.asarray(image.dataobj).astype(np.int16))[None],
+                           affine=torch.as_tensor(image.affine))
+        item = RandTumourImplantd("label").set_random_state(seed + i)({"label": label})
+        item = RandSynthesiseTumourImaged("label", "image", "regions").set_random_state(seed + i)(item)
+        regions = item["regions"][0].numpy().astype(np.uint8)
+        brain = np.asarray(item["label"][0]) > 0
+        tmp = out / f".{name}.tmp"
+        for c, sequence in enumerate(("t1c", "flair")):
+            write_nifti(scale_in_brain(item["image"][c].numpy(), brain)[None], image.affine, tmp / f"{sequence}.nii.gz")
+        write_nifti((regions > 0).astype(np.uint8)[None], image.affine, tmp / "tumour.nii.gz")
+        write_nifti(regions[None], image.affine, tmp / "regions.nii.gz")
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        tmp.rename(target)
+        print(f"synthetic tumour subject {name}: {int((regions == 1).sum()) / 1000:.1f} ml oedema, "
+              f"{int((regions == 2).sum()) / 1000:.1f} ml core", flush=True)
+    return names
+
+
+def synthetic_pairs(names: list[str], data: Path, count: int = SYNTHETIC_PAIRS, seed: int = 0) -> list[dict]:
+    """``count`` ordered pairs of synthetic subjects made from different label maps (seeded sample)."""
+    import random
+
+    source = {n: n.rsplit("_", 1)[1] for n in names}
+    candidates = sorted((m, f) for m, f in permutations(names, 2) if source[m] != source[f])
+    chosen = random.Random(seed).sample(candidates, min(count, len(candidates)))
+    return [_pair(data, m, f, "regions.nii.gz") for m, f in chosen]
+
+
+def prepare(out: Path = RUNS, synthetic: bool = True) -> list[Path]:
     import tumour_ablation  # the normalised, cropped T1c/FLAIR/tumour copies
 
     split = load_split("tumour")
     if not all((out / "data" / s / "regions.nii.gz").is_file() for s in split["subjects"]):
         tumour_ablation.prepare(DATA, out)  # deterministic: rewrites the same images, adds the region labels
+    extra = synthetic_pairs(prepare_synthetic(out / "synthetic"), out / "synthetic") if synthetic else None
     paths = []
     for fold in split["folds"]:
-        for name, tumour in (("datalist.json", "tumour.nii.gz"), ("datalist_regions.json", "regions.nii.gz")):
+        lists = [("datalist.json", "tumour.nii.gz", []), ("datalist_regions.json", "regions.nii.gz", [])]
+        if extra is not None:
+            lists.append(("datalist_regions_synthetic.json", "regions.nii.gz", extra))
+        for name, tumour, added in lists:
             path = out / fold / name
             path.parent.mkdir(parents=True, exist_ok=True)
             datalist = fold_datalist(split, fold, out / "data", tumour)
+            datalist["training"] += added
             tmp = path.with_name(f".{name}.tmp")
             tmp.write_text(json.dumps(datalist, indent=1))
             tmp.replace(path)

@@ -272,3 +272,65 @@ def test_train_runs_the_chosen_folds_in_order_with_the_runs_configs_and_datalist
     assert len(calls) == 2  # a finished fold is not trained again
     with pytest.raises(ValueError, match="unknown fold"):
         tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v2", folds=["fold9"])
+
+
+def _synthseg_like_map(path: Path) -> None:
+    """A 40^3 label map with FreeSurfer white matter (2, 41), cortex (3, 42) and ventricles (4)."""
+    label = np.zeros((40, 40, 40), np.int16)
+    label[4:36, 4:36, 4:36] = 3
+    label[8:32, 8:20, 8:32] = 2
+    label[8:32, 20:32, 8:32] = 41
+    label[18:22, 18:22, 18:22] = 4
+    write_nifti(label[None], np.diag([1.5, 1.5, 1.5, 1.0]), path)
+
+
+def test_synthetic_tumour_subjects_are_written_once_with_both_sequences_and_regions(tmp_path, monkeypatch):
+    maps = {}
+    for subject in ("01", "02"):
+        maps[subject] = str(tmp_path / "maps" / f"synthseg_{subject}_label.nii.gz")
+        _synthseg_like_map(Path(maps[subject]))
+    monkeypatch.setattr(tumour_campaign.campaign, "synthseg_subjects", lambda split, out: maps)
+    names = tumour_campaign.prepare_synthetic(tmp_path / "synthetic", count=3)
+    assert names == ["synthetic_00_synthseg_01", "synthetic_01_synthseg_02", "synthetic_02_synthseg_01"]
+    for name in names:
+        folder = tmp_path / "synthetic" / name
+        t1c, flair = (np.asarray(nib.load(folder / f"{s}.nii.gz").dataobj) for s in ("t1c", "flair"))
+        regions = np.asarray(nib.load(folder / "regions.nii.gz").dataobj)
+        whole = np.asarray(nib.load(folder / "tumour.nii.gz").dataobj)
+        assert t1c.shape == flair.shape == regions.shape == (40, 40, 40)
+        assert np.allclose(nib.load(folder / "t1c.nii.gz").affine, np.diag([1.5, 1.5, 1.5, 1.0]))
+        assert 0 <= t1c.min() and t1c.max() <= 1 and 0 <= flair.min() and flair.max() <= 1
+        assert set(np.unique(regions)) <= {0, 1, 2} and (regions == 2).any()
+        assert np.array_equal(whole, (regions > 0).astype(whole.dtype))
+        assert not t1c[regions == 0].size or t1c[(regions == 0) & (t1c > 0)].size  # a brain around the tumour
+    # different seeds: different tumours even on the same map
+    first, third = (np.asarray(nib.load(tmp_path / "synthetic" / n / "regions.nii.gz").dataobj) for n in (names[0], names[2]))
+    assert not np.array_equal(first, third)
+    stamp = (tmp_path / "synthetic" / names[0] / "t1c.nii.gz").stat().st_mtime_ns
+    tumour_campaign.prepare_synthetic(tmp_path / "synthetic", count=3)  # already there: not rewritten
+    assert (tmp_path / "synthetic" / names[0] / "t1c.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_synthetic_pairs_join_subjects_of_different_maps_and_only_v3_trains_on_them(tmp_path, monkeypatch):
+    names = [f"synthetic_{i:02d}_synthseg_{m}" for i, m in enumerate(["01", "02", "03", "01", "02", "03"])]
+    pairs = tumour_campaign.synthetic_pairs(names, tmp_path, count=10)
+    assert len(pairs) == 10 and pairs == tumour_campaign.synthetic_pairs(names, tmp_path, count=10)  # seeded
+    for pair in pairs:
+        m, f = (Path(pair[k]).parent.name for k in ("moving_tumour", "fixed_tumour"))
+        assert m.rsplit("_", 1)[1] != f.rsplit("_", 1)[1] and pair["moving_tumour"].endswith("regions.nii.gz")
+    split = load_split("tumour")
+    for subject in split["subjects"]:  # the real cases' copies exist: prepare does not rewrite them
+        (tmp_path / "data" / subject).mkdir(parents=True)
+        (tmp_path / "data" / subject / "regions.nii.gz").touch()
+    monkeypatch.setattr(tumour_campaign, "prepare_synthetic", lambda out: names)
+    tumour_campaign.prepare(tmp_path)
+    import json
+
+    for fold in split["folds"]:
+        v2 = json.loads((tmp_path / fold / "datalist_regions.json").read_text())
+        v3 = json.loads((tmp_path / fold / tumour_campaign.DATALISTS["tumour_v3"]).read_text())
+        assert v3["validation"] == v2["validation"] and v3["testing"] == v2["testing"]  # selection, test: real only
+        real = [p for p in v3["training"] if "synthetic_" not in p["name"]]
+        assert real == v2["training"] and v3["training"][len(real):] == tumour_campaign.synthetic_pairs(names, tmp_path / "synthetic")
+        assert len(v3["training"]) - len(real) == min(tumour_campaign.SYNTHETIC_PAIRS, 24)  # 24 cross-map pairs of 6
+    assert tumour_campaign.RECIPES["tumour_v3"] == tumour_campaign.RECIPES["tumour_v2"]
