@@ -16,7 +16,24 @@ from bundle.spatial import index_grid
 
 from .warping import copy_grid_meta
 
-__all__ = ["RandLesionImplantd", "radial_push_ddf"]
+__all__ = ["RandLesionImplantd", "radial_push_ddf", "smooth_noise", "voxel_spacing"]
+
+
+def voxel_spacing(image: torch.Tensor) -> np.ndarray:
+    """Voxel size per spatial axis of a channel-first image (a MetaTensor's affine; 1 for a plain tensor)."""
+    ndim = image.ndim - 1
+    if isinstance(image, MetaTensor):
+        affine = np.asarray(image.affine)[:ndim, :ndim]
+        return np.sqrt((affine**2).sum(axis=0))
+    return np.ones(ndim)
+
+
+def smooth_noise(rng: np.random.RandomState, spatial: Sequence[int], scale: float) -> torch.Tensor:
+    """Low-frequency noise in [-scale, scale]: a coarse random grid (1/8 of each size), linearly upsampled."""
+    # ours, not MONAI's SmoothField: it resizes by a scale factor whose floor loses a voxel on some sizes (61 -> 60)
+    coarse = torch.as_tensor(rng.uniform(-scale, scale, size=[max(2, s // 8) for s in spatial]), dtype=torch.float32)
+    mode = "trilinear" if len(spatial) == 3 else "bilinear"
+    return torch.nn.functional.interpolate(coarse[None, None], size=tuple(spatial), mode=mode, align_corners=True)[0, 0]
 
 
 def radial_push_ddf(shape, centre, spacing, k: float, sigma_mm: float) -> torch.Tensor:
@@ -84,13 +101,6 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="border")
 
-    def _spacing(self, image: torch.Tensor) -> np.ndarray:
-        ndim = image.ndim - 1
-        if isinstance(image, MetaTensor):
-            affine = np.asarray(image.affine)[:ndim, :ndim]
-            return np.sqrt((affine**2).sum(axis=0))
-        return np.ones(ndim)
-
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         keys = [k for k in self.key_iterator(d)]
@@ -103,7 +113,7 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
             d[self.mask_key] = copy_grid_meta(torch.zeros((1, *spatial), dtype=torch.int64), reference)
             return d
 
-        spacing = torch.as_tensor(self._spacing(reference), dtype=torch.float32).view(-1, *([1] * len(spatial)))
+        spacing = torch.as_tensor(voxel_spacing(reference), dtype=torch.float32).view(-1, *([1] * len(spatial)))
         brain = torch.as_tensor(reference[0]) > self.foreground_threshold
         candidates = torch.nonzero(brain) if brain.any() else torch.nonzero(torch.ones_like(brain))
         centre = candidates[self.R.randint(len(candidates))].to(torch.float32).view(-1, *([1] * len(spatial)))
@@ -124,12 +134,12 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
 
         # lesion: ellipsoid with a smooth random boundary, soft rim of ~2 mm
         ellipsoid = torch.sqrt(((offset_mm / radii.view(-1, *([1] * len(spatial)))) ** 2).sum(0))
-        angle_noise = self._smooth_noise(spatial, scale=0.15)
+        angle_noise = smooth_noise(self.R, spatial, scale=0.15)
         level = ellipsoid + angle_noise
         mask = (level < 1.0) & brain
         rim = float(2.0 / radii.mean())
         weight = torch.clamp((1.0 + rim - level) / rim, 0.0, 1.0) * brain
-        texture = self._smooth_noise(spatial, scale=0.08)
+        texture = smooth_noise(self.R, spatial, scale=0.08)
         for key in keys:
             image = torch.as_tensor(d[key]).clone()
             for c in range(image.shape[0]):
@@ -138,11 +148,3 @@ class RandLesionImplantd(RandomizableTransform, MapTransform):
             d[key] = copy_grid_meta(image, d[key])
         d[self.mask_key] = copy_grid_meta(mask.unsqueeze(0).to(torch.int64), reference)
         return d
-
-    def _smooth_noise(self, spatial: Sequence[int], scale: float) -> torch.Tensor:
-        """Low-frequency noise in [-scale, scale] (coarse random grid, linearly upsampled)."""
-        # ours, not MONAI's SmoothField: it resizes by a scale factor whose floor loses a voxel on some sizes (61 -> 60)
-        coarse = torch.as_tensor(self.R.uniform(-scale, scale, size=[max(2, s // 8) for s in spatial]), dtype=torch.float32)
-        mode = "trilinear" if len(spatial) == 3 else "bilinear"
-        return torch.nn.functional.interpolate(coarse[None, None], size=tuple(spatial), mode=mode, align_corners=True)[0, 0]
-

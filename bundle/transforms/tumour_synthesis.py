@@ -21,7 +21,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from bundle.spatial import index_grid
 
 from .checks import source_name
-from .lesion import radial_push_ddf
+from .lesion import radial_push_ddf, smooth_noise, voxel_spacing
 from .synthesis import FLAIR_MEANS, FREESURFER_BRAIN_LABELS, T1_MEANS, RandSynthesiseImaged
 from .warping import copy_grid_meta
 
@@ -43,13 +43,6 @@ def tumour_classes(label: torch.Tensor, regions: bool = True) -> torch.Tensor:
     if not regions:
         return (core | (values == OEDEMA)).to(torch.int16)
     return torch.where(core, 2, torch.where(values == OEDEMA, 1, 0)).to(torch.int16)
-
-
-def _spacing(label: torch.Tensor) -> np.ndarray:
-    ndim = label.ndim - 1
-    if isinstance(label, MetaTensor):
-        return np.sqrt((np.asarray(label.affine)[:ndim, :ndim] ** 2).sum(axis=0))
-    return np.ones(ndim)
 
 
 class RandTumourImplantd(RandomizableTransform, MapTransform):
@@ -100,14 +93,6 @@ class RandTumourImplantd(RandomizableTransform, MapTransform):
         self.necrosis_prob, self.mass_effect = necrosis_prob, tuple(mass_effect)
         self.warp = Warp(mode="nearest", padding_mode="border")
 
-    def _noise(self, spatial: Sequence[int], scale: float) -> torch.Tensor:
-        """Low-frequency noise in [-scale, scale] (a coarse random grid, linearly upsampled)."""
-        coarse = torch.as_tensor(self.R.uniform(-scale, scale, size=[max(2, s // 8) for s in spatial]),
-                                 dtype=torch.float32)
-        mode = "trilinear" if len(spatial) == 3 else "bilinear"
-        return torch.nn.functional.interpolate(coarse[None, None], size=tuple(spatial), mode=mode,
-                                               align_corners=True)[0, 0]
-
     def implant(self, label: torch.Tensor, name: str = "label map") -> torch.Tensor:
         """One tumour in one channel-first label map; returns the new map (same type, dtype and grid)."""
         values = torch.as_tensor(label).as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
@@ -115,7 +100,7 @@ class RandTumourImplantd(RandomizableTransform, MapTransform):
             raise ValueError(f"{name} must hold integer labels (found non-integer or non-finite values).")
         spatial = values.shape[1:]
         view = (-1, *([1] * len(spatial)))
-        spacing = torch.as_tensor(_spacing(label), dtype=torch.float32).view(view)
+        spacing = torch.as_tensor(voxel_spacing(label), dtype=torch.float32).view(view)
         region = values[0].round().to(torch.int32)  # room for the tumour labels whatever the stored dtype
         white = torch.isin(region, torch.as_tensor(WHITE_MATTER, dtype=region.dtype))
         candidates = torch.nonzero(white if white.any() else region > 0)
@@ -132,7 +117,7 @@ class RandTumourImplantd(RandomizableTransform, MapTransform):
         brain = region > 0
         offset_mm = (index_grid(spatial) - centre.view(view)) * spacing
         distance = torch.sqrt(((offset_mm / radii.view(view)) ** 2).sum(0))  # 1 on the core's ellipsoid
-        level = distance + self._noise(spatial, 0.2)
+        level = distance + smooth_noise(self.R, spatial, 0.2)
         core = (level < 1.0) & brain
         out = region.clone()
         if self.R.uniform() < self.necrosis_prob:
@@ -143,7 +128,7 @@ class RandTumourImplantd(RandomizableTransform, MapTransform):
             out[core] = ENHANCING
         if margin > 0:
             # the oedema's level in millimetres beyond the core, with its own irregular boundary
-            beyond_mm = (level - 1.0) * float(radii.mean()) + self._noise(spatial, 0.3) * margin
+            beyond_mm = (level - 1.0) * float(radii.mean()) + smooth_noise(self.R, spatial, 0.3) * margin
             near = beyond_mm < 2.0
             white_now = torch.isin(region, torch.as_tensor(WHITE_MATTER, dtype=region.dtype))
             oedema = brain & ~core & (beyond_mm < margin) & (near | white_now)
