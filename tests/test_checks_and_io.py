@@ -791,6 +791,27 @@ def test_keys_read_at_the_same_time_give_what_one_after_another_gives(tmp_path, 
         LoadImaged(keys, allow_missing_keys=True)(item)
 
 
+def test_a_complex_image_is_refused_whichever_key_finishes_first(tmp_path):
+    """Complex data read beside a real image in parallel threads: refused every time (a ComplexWarning turned into an
+    error was process-wide and undone by the other thread's read: the fuzz campaign found one accepted)."""
+    rng = np.random.default_rng(2)
+    real = rng.random((9, 8, 7)).astype(np.float64)
+    nib.save(nib.Nifti1Image(real, np.eye(4)), str(tmp_path / "real.nii.gz"))
+    nib.save(nib.Nifti1Image((real + 1j * real).astype(np.complex64), np.eye(4)), str(tmp_path / "complex.nii.gz"))
+    for image_only in (True, False):
+        load = LoadImaged(["moving", "fixed"], image_only=image_only)
+        for _ in range(40):
+            with pytest.raises(ValueError, match=r"complex.nii.gz: complex-valued image"):
+                load({"moving": str(tmp_path / "real.nii.gz"), "fixed": str(tmp_path / "complex.nii.gz")})
+        out = load({"moving": str(tmp_path / "real.nii.gz"), "fixed": str(tmp_path / "real.nii.gz")})
+        assert out["moving"].dtype == torch.float32 and isinstance(out["moving"], MetaTensor)
+        np.testing.assert_allclose(out["fixed"].numpy(), real.astype(np.float32))
+        if not image_only:
+            assert out["fixed_meta_dict"]["filename_or_obj"] == str(tmp_path / "real.nii.gz")
+    kept = LoadImaged(["moving"], dtype=None)({"moving": str(tmp_path / "real.nii.gz")})
+    assert kept["moving"].dtype == torch.float64
+
+
 def test_output_files_name_what_was_asked_for_and_refuse_unknown_outputs():
     from bundle.io import OUTPUTS, output_files
 

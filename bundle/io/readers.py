@@ -7,14 +7,14 @@ from __future__ import annotations
 import copy
 import os
 import threading
-import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+import torch
 from monai import transforms
-from monai.utils import ensure_tuple
+from monai.data import MetaTensor
+from monai.utils import convert_to_dst_type, ensure_tuple
 
 from bundle.errors import one_line
 
@@ -52,16 +52,25 @@ class LoadImage(transforms.LoadImage):
     """
 
     def __call__(self, filename, reader=None):
+        # The cast to ``dtype`` happens here, after a look at the type read: a ComplexWarning turned into an error
+        # is no test, since warning filters are process-wide and LoadImaged reads its keys in parallel threads.
         try:
-            with _read_lock(self), warnings.catch_warnings():
-                warnings.simplefilter("error", np.exceptions.ComplexWarning)
-                return super().__call__(filename, reader)
+            with _read_lock(self):
+                dtype, self.dtype = self.dtype, None
+                try:
+                    result = super().__call__(filename, reader)
+                finally:
+                    self.dtype = dtype
         except FileNotFoundError:
             raise
-        except np.exceptions.ComplexWarning as e:
-            raise ValueError(f"{self._name(filename)}: complex-valued image; save its magnitude as a real image.") from e
         except Exception as e:  # the reader libraries raise many types for unreadable files
             raise ValueError(f"{self._name(filename)}: not a readable image ({one_line(e)}).") from e
+        image = result if self.image_only else result[0]
+        if torch.as_tensor(image).is_complex():
+            raise ValueError(f"{self._name(filename)}: complex-valued image; save its magnitude as a real image.")
+        if dtype is not None:
+            image = convert_to_dst_type(image, dst=image, dtype=dtype)[0]
+        return image if self.image_only else (image, image.meta if isinstance(image, MetaTensor) else result[1])
 
     @staticmethod
     def _name(filename) -> str:
