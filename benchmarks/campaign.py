@@ -19,7 +19,8 @@ features and their KL term (``configs/probabilistic_features*.json``), the same 
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
 (best validation Dice so far) and ``training_log.csv`` (iteration, every loss term, learning rate, gradient
-norm, validation Dice and folding, cumulative wall time, hardware). Commit those three after each session.
+norm, validation Dice and folding, cumulative wall time, hardware). Commit those three after each session. A run
+whose training ends on its own (epoch budget or early stop) gets ``finished.json`` and is not trained again.
 
 Data (fixed subject splits, committed): LPBA40 (``bundle/data/splits/lpba40_split.json``: 10 training subjects, all ordered
 pairs, 56 manual structures as auxiliary Dice) and IBSR (``bundle/data/splits/ibsr_split.json``: 9 training subjects aligned
@@ -54,6 +55,7 @@ RUNS = REPO / "runs" / "campaign"
 CAMPAIGNS = REPO / "models" / "campaign"
 SHIPPED = REPO / "models" / "pretrained" / "registration_t1_2mm.pt"
 RUN = "registration_t1"
+FINISHED = "finished.json"  # marks a run whose training ended on its own
 
 
 def _split(name: str) -> dict:
@@ -280,6 +282,39 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             return 0
 
 
+def finished(root: Path) -> bool:
+    """Whether the run's training ended on its own (epoch budget or early stop): see :func:`train_run`."""
+    return (root / FINISHED).is_file()
+
+
+def mark_finished(root: Path, key: str = "val_mean_dice") -> Path:
+    """Write ``finished.json`` (the run's status and when it ended): the run is not trained again."""
+    sys.path.insert(0, str(REPO))
+    from bundle.io.writers import write_atomic
+
+    info = {**status(root, key=key), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return write_atomic(root / FINISHED, ".json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+
+
+def train_run(minutes: float | None, threads: int, extra: list[str], root: Path, configs: list[str] = RECIPE,
+              out: Path = RUNS, datalist: Path | None = None, key: str = "val_mean_dice") -> int:
+    """:func:`train` unless the run has finished; marks it finished when its training ends on its own.
+
+    A run stopped by the clock resumes from its checkpoint with the same command. A finished one is left alone:
+    resuming it would restart an early-stopped run (the early-stop state is not checkpointed), and its final
+    checkpoint may then leave the repository, which would otherwise retrain it from scratch without a word.
+    """
+    if finished(root):
+        print(f"{root.name}: finished ({root / FINISHED}); nothing to train")
+        return 0
+    started = time.time()
+    rc = train(minutes, threads, extra, out=out, root=root, configs=configs, datalist=datalist)
+    if rc == 0 and (minutes is None or time.time() - started < minutes * 60):  # not stopped by the clock
+        mark_finished(root, key)
+        print(f"{root.name}: finished")
+    return rc
+
+
 def status(root: Path = CAMPAIGNS / RUN, key: str = "val_mean_dice") -> dict:
     """Iterations done, wall time and the best validation value of the metric ``key`` (with its iteration) so far."""
     sys.path.insert(0, str(REPO))
@@ -356,7 +391,7 @@ def main() -> None:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     root, (configs, shipped) = CAMPAIGNS / a.run, RECIPES[a.run]
     extra = [*RUN_OVERRIDES.get(a.run, []), *extra]
-    commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, root=root, configs=configs),
+    commands = {"prepare": prepare, "train": lambda: train_run(a.minutes, a.threads, extra, root=root, configs=configs),
                 "status": lambda: status(root), "plot": lambda: plot(root), "ship": lambda: ship(root, shipped)}
     try:
         result = commands[a.command]()

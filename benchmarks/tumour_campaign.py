@@ -220,23 +220,19 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
         raise ValueError(f"unknown fold(s) {unknown}: expected some of {', '.join(known)}")
     for fold in folds or known:
         root = fold_root(fold, run)
-        if (root / "finished.json").is_file():
+        if campaign.finished(root):
             continue
         left = None if deadline is None else (deadline - time.time()) / 60
         if left is not None and left <= 1:
             print("time is up: the next fold starts with the next call")
             return 0
-        started = time.time()
-        rc = campaign.train(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=RECIPES[run],
-                            datalist=out / fold / DATALISTS[run])
+        rc = campaign.train_run(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=RECIPES[run],
+                                out=out, datalist=out / fold / DATALISTS[run], key="val_tumour_dice_fixed")
         if rc != 0:
             print(f"{fold}: training exited with {rc}; see {root / 'train.log'}")
             return rc
-        if left is not None and time.time() - started >= left * 60:
+        if not campaign.finished(root):
             return 0  # stopped by the clock at a checkpoint: resume with the same command
-        info = campaign.status(root, key="val_tumour_dice_fixed")
-        (root / "finished.json").write_text(json.dumps({**info, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
-        print(f"{fold}: finished")
     return 0
 
 

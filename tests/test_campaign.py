@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -224,6 +225,48 @@ def test_train_stops_at_the_next_checkpoint_after_the_time_limit(tmp_path, monke
     # stopped by SIGINT after a checkpoint: well before the 30 s grace (and the 60 s wait before SIGTERM)
     assert checkpoints and elapsed < 25, elapsed
     assert (root / "train.log").read_text().count("# ") == 1
+
+
+def _fake_run(root: Path, epochs: int | None) -> str:
+    """A training process that writes a checkpoint every 1 s and ends after ``epochs`` of them (never: None)."""
+    return (
+        "import time, pathlib, itertools\n"
+        f"d = pathlib.Path({str(root / 'models')!r}); d.mkdir(parents=True, exist_ok=True)\n"
+        f"for i in itertools.count() if {epochs!r} is None else range({epochs!r}):\n"
+        "    time.sleep(1.0); (d / f'checkpoint_epoch={i}.pt').write_text('x')\n"
+    )
+
+
+def test_a_run_that_ends_on_its_own_is_marked_finished_and_not_trained_again(tmp_path, monkeypatch, capsys):
+    (tmp_path / "datalist.json").write_text("{}")
+    root = tmp_path / "run"
+    log = TrainingLog(root / "training_log.csv", hardware="test")
+    log._write({"kind": "validation", "iteration": 20, "epoch": 2, "metrics": "val_mean_dice=0.7", "wall_s": 2,
+                "hardware": "test"})
+    runs = []
+
+    def command(*args):
+        runs.append(args)
+        return [sys.executable, "-c", _fake_run(root, epochs=2)]
+
+    monkeypatch.setattr(campaign, "training_command", command)
+    assert campaign.train_run(5, 1, [], root=root, out=tmp_path) == 0
+    assert campaign.finished(root) and len(runs) == 1
+    info = json.loads((root / "finished.json").read_text())
+    assert info["best_val_mean_dice"] == 0.7 and info["best_iteration"] == 20 and info["finished"]
+    assert campaign.train_run(5, 1, [], root=root, out=tmp_path) == 0
+    assert len(runs) == 1 and "nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outcome", ["stopped by the clock", "failed"])
+def test_a_run_stopped_by_the_clock_or_failing_is_not_marked_finished(tmp_path, monkeypatch, outcome):
+    (tmp_path / "datalist.json").write_text("{}")
+    root = tmp_path / "run"
+    script = _fake_run(root, epochs=None) if outcome == "stopped by the clock" else "raise SystemExit(3)"
+    monkeypatch.setattr(campaign, "training_command", lambda *a: [sys.executable, "-c", script])
+    rc = campaign.train_run(0.02, 1, [], root=root, out=tmp_path)
+    assert rc == (0 if outcome == "stopped by the clock" else 3)
+    assert not campaign.finished(root) and not (root / "finished.json").exists()
 
 
 def test_the_probabilistic_features_run_is_the_lambda_1_reference_with_gaussian_features(tmp_path):

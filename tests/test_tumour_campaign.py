@@ -255,7 +255,7 @@ def test_the_shipped_fold_all_is_read_from_the_shipped_file(tmp_path):
 def test_train_runs_the_chosen_folds_in_order_with_the_runs_configs_and_datalists(tmp_path, monkeypatch):
     calls = []
 
-    def fake_train(minutes, threads, extra, root, configs, datalist):
+    def fake_train(minutes, threads, extra, root, configs, datalist, out):
         calls.append((root.name, configs, datalist.name))
         return 0
 
