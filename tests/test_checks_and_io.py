@@ -644,6 +644,27 @@ def test_resume_from_latest_restores_network_optimizer_and_trainer(tmp_path):
     assert iterations == list(range(2 * len(data) + 1, 4 * len(data) + 1))
 
 
+def test_resuming_a_run_at_its_epoch_budget_trains_nothing(tmp_path):
+    """A run resumed from its final checkpoint ends at once: the campaign then marks it finished."""
+    data = [torch.rand(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    net = _net(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    trainer = _trainer(net, opt, data)
+    CheckpointSaver(str(tmp_path), {"network": net, "optimizer": opt, "trainer": trainer}, save_interval=1).attach(trainer)
+    trainer.run(data, max_epochs=2)
+    final = {k: v.clone() for k, v in net.state_dict().items()}
+    net2 = _net(1)
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.05)
+    trainer2 = _trainer(net2, opt2, data)
+    ResumeFromLatest(tmp_path, {"network": net2, "optimizer": opt2, "trainer": trainer2}).attach(trainer2)
+    iterations = []
+    trainer2.on(Events.ITERATION_COMPLETED)(lambda e: iterations.append(e.state.iteration))
+    trainer2.run(data, max_epochs=2)
+    assert iterations == [] and trainer2.state.epoch == 2
+    for k, v in final.items():
+        assert torch.equal(net2.state_dict()[k], v)
+
+
 @pytest.mark.parametrize("case", ("empty", "missing", "disabled"))
 def test_resume_from_latest_without_checkpoint_starts_from_scratch(tmp_path, case):
     folder = tmp_path / "ckpt"
