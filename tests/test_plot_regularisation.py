@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 
 import pytest
@@ -51,6 +52,7 @@ def test_the_figure_is_drawn_from_both_data_sets_rows(tmp_path):
                                                          for w in (0.03, 0.173, 1.0)])
         _rows(tmp_path / f"fixed_lambda_test_{dataset}.csv", [(f"{m}{w}", "a", 0.7, 0, 0.3) for m in ("cond_l", "fixed_l")
                                                                for w in (0.1, 1)])
+    (tmp_path / plot_regularisation.CHOICE).write_text(json.dumps({"regularisation_weight": 0.173}))
     figure = plot_regularisation.plot(tmp_path, tmp_path / "out" / "tradeoff.png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
     assert not list((tmp_path / "out").glob(".*"))  # nothing half-written left beside it
