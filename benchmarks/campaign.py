@@ -15,6 +15,9 @@ log-uniformly in [0.03, 3] per pair, validation at λ = 0.3), started from the p
 fixed, from the conditioned run's starting weights, its learning rate and 1,800 iterations (``configs/campaign_fixed_lambda.json``).
 ``--run registration_t1_probabilistic``: the probabilistic-features ablation, the λ = 1 reference with Gaussian encoder
 features and their KL term (``configs/probabilistic_features*.json``), the same start, budget and validation pairs.
+``--run registration_t1_autoreg``: the searched architecture, the finished search's genotype (frozen into the run's
+``genotype.json`` on its first start) trained from scratch like the plain run for 2,000 iterations
+(``configs/autoreg_searched.json``, ``configs/campaign_autoreg.json``).
 
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
@@ -225,6 +228,39 @@ RECIPES["registration_t1_probabilistic"] = (
     [*RECIPE, "campaign_fixed_lambda.json", "probabilistic_features.json", "probabilistic_features_train.json"],
     SHIPPED.with_name("registration_t1_probabilistic_2mm.pt"))
 RUN_OVERRIDES["registration_t1_probabilistic"] = ["--smoothness_weight", "1"]
+# the searched architecture (AutoReg's second step): autoreg_search's genotype trained from scratch like VM-2 (the
+# plain run above, same recipe and data) for 2,000 iterations, compared with the plain run at the same iterations
+SEARCH = "autoreg_search"
+RECIPES["registration_t1_autoreg"] = ([*RECIPE, "autoreg_searched.json", "campaign_autoreg.json"],
+                                      SHIPPED.with_name("registration_t1_autoreg_2mm.pt"))
+
+
+def freeze_genotype(root: Path, search: Path = CAMPAIGNS / SEARCH) -> Path:
+    """Copy the finished search's ``genotype.json`` into the run (``root/genotype.json``, read by
+    ``configs/campaign_autoreg.json``) on its first start, so the run keeps its architecture whatever the search does.
+
+    Raises:
+        FileNotFoundError: the search has not finished, or left no genotype.
+    """
+    frozen = root / "genotype.json"
+    if frozen.is_file():
+        return frozen
+    if not finished(search):
+        raise FileNotFoundError(f"{search / FINISHED} not found: the architecture search has not finished "
+                                f"(benchmarks/campaign.py train --run {search.name}).")
+    sys.path.insert(0, str(REPO))
+    from bundle.io.writers import write_atomic
+    from bundle.networks.searched import read_genotype
+
+    source = search / "genotype.json"
+    record = {"genotype": read_genotype(source), "source": os.path.relpath(source, REPO),
+              "frozen": time.strftime("%Y-%m-%d %H:%M:%S")}
+    root.mkdir(parents=True, exist_ok=True)
+    return write_atomic(frozen, ".json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+
+
+# what a run needs before its first start: name -> setup(root)
+RUN_SETUP = {"registration_t1_autoreg": freeze_genotype}
 
 
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str], configs: list[str] = RECIPE) -> list[str]:
@@ -307,6 +343,8 @@ def train_run(minutes: float | None, threads: int, extra: list[str], root: Path,
     if finished(root):
         print(f"{root.name}: finished ({root / FINISHED}); nothing to train")
         return 0
+    if root.name in RUN_SETUP:
+        RUN_SETUP[root.name](root)
     started = time.time()
     rc = train(minutes, threads, extra, out=out, root=root, configs=configs, datalist=datalist)
     if rc == 0 and (minutes is None or time.time() - started < minutes * 60):  # not stopped by the clock

@@ -312,3 +312,45 @@ def test_the_fixed_lambda_test_script_scores_the_runs_the_campaign_trains():
     snapshot = re.search(r"snapshot=(\S+)", script).group(1)
     assert (REPO_ROOT / snapshot).is_file()
     assert "registration_t1_lambda_${weight}/models/model.pt" in script and "regularisation_weight=${weight}" in script
+
+
+def test_the_searched_run_trains_the_frozen_genotype_from_scratch_like_the_plain_run(tmp_path):
+    """``registration_t1_autoreg``: the plain recipe (2 mm, from scratch) with the search's genotype, frozen into the
+    run on its first start (a search that goes on does not change it), 2,000 iterations."""
+    from monai.bundle import ConfigParser
+
+    from bundle.networks import SearchedRegistrationUNet
+
+    search, root = tmp_path / "autoreg_search", tmp_path / "registration_t1_autoreg"
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        campaign.freeze_genotype(root, search)
+    genotype = ["conv_1", "sep_conv_3", "dil_conv_5", "conv_3", "conv_5", "sep_conv_5", "dil_conv_3", "dil_conv_7",
+                "conv_3", "conv_3", "conv_1"]
+    search.mkdir()
+    (search / "genotype.json").write_text(json.dumps({"iteration": 2000, "genotype": genotype}))
+    (search / "finished.json").write_text("{}")
+    frozen = campaign.freeze_genotype(root, search)
+    (search / "genotype.json").write_text(json.dumps({"genotype": ["conv_3"] * 11}))  # the search moves on
+    assert campaign.freeze_genotype(root, search) == frozen == root / "genotype.json"
+    assert json.loads(frozen.read_text())["genotype"] == genotype
+    configs, shipped = campaign.RECIPES["registration_t1_autoreg"]
+    assert configs[: len(campaign.RECIPE)] == campaign.RECIPE and campaign.RUN_SETUP["registration_t1_autoreg"]
+    assert shipped.name == "registration_t1_autoreg_2mm.pt"
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("initial_network")
+    assert isinstance(network, SearchedRegistrationUNet) and network.genotype == genotype
+    assert parser.get_parsed_content("init_ckpt") is None  # from scratch, as the plain run
+    assert parser.get_parsed_content("pixdim") == [2.0, 2.0, 2.0]
+    assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 2000
+
+
+def test_the_searched_run_does_not_start_before_the_search_finished(tmp_path, monkeypatch):
+    (tmp_path / "datalist.json").write_text("{}")
+    monkeypatch.setattr(campaign, "CAMPAIGNS", tmp_path)
+    monkeypatch.setitem(campaign.RUN_SETUP, "registration_t1_autoreg",
+                        lambda root: campaign.freeze_genotype(root, tmp_path / "autoreg_search"))
+    monkeypatch.setattr(campaign, "train", lambda *a, **k: pytest.fail("trained without a genotype"))
+    with pytest.raises(FileNotFoundError, match="autoreg_search.finished.json not found"):
+        campaign.train_run(1, 1, [], root=tmp_path / "registration_t1_autoreg", out=tmp_path)

@@ -3,6 +3,8 @@ built from a genotype."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,23 @@ def test_the_search_step_needs_a_searchable_network_and_carries_its_optimizer_st
     again = ArchitectureSearchStep(net, pairs)
     again.load_state_dict(search.state_dict())
     assert again.optimizer.state_dict()["state"][0]["step"] == 4
+
+
+def test_read_genotype_reads_a_search_record_or_a_list_and_names_a_bad_file(tmp_path):
+    from bundle.networks import read_genotype
+
+    record = tmp_path / "genotype.json"
+    record.write_text(json.dumps({"iteration": 50, "genotype": ["conv_3", "sep_conv_5"], "operation_weights": []}))
+    assert read_genotype(record) == ["conv_3", "sep_conv_5"]
+    plain = tmp_path / "plain.json"
+    plain.write_text('["dil_conv_7"]')
+    assert read_genotype(plain) == ["dil_conv_7"]
+    with pytest.raises(FileNotFoundError, match="missing.json: no genotype file"):
+        read_genotype(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not a JSON genotype file"):
+        read_genotype(bad)
+    bad.write_text(json.dumps({"genotype": ["conv_3", "pool_2"]}))
+    with pytest.raises(ValueError, match="bad.json: expected a non-empty list of operation names"):
+        read_genotype(bad)

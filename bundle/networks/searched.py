@@ -17,6 +17,8 @@ decoder's remaining blocks at the output resolution.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +27,8 @@ from torch import nn
 
 from .registration_unet import VM2_CHANNELS, RegistrationUNet
 
-__all__ = ["OPERATIONS", "make_operation", "MixedOperation", "SearchableRegistrationUNet", "SearchedRegistrationUNet"]
+__all__ = ["OPERATIONS", "make_operation", "MixedOperation", "SearchableRegistrationUNet", "SearchedRegistrationUNet",
+           "read_genotype"]
 
 # name -> (kind, kernel size, dilation); "k×k×k dilated" is a k-kernel with dilation 2 (as DARTS' dil_conv)
 OPERATIONS: dict[str, tuple[str, int, int]] = {
@@ -147,3 +150,26 @@ class SearchedRegistrationUNet(RegistrationUNet):
                              f"got {list(genotype)}.")
         self.genotype = list(genotype)
         _replace_blocks(self, lambda i, cin, cout, s: make_operation(self.genotype[i], spatial_dims, cin, cout, s))
+
+
+def read_genotype(path: str | os.PathLike) -> list[str]:
+    """The genotype (one operation name per block) of a search's ``genotype.json`` (``ArchitectureSearchStep``'s
+    record) or of a plain JSON list of names.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not JSON, or holds no list of known operation names.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no genotype file (an architecture search writes one: "
+                                "benchmarks/campaign.py train --run autoreg_search).")
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON genotype file ({e}).") from e
+    genotype = record.get("genotype") if isinstance(record, dict) else record
+    if not isinstance(genotype, list) or not genotype or any(n not in OPERATIONS for n in genotype):
+        raise ValueError(f"{path}: expected a non-empty list of operation names from {tuple(OPERATIONS)} "
+                         f"(or a record with one under 'genotype'), got {genotype!r}.")
+    return list(genotype)
