@@ -10,7 +10,8 @@
 ``configs/regularisation_conditioned.json`` and ``configs/campaign_conditioned.json`` (FiLM on λ, λ drawn
 log-uniformly in [0.03, 3] per pair, validation at λ = 0.3), started from the plain run's best weights
 (``models/campaign/registration_t1_conditioned/init/``). ``--run autoreg_search``: the architecture search (AutoReg,
-``configs/autoreg_search.json``) at 4 mm, 40 epochs of 50 iterations, its genotype in ``models/campaign/autoreg_search/genotype.json``.
+``configs/autoreg_search.json``) at 4 mm, 12 epochs of 50 iterations (``configs/autoreg_search_campaign.json``), its genotype
+in ``models/campaign/autoreg_search/genotype.json``.
 ``--run registration_t1_lambda_{0.1,0.3,1}``: issue 17's fixed-λ references, plain networks with the smoothness weight
 fixed, from the conditioned run's starting weights, its learning rate and 1,800 iterations (``configs/campaign_fixed_lambda.json``).
 ``--run registration_t1_probabilistic``: the probabilistic-features ablation, the λ = 1 reference with Gaussian encoder
@@ -209,8 +210,10 @@ RECIPES = {
     # one network over a range of smoothness weights λ (FiLM), started from the plain run's best weights
     "registration_t1_conditioned": ([*RECIPE, "regularisation_conditioned.json", "campaign_conditioned.json"],
                                     SHIPPED.with_name("registration_t1_conditioned_2mm.pt")),
-    # AutoReg: every block a mixture of the seed's 8 operations, α stepped on the validation pairs (4 mm, 2,000
-    # iterations: a stated CPU budget); its genotype.json is then trained like VM-2 and compared
+    # AutoReg: every block a mixture of the seed's 8 operations, α stepped on the validation pairs. The stated CPU
+    # budget: 4 mm, 600 iterations (one forward and backward of the mixture network at 48^3 took 20 s on a shared
+    # core, 2026-12-05; with the α step ~40 s an iteration, so up to ~7 h), α's rate 10x DARTS' 3e-4 for about a
+    # tenth of DARTS' steps; its genotype.json is then trained like VM-2 (registration_t1_autoreg) and compared
     "autoreg_search": ([*RECIPE, "autoreg_search.json", "autoreg_search_campaign.json"],
                        SHIPPED.with_name("autoreg_search_4mm.pt")),
 }

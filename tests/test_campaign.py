@@ -171,7 +171,9 @@ def test_the_search_run_builds_the_searchable_network_at_4_mm(tmp_path):
     assert isinstance(network, SearchableRegistrationUNet)
     assert network.mixed_operations()[0].names == list(OPERATIONS)
     assert parser.get_parsed_content("pixdim") == [4.0, 4.0, 4.0]
-    assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 2000
+    assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 600
+    assert parser.get_parsed_content("early_stop_patience") >= parser.get_parsed_content("max_epochs")  # no early stop
+    assert parser.get_parsed_content("architecture_search").optimizer.param_groups[0]["lr"] == 0.003
 
 
 def test_train_without_prepare_names_the_missing_datalist(tmp_path):
