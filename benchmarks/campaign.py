@@ -18,7 +18,8 @@ fixed, from the conditioned run's starting weights, its learning rate and 1,800 
 features and their KL term (``configs/probabilistic_features*.json``), the same start, budget and validation pairs.
 ``--run registration_t1_autoreg``: the searched architecture, the finished search's genotype (frozen into the run's
 ``genotype.json`` on its first start) trained from scratch like the plain run for 2,000 iterations
-(``configs/autoreg_searched.json``, ``configs/campaign_autoreg.json``).
+(``configs/autoreg_searched.json``, ``configs/campaign_autoreg.json``); ``--run registration_t1_all3conv``: its
+same-budget reference, the hand-designed All-3-Conv genotype (the VM-2 layers) trained with the same configs.
 
 The run lives in ``models/campaign/<run>/``: ``models/checkpoint_*.pt`` (network, optimiser, scheduler and
 trainer state: the next session or another machine continues exactly where it stopped), ``models/model.pt``
@@ -236,6 +237,10 @@ RUN_OVERRIDES["registration_t1_probabilistic"] = ["--smoothness_weight", "1"]
 SEARCH = "autoreg_search"
 RECIPES["registration_t1_autoreg"] = ([*RECIPE, "autoreg_searched.json", "campaign_autoreg.json"],
                                       SHIPPED.with_name("registration_t1_autoreg_2mm.pt"))
+# its same-budget reference, AutoReg's hand-designed "All-3-Conv" cell (the VM-2 layers) trained now with the same
+# configs: the plain run's own curve began under an earlier recipe (SynthSeg pairs came at its 1,500th iteration)
+RECIPES["registration_t1_all3conv"] = ([*RECIPE, "autoreg_searched.json", "campaign_autoreg.json"],
+                                       SHIPPED.with_name("registration_t1_all3conv_2mm.pt"))
 
 
 def freeze_genotype(root: Path, search: Path = CAMPAIGNS / SEARCH) -> Path:
@@ -262,8 +267,24 @@ def freeze_genotype(root: Path, search: Path = CAMPAIGNS / SEARCH) -> Path:
     return write_atomic(frozen, ".json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
 
+def all_3_conv_genotype(root: Path) -> Path:
+    """``root/genotype.json`` naming a 3x3x3 convolution for every block of the VM-2 U-Net (AutoReg's All-3-Conv)."""
+    sys.path.insert(0, str(REPO))
+    from bundle.io.writers import write_atomic
+    from bundle.networks import RegistrationUNet
+
+    frozen = root / "genotype.json"
+    if frozen.is_file():
+        return frozen
+    net = RegistrationUNet(3, 2)
+    blocks = len(net.encoder.blocks) + len(net.decoder.up_blocks) + len(net.decoder.extra)
+    root.mkdir(parents=True, exist_ok=True)
+    record = {"genotype": ["conv_3"] * blocks, "source": "All-3-Conv (hand-designed)"}
+    return write_atomic(frozen, ".json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+
+
 # what a run needs before its first start: name -> setup(root)
-RUN_SETUP = {"registration_t1_autoreg": freeze_genotype}
+RUN_SETUP = {"registration_t1_autoreg": freeze_genotype, "registration_t1_all3conv": all_3_conv_genotype}
 
 
 def training_command(datalist: Path, root: Path, threads: int, extra: list[str], configs: list[str] = RECIPE) -> list[str]:

@@ -356,3 +356,20 @@ def test_the_searched_run_does_not_start_before_the_search_finished(tmp_path, mo
     monkeypatch.setattr(campaign, "train", lambda *a, **k: pytest.fail("trained without a genotype"))
     with pytest.raises(FileNotFoundError, match="autoreg_search.finished.json not found"):
         campaign.train_run(1, 1, [], root=tmp_path / "registration_t1_autoreg", out=tmp_path)
+
+
+def test_the_all_3_conv_reference_is_the_plain_network_trained_like_the_searched_one(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from bundle.networks import RegistrationUNet, SearchedRegistrationUNet
+
+    assert campaign.RECIPES["registration_t1_all3conv"][0] == campaign.RECIPES["registration_t1_autoreg"][0]
+    root = tmp_path / "registration_t1_all3conv"
+    genotype = campaign.RUN_SETUP["registration_t1_all3conv"](root)
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in campaign.RECIPES["registration_t1_all3conv"][0]])
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("initial_network")
+    assert isinstance(network, SearchedRegistrationUNet) and set(json.loads(genotype.read_text())["genotype"]) == {"conv_3"}
+    plain = RegistrationUNet(3, 2, half_res=True, integration_steps=7)
+    assert sum(p.numel() for p in network.parameters()) == sum(p.numel() for p in plain.parameters())
