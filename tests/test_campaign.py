@@ -373,3 +373,40 @@ def test_the_all_3_conv_reference_is_the_plain_network_trained_like_the_searched
     assert isinstance(network, SearchedRegistrationUNet) and set(json.loads(genotype.read_text())["genotype"]) == {"conv_3"}
     plain = RegistrationUNet(3, 2, half_res=True, integration_steps=7)
     assert sum(p.numel() for p in network.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_the_ablation_test_script_scores_each_run_against_its_reference_with_the_runs_configs():
+    """benchmarks/ablation_test.sh: the runs it scores are campaign runs, and each is rebuilt at inference with the
+    overlays of its training configs (the probabilistic encoder, the searched genotype)."""
+    import re
+
+    script = (REPO_ROOT / "benchmarks" / "ablation_test.sh").read_text()
+    base = re.search(r"^base=(\S+)", script, re.M).group(1)
+    specs = re.findall(r"(\w+):(registration_t1_\w+):(\$base[\w.,]*)", script)
+    assert [(n, r) for n, r, _ in specs] == [("fixed_l1", "registration_t1_lambda_1"),
+                                             ("probabilistic", "registration_t1_probabilistic"),
+                                             ("all3conv", "registration_t1_all3conv"), ("autoreg", "registration_t1_autoreg")]
+    for _, run, configs in specs:
+        inference = configs.replace("$base", base).split(",")
+        training = campaign.RECIPES[run][0]
+        assert inference[:3] == ["inference.json", "registration_only.json", "campaign.json"]
+        network_overlays = {"probabilistic_features.json", "autoreg_searched.json"}
+        assert set(inference[3:]) == network_overlays & set(training)
+
+
+def test_the_ablation_test_script_scores_nothing_before_both_runs_finished(tmp_path):
+    import shutil
+    import subprocess
+
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(REPO_ROOT / "benchmarks" / "ablation_test.sh", tmp_path / "benchmarks")
+    done = tmp_path / "models" / "campaign" / "registration_t1_lambda_1"
+    done.mkdir(parents=True)
+    (done / "finished.json").write_text("{}")
+    result = subprocess.run(["bash", str(tmp_path / "benchmarks" / "ablation_test.sh"), "probabilistic"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and not (tmp_path / "runs").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ablation_test.sh: error: models/campaign/registration_t1_probabilistic/finished.json is missing")
+    result = subprocess.run(["bash", str(tmp_path / "benchmarks" / "ablation_test.sh"), "dropout"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown ablation 'dropout'" in result.stderr
