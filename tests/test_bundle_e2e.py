@@ -225,6 +225,21 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                     "--val_interval", "1", "--search_operations", "['conv_1','conv_3']"],
                    log=logs / "autoreg_train.log"), work
 
+    def autoreg_searched():
+        """2 iterations of the searched network trained from the search's genotype.json (the campaign's
+        registration_t1_autoreg, small), and the same command naming a genotype file that is not there."""
+        _, search = graph.result("autoreg")
+        work = root / "autoreg_searched"
+        work.mkdir()
+        shutil.copytree(bundle_root / "demo_data", work / "demo_data")
+        args = ["run", "training", "--config_file", config("train.json", "registration_only.json", "autoreg_searched.json"),
+                "--bundle_root", work, "--max_epochs", "1", "--epoch_length", "2", "--log_interval", "1",
+                "--num_workers", "0", "--cache_rate", "0", "--pixdim", PIXDIM, "--num_threads", "1", "--val_interval", "1"]
+        trained = run([*args, "--genotype_file", search / "genotype.json"], log=logs / "autoreg_searched_train.log")
+        missing = run([*args, "--genotype_file", work / "nowhere" / "genotype.json"],
+                      log=logs / "autoreg_searched_missing.log")
+        return trained, missing, search, work
+
     def fails(name, datalist_key, ckpt_key="zero_ckpt", ckpt=None, extra=()):
         def job():
             files = graph.result("tiny")
@@ -272,6 +287,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                                                                   "probabilistic_features_train.json"], []),
               ["train"], priority=30)
     graph.add("autoreg", autoreg_search, ["train"], priority=30)
+    graph.add("autoreg_searched", autoreg_searched, ["autoreg"], priority=30)
     graph.add("cohort", cohort, ["train"], priority=45)
     graph.add("evaluate", evaluate, ["train"], priority=40)
     graph.add("infer", infer, ["train"], priority=40)
@@ -519,6 +535,24 @@ def test_architecture_search_steps_alpha_and_writes_the_genotype(e2e):
     assert any(abs(w["conv_1"] - 0.5) > 1e-6 for w in weights), "α never moved"
     checkpoint = torch.load(sorted((work / "models").glob("checkpoint*.pt"))[-1], map_location="cpu", weights_only=True)
     assert "architecture_search" in checkpoint and checkpoint["architecture_search"]["optimizer"]["state"]
+
+
+def test_the_searched_network_trains_from_the_genotype_and_loads_for_inference(e2e):
+    """``configs/autoreg_searched.json``: the search's genotype.json builds the network that trains, its best
+    weights load into the inference pipeline's network built from the same file; a missing file is named."""
+    from bundle.configs import read_config
+    from bundle.engines import load_weights
+
+    trained, missing, search, work = _job(e2e, "autoreg_searched")
+    trained.check()
+    genotype = json.loads((search / "genotype.json").read_text())["genotype"]
+    parser = read_config(REPO_ROOT, ["inference.json", "registration_only.json", "autoreg_searched.json"],
+                         {"genotype_file": str(search / "genotype.json")})
+    network = parser.get_parsed_content("network_def")
+    assert network.genotype == genotype
+    load_weights(network, work / "models" / "model.pt")
+    last = missing.check_fails("no genotype file").output.strip().splitlines()[-1]
+    assert str(work / "nowhere" / "genotype.json") in last and "no genotype file" in last, missing.tail()
 
 
 def test_inference_missing_checkpoint(e2e):
