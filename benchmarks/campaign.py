@@ -233,7 +233,7 @@ RECIPES["registration_t1_probabilistic"] = (
     SHIPPED.with_name("registration_t1_probabilistic_2mm.pt"))
 RUN_OVERRIDES["registration_t1_probabilistic"] = ["--smoothness_weight", "1"]
 # the searched architecture (AutoReg's second step): autoreg_search's genotype trained from scratch like VM-2 (the
-# plain run above, same recipe and data) for 2,000 iterations, compared with the plain run at the same iterations
+# plain run's recipe and data) for 2,000 iterations, compared with registration_t1_all3conv below
 SEARCH = "autoreg_search"
 RECIPES["registration_t1_autoreg"] = ([*RECIPE, "autoreg_searched.json", "campaign_autoreg.json"],
                                       SHIPPED.with_name("registration_t1_autoreg_2mm.pt"))
