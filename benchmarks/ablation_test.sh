@@ -40,8 +40,10 @@ for dataset in lpba40 ibsr; do
         for spec in $runs; do
             IFS=: read -r name run configs <<< "$spec"
             root="models/campaign/$run"
+            genotype=()  # only the searched networks read a genotype file
+            case "$configs" in *autoreg_searched.json*) genotype=(--set "genotype_file=$root/genotype.json") ;; esac
             python benchmarks/compare_baselines.py run --dataset "$dataset" --out "$out" --methods ours \
-                --ckpt "$root/models/model.pt" --configs "$configs" --name "$name" --set "genotype_file=$root/genotype.json"
+                --ckpt "$root/models/model.pt" --configs "$configs" --name "$name" "${genotype[@]}"
         done
         mkdir -p "$(dirname "$rows")"
         cp "$out/results.csv" "$rows"
