@@ -271,13 +271,12 @@ def all_3_conv_genotype(root: Path) -> Path:
     """``root/genotype.json`` naming a 3x3x3 convolution for every block of the VM-2 U-Net (AutoReg's All-3-Conv)."""
     sys.path.insert(0, str(REPO))
     from bundle.io.writers import write_atomic
-    from bundle.networks import RegistrationUNet
+    from bundle.networks import RegistrationUNet, block_count
 
     frozen = root / "genotype.json"
     if frozen.is_file():
         return frozen
-    net = RegistrationUNet(3, 2)
-    blocks = len(net.encoder.blocks) + len(net.decoder.up_blocks) + len(net.decoder.extra)
+    blocks = block_count(RegistrationUNet(3, 2))
     root.mkdir(parents=True, exist_ok=True)
     record = {"genotype": ["conv_3"] * blocks, "source": "All-3-Conv (hand-designed)"}
     return write_atomic(frozen, ".json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))

@@ -10,10 +10,12 @@ import torch
 
 from bundle.networks import (
     OPERATIONS,
+    VM1_CHANNELS,
     MixedOperation,
     RegistrationUNet,
     SearchableRegistrationUNet,
     SearchedRegistrationUNet,
+    block_count,
     make_operation,
 )
 
@@ -34,6 +36,17 @@ def test_unknown_operations_and_genotypes_are_refused():
         SearchableRegistrationUNet(3, 2, operations=["conv_3", "pool"])
     with pytest.raises(ValueError, match="genotype must name 11 operations"):
         SearchedRegistrationUNet(3, 2, genotype=["conv_3"] * 10)
+
+
+@pytest.mark.parametrize("channels", [None, VM1_CHANNELS])
+def test_block_count_is_the_genotype_length_of_every_network(channels):
+    kw = {} if channels is None else {"channels": channels}
+    n = block_count(RegistrationUNet(3, 2, **kw))
+    assert n == (11 if channels is None else 10)
+    assert SearchableRegistrationUNet(3, 2, operations=["conv_1"], **kw).num_blocks == n
+    assert block_count(SearchedRegistrationUNet(3, 2, genotype=["conv_1"] * n, **kw)) == n
+    with pytest.raises(ValueError, match=f"genotype must name {n} operations"):
+        SearchedRegistrationUNet(3, 2, genotype=["conv_1"] * (n + 1), **kw)
 
 
 @pytest.mark.parametrize("half_res", [False, True])

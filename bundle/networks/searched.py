@@ -28,7 +28,7 @@ from torch import nn
 from .registration_unet import VM2_CHANNELS, RegistrationUNet
 
 __all__ = ["OPERATIONS", "make_operation", "MixedOperation", "SearchableRegistrationUNet", "SearchedRegistrationUNet",
-           "read_genotype"]
+           "block_count", "read_genotype"]
 
 # name -> (kind, kernel size, dilation); "k×k×k dilated" is a k-kernel with dilation 2 (as DARTS' dil_conv)
 OPERATIONS: dict[str, tuple[str, int, int]] = {
@@ -81,6 +81,11 @@ class MixedOperation(nn.Module):
 
     def chosen(self) -> str:
         return self.names[int(torch.argmax(self.alpha))]
+
+
+def block_count(net: RegistrationUNet) -> int:
+    """The number of convolution blocks of the U-Net (the length of its genotype)."""
+    return len(net.encoder.blocks) + len(net.decoder.up_blocks) + len(net.decoder.extra)
 
 
 def _replace_blocks(net: RegistrationUNet, build: Callable[[int, int, int, int], nn.Module]) -> int:
@@ -144,7 +149,7 @@ class SearchedRegistrationUNet(RegistrationUNet):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, channels: Sequence[Sequence[int]] = VM2_CHANNELS,
                  integration_steps: int = 0, half_res: bool = False, genotype: Sequence[str] = ()) -> None:
         super().__init__(spatial_dims, in_channels, channels, integration_steps, half_res)
-        expected = len(self.encoder.blocks) + len(self.decoder.up_blocks) + len(self.decoder.extra)
+        expected = block_count(self)
         if len(genotype) != expected or any(n not in OPERATIONS for n in genotype):
             raise ValueError(f"genotype must name {expected} operations from {tuple(OPERATIONS)} (one per block), "
                              f"got {list(genotype)}.")
