@@ -1,12 +1,16 @@
 """Time one training step (forward, loss, backward, Adam step) of the registration network on this machine.
 
-    python benchmarks/training_step_speed.py [--model registration|joint] [--shape 80 96 80] [--threads 2] [--repeats 3] [--out CSV]
+    python benchmarks/training_step_speed.py [--model registration|joint|search] [--shape 80 96 80] [--threads 2] [--repeats 3] [--out CSV]
 
 Compares the recipe's choices on a 2 mm brain-sized grid: VoxelMorph's full-resolution DDF vs the
 half-resolution diffeomorphic flow (``half_res``, 7 scaling-and-squaring steps), float32 vs bfloat16 autocast
 (``bundle.engines.AutocastInferer``), with the LNCC + diffusion + 57-class label Dice loss (full resolution or
 ``label_downsample=2``). Prints a table and writes a CSV row per configuration with the median seconds per
 step, the hardware and the 1-minute load average at the start (another process on the machine slows it).
+
+``--model joint``: the joint tumour model. ``--model search``: the architecture search's mixture network (every block a
+softmax-weighted sum of the 8 operations) against the VM-2 network it searches over, same recipe loss; one search
+iteration is two such steps (weights on a training pair, α on a validation pair). This sets the search's CPU budget.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ sys.path.insert(0, str(REPO))
 from bundle.engines.training import AutocastInferer, hardware_description  # noqa: E402
 from bundle.io.writers import write_csv  # noqa: E402
 from bundle.losses import JointRegSegLoss, RegistrationLoss  # noqa: E402
-from bundle.networks import VM2_CHANNELS, JointRegSegNet, RegistrationUNet  # noqa: E402
+from bundle.networks import (  # noqa: E402
+    OPERATIONS,
+    VM2_CHANNELS,
+    JointRegSegNet,
+    RegistrationUNet,
+    SearchableRegistrationUNet,
+)
 
 CONFIGS = (  # name, half_res + svf, autocast, label_downsample
     ("full-res DDF, fp32, labels full", False, False, 1),
@@ -38,6 +48,11 @@ CONFIGS = (  # name, half_res + svf, autocast, label_downsample
 JOINT_CONFIGS = (  # name, half_res: the joint model on 2 channels (T1c + FLAIR), tumour CE + Dice, masked LNCC
     ("joint full-res DDF", False),
     ("joint half-res DDF (tumour recipe)", True),
+)
+
+SEARCH_CONFIGS = (  # name, mixture network: the recipe's half-res SVF, fp32, labels /2
+    ("VM-2 (All-3-Conv), recipe step", False),
+    ("search mixture network (8 operations per block), recipe step", True),
 )
 
 
@@ -64,9 +79,14 @@ def joint_step_seconds(shape, half_res: bool, repeats: int) -> list[float]:
     return _timed_steps(net, loss_fn, torch.cat([moving, fixed], 1), target, AutocastInferer(enabled=False), repeats)
 
 
-def step_seconds(shape, half_res: bool, autocast: bool, label_downsample: int, repeats: int) -> list[float]:
+def step_seconds(shape, half_res: bool, autocast: bool, label_downsample: int, repeats: int,
+                 mixture: bool = False) -> list[float]:
     torch.manual_seed(0)
-    net = RegistrationUNet(3, 2, VM2_CHANNELS, integration_steps=7 if half_res else 0, half_res=half_res)
+    steps = 7 if half_res else 0
+    if mixture:
+        net = SearchableRegistrationUNet(3, 2, VM2_CHANNELS, steps, half_res, operations=tuple(OPERATIONS))
+    else:
+        net = RegistrationUNet(3, 2, VM2_CHANNELS, integration_steps=steps, half_res=half_res)
     loss_fn = RegistrationLoss(label_weight=1.0, num_classes=57, label_downsample=label_downsample)
     moving, fixed = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
     labels = torch.randint(0, 57, (2, 1, *shape)).float()
@@ -80,13 +100,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated substrings of configurations to skip")
-    parser.add_argument("--model", choices=["registration", "joint"], default="registration",
-                        help="joint: the joint tumour model (2 channels) with full- and half-resolution decoders")
+    parser.add_argument("--model", choices=["registration", "joint", "search"], default="registration",
+                        help="joint: the joint tumour model (2 channels) with full- and half-resolution decoders; "
+                             "search: the architecture search's mixture network against VM-2")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default docs/results/training_step_cpu.csv (joint: training_step_joint_cpu.csv)")
+                        help="default docs/results/training_step_cpu.csv (joint: training_step_joint_cpu.csv, "
+                             "search: regularisation/search_step_cpu.csv)")
     a = parser.parse_args()
-    out = a.out or REPO / "docs" / "results" / ("training_step_cpu.csv" if a.model == "registration" else "training_step_joint_cpu.csv")
-    configs = CONFIGS if a.model == "registration" else JOINT_CONFIGS
+    default_out = {"registration": "training_step_cpu.csv", "joint": "training_step_joint_cpu.csv",
+                   "search": "regularisation/search_step_cpu.csv"}[a.model]
+    out = a.out or REPO / "docs" / "results" / default_out
+    configs = {"registration": CONFIGS, "joint": JOINT_CONFIGS, "search": SEARCH_CONFIGS}[a.model]
     torch.set_num_threads(a.threads)
     load = os.getloadavg()[0]
     rows = []
@@ -95,6 +119,8 @@ def main() -> None:
             continue
         if a.model == "registration":
             times = step_seconds(a.shape, *settings, a.repeats)
+        elif a.model == "search":
+            times = step_seconds(a.shape, True, False, 2, a.repeats, mixture=settings[0])
         else:
             times = joint_step_seconds(a.shape, *settings, a.repeats)
         row = {"configuration": name, "shape": "x".join(map(str, a.shape)), "median_s_per_step": round(statistics.median(times), 3),
