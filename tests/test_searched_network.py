@@ -63,6 +63,21 @@ def test_the_mixture_network_registers_like_the_unet_and_splits_its_parameters(h
     assert net.genotype()[0] == "dil_conv_3" and net.operation_weights()[0]["dil_conv_3"] > 0.5
 
 
+def test_weights_load_only_into_the_genotype_they_were_trained_with(tmp_path):
+    """conv_3 and dil_conv_3 have the same weight shapes: the genotype in the state dict tells them apart."""
+    from bundle.engines.checkpoints import load_weights
+
+    trained = SearchedRegistrationUNet(3, 2, genotype=["conv_3"] * 11)
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+    same = load_weights(SearchedRegistrationUNet(3, 2, genotype=["conv_3"] * 11), path)
+    for a, b in zip(same.parameters(), trained.parameters()):
+        assert torch.equal(a, b)
+    other = SearchedRegistrationUNet(3, 2, genotype=["dil_conv_3"] + ["conv_3"] * 10)
+    with pytest.raises(ValueError, match=f"checkpoint {path} does not fit.*trained with genotype.*'conv_3'.*built with.*'dil_conv_3'"):
+        load_weights(other, path)
+
+
 def test_all_3_conv_is_the_hand_designed_network():
     """The genotype of 3x3x3 convolutions everywhere, given the plain network's weights, computes the same field."""
     torch.manual_seed(0)

@@ -95,7 +95,8 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, missing_ok: 
         state = {**{k: v for k, v in own.items() if k.startswith(prefixes) and k not in state}, **state}
     try:
         network.load_state_dict(state)
-    except RuntimeError as e:  # torch lists every missing, unexpected and mismatched key over many lines
+    # torch lists every missing, unexpected and mismatched key over many lines; ValueError: a module's extra state
+    except (RuntimeError, ValueError) as e:
         detail = " ".join(str(e).split())
         detail = detail if len(detail) <= 400 else detail[:400] + " ..."
         raise ValueError(f"checkpoint {path} does not fit the network: {detail}") from e

@@ -140,10 +140,12 @@ class SearchedRegistrationUNet(RegistrationUNet):
     """The VoxelMorph U-Net built from a genotype: block ``i`` is operation ``genotype[i]``.
 
     ``genotype = ["conv_3"] * n`` is the hand-designed network (All-3-Conv, the same layers as
-    :class:`RegistrationUNet`).
+    :class:`RegistrationUNet`). The genotype travels in the state dict (``_extra_state``): weights load only into a
+    network of the same genotype (conv_3 and dil_conv_3 weights have the same shapes, so shapes cannot tell).
 
     Raises:
-        ValueError: a genotype of the wrong length or with unknown operation names.
+        ValueError: a genotype of the wrong length or with unknown operation names; on loading, weights of another
+            genotype.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, channels: Sequence[Sequence[int]] = VM2_CHANNELS,
@@ -155,6 +157,14 @@ class SearchedRegistrationUNet(RegistrationUNet):
                              f"got {list(genotype)}.")
         self.genotype = list(genotype)
         _replace_blocks(self, lambda i, cin, cout, s: make_operation(self.genotype[i], spatial_dims, cin, cout, s))
+
+    def get_extra_state(self) -> dict:
+        return {"genotype": list(self.genotype)}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = state.get("genotype") if isinstance(state, dict) else None
+        if saved != self.genotype:
+            raise ValueError(f"the weights were trained with genotype {saved}, the network was built with {self.genotype}.")
 
 
 def read_genotype(path: str | os.PathLike) -> list[str]:
