@@ -162,3 +162,26 @@ def test_read_genotype_reads_a_search_record_or_a_list_and_names_a_bad_file(tmp_
     bad.write_text(json.dumps({"genotype": ["conv_3", "pool_2"]}))
     with pytest.raises(ValueError, match="bad.json: expected a non-empty list of operation names"):
         read_genotype(bad)
+
+
+def test_read_genotype_reads_it_from_trained_weights(tmp_path):
+    """The shipped weights of a searched network are enough to rebuild it (no separate genotype.json)."""
+    from bundle.engines.checkpoints import load_weights
+    from bundle.networks import read_genotype
+
+    genotype = ["sep_conv_3", "dil_conv_5"] + ["conv_3"] * 9
+    trained = SearchedRegistrationUNet(3, 2, genotype=genotype)
+    plain_state, resume_state = tmp_path / "model.pt", tmp_path / "checkpoint.pt"
+    torch.save(trained.state_dict(), plain_state)
+    torch.save({"network": trained.state_dict(), "optimizer": {}}, resume_state)
+    for path in (plain_state, resume_state):
+        assert read_genotype(path) == genotype
+        load_weights(SearchedRegistrationUNet(3, 2, genotype=read_genotype(path)), path)
+    other = tmp_path / "plain_unet.pt"
+    torch.save(RegistrationUNet(3, 2).state_dict(), other)
+    with pytest.raises(ValueError, match="plain_unet.pt: this checkpoint holds no genotype"):
+        read_genotype(other)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pt"):
+        read_genotype(broken)

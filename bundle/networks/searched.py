@@ -169,20 +169,28 @@ class SearchedRegistrationUNet(RegistrationUNet):
 
 def read_genotype(path: str | os.PathLike) -> list[str]:
     """The genotype (one operation name per block) of a search's ``genotype.json`` (``ArchitectureSearchStep``'s
-    record) or of a plain JSON list of names.
+    record), of a plain JSON list of names, or of a :class:`SearchedRegistrationUNet` checkpoint (``.pt``/``.pth``:
+    the genotype its weights were trained with, so trained weights alone rebuild their network).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not JSON, or holds no list of known operation names.
+        ValueError: the file is not JSON (or not a checkpoint), or holds no list of known operation names.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no genotype file (an architecture search writes one: "
                                 "benchmarks/campaign.py train --run autoreg_search).")
-    try:
-        with open(path) as fh:
-            record = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON genotype file ({e}).") from e
+    if str(path).endswith((".pt", ".pth")):
+        from bundle.engines.checkpoints import network_state_dict  # here: the engines import this package
+
+        record = network_state_dict(path).get("_extra_state")
+        if record is None:
+            raise ValueError(f"{path}: this checkpoint holds no genotype (not a SearchedRegistrationUNet's weights).")
+    else:
+        try:
+            with open(path) as fh:
+                record = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON genotype file ({e}).") from e
     genotype = record.get("genotype") if isinstance(record, dict) else record
     if not isinstance(genotype, list) or not genotype or any(n not in OPERATIONS for n in genotype):
         raise ValueError(f"{path}: expected a non-empty list of operation names from {tuple(OPERATIONS)} "
