@@ -212,9 +212,11 @@ RECIPES = {
     "registration_t1_conditioned": ([*RECIPE, "regularisation_conditioned.json", "campaign_conditioned.json"],
                                     SHIPPED.with_name("registration_t1_conditioned_2mm.pt")),
     # AutoReg: every block a mixture of the seed's 8 operations, α stepped on the validation pairs. The stated CPU
-    # budget: 4 mm, 600 iterations (one training step of the mixture network at 48^3 takes 23 s on a shared core, VM-2
-    # 1.7 s: docs/results/regularisation/search_step_cpu.csv; with the α step ~40 s an iteration), α's rate 10x DARTS'
-    # 3e-4 for about a tenth of DARTS' steps; its genotype.json is then trained like VM-2 (registration_t1_autoreg)
+    # budget: 4 mm, 600 iterations, on a half-width proxy of VM-2 (same 11 blocks; DARTS too searches on a smaller
+    # network than it trains): a training step of the mixture network at 48^3 takes 7.0 s on a shared core, 18.4 s at
+    # VM-2's width, VM-2 itself 1.4 s (docs/results/regularisation/search_step_cpu.csv), and its checkpoint is ~22 MB
+    # instead of 87 MB; α's rate 10x DARTS' 3e-4 for about a tenth of DARTS' steps; its genotype.json is then trained
+    # at VM-2's width like VM-2 (registration_t1_autoreg)
     "autoreg_search": ([*RECIPE, "autoreg_search.json", "autoreg_search_campaign.json"],
                        SHIPPED.with_name("autoreg_search_4mm.pt")),
 }

@@ -9,8 +9,9 @@ half-resolution diffeomorphic flow (``half_res``, 7 scaling-and-squaring steps),
 step, the hardware and the 1-minute load average at the start (another process on the machine slows it).
 
 ``--model joint``: the joint tumour model. ``--model search``: the architecture search's mixture network (every block a
-softmax-weighted sum of the 8 operations) against the VM-2 network it searches over, same recipe loss; one search
-iteration is two such steps (weights on a training pair, α on a validation pair). This sets the search's CPU budget.
+softmax-weighted sum of the 8 operations), at VM-2's width and at the half width the search runs at, against the VM-2
+network it searches over, same recipe loss; one search iteration is two such steps (weights on a training pair, α on a
+validation pair). This sets the search's CPU budget.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ JOINT_CONFIGS = (  # name, half_res: the joint model on 2 channels (T1c + FLAIR)
     ("joint half-res DDF (tumour recipe)", True),
 )
 
-SEARCH_CONFIGS = (  # name, mixture network: the recipe's half-res SVF, fp32, labels /2
-    ("VM-2 (All-3-Conv), recipe step", False),
-    ("search mixture network (8 operations per block), recipe step", True),
+HALF_WIDTH = ((8, 16, 16, 16), (16, 16, 16, 16, 16, 8, 8))  # the search's proxy (configs/autoreg_search_campaign.json)
+SEARCH_CONFIGS = (  # name, mixture network, channels: the recipe's half-res SVF, fp32, labels /2
+    ("VM-2 (All-3-Conv), recipe step", False, VM2_CHANNELS),
+    ("search mixture network (8 operations per block), recipe step", True, VM2_CHANNELS),
+    ("search mixture network, half width (the search's proxy), recipe step", True, HALF_WIDTH),
 )
 
 
@@ -80,13 +83,13 @@ def joint_step_seconds(shape, half_res: bool, repeats: int) -> list[float]:
 
 
 def step_seconds(shape, half_res: bool, autocast: bool, label_downsample: int, repeats: int,
-                 mixture: bool = False) -> list[float]:
+                 mixture: bool = False, channels=VM2_CHANNELS) -> list[float]:
     torch.manual_seed(0)
     steps = 7 if half_res else 0
     if mixture:
-        net = SearchableRegistrationUNet(3, 2, VM2_CHANNELS, steps, half_res, operations=tuple(OPERATIONS))
+        net = SearchableRegistrationUNet(3, 2, channels, steps, half_res, operations=tuple(OPERATIONS))
     else:
-        net = RegistrationUNet(3, 2, VM2_CHANNELS, integration_steps=steps, half_res=half_res)
+        net = RegistrationUNet(3, 2, channels, integration_steps=steps, half_res=half_res)
     loss_fn = RegistrationLoss(label_weight=1.0, num_classes=57, label_downsample=label_downsample)
     moving, fixed = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
     labels = torch.randint(0, 57, (2, 1, *shape)).float()
@@ -120,7 +123,7 @@ def main() -> None:
         if a.model == "registration":
             times = step_seconds(a.shape, *settings, a.repeats)
         elif a.model == "search":
-            times = step_seconds(a.shape, True, False, 2, a.repeats, mixture=settings[0])
+            times = step_seconds(a.shape, True, False, 2, a.repeats, mixture=settings[0], channels=settings[1])
         else:
             times = joint_step_seconds(a.shape, *settings, a.repeats)
         row = {"configuration": name, "shape": "x".join(map(str, a.shape)), "median_s_per_step": round(statistics.median(times), 3),

@@ -170,6 +170,8 @@ def test_the_search_run_builds_the_searchable_network_at_4_mm(tmp_path):
     network = parser.get_parsed_content("network_def")
     assert isinstance(network, SearchableRegistrationUNet)
     assert network.mixed_operations()[0].names == list(OPERATIONS)
+    assert network.num_blocks == 11  # a half-width proxy of VM-2: the same blocks, so its genotype fits VM-2
+    assert network.mixed_operations()[0].ops[0][0].out_channels == 8
     assert parser.get_parsed_content("pixdim") == [4.0, 4.0, 4.0]
     assert parser.get_parsed_content("epoch_length") * parser.get_parsed_content("max_epochs") == 600
     assert parser.get_parsed_content("early_stop_patience") >= parser.get_parsed_content("max_epochs")  # no early stop

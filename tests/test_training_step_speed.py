@@ -12,7 +12,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "training_step_spe
 
 
 @pytest.mark.parametrize("model, expected", [
-    ("search", ["VM-2 (All-3-Conv), recipe step", "search mixture network (8 operations per block), recipe step"]),
+    ("search", ["VM-2 (All-3-Conv), recipe step", "search mixture network (8 operations per block), recipe step",
+                "search mixture network, half width (the search's proxy), recipe step"]),
     ("registration", ["half-res SVF, fp32, labels /2 (recipe)"]),
 ])
 def test_one_row_per_configuration(tmp_path, model, expected):
@@ -28,3 +29,12 @@ def test_one_row_per_configuration(tmp_path, model, expected):
         assert r["shape"] == "16x16x16" and r["threads"] == "1" and int(r["steps"]) == 1
         assert float(r["median_s_per_step"]) > 0 and "torch" in r["hardware"] and float(r["load_1min_at_start"]) >= 0
         assert r["configuration"] in run.stdout
+
+
+def test_the_half_width_row_times_the_search_configs_network():
+    import json
+    import runpy
+
+    half_width = runpy.run_path(str(SCRIPT))["HALF_WIDTH"]
+    config = json.loads((SCRIPT.parents[1] / "configs" / "autoreg_search_campaign.json").read_text())
+    assert [list(c) for c in half_width] == config["network_def#channels"]
