@@ -115,6 +115,29 @@ def test_a_first_order_search_step_moves_alpha_on_validation_and_weights_on_trai
     assert isinstance(net.mixed_operations()[0], MixedOperation)
 
 
+def test_the_search_step_leaves_the_training_steps_loss_terms_for_the_log():
+    """The training log reads the loss's ``last_terms`` after the iteration; the α step (on a validation pair) runs
+    the same loss and must not replace the training pair's terms with its own."""
+    from types import SimpleNamespace
+
+    from bundle.engines import ArchitectureSearchStep
+    from bundle.losses import RegistrationLoss
+
+    torch.manual_seed(0)
+    net = SearchableRegistrationUNet(2, 2, operations=["conv_1", "conv_3"])
+    loss = RegistrationLoss(spatial_dims=2)
+    x_train, x_val = torch.rand(1, 2, 16, 16), torch.rand(1, 2, 16, 16) * 5
+    target = lambda x: {"moving": x[:, :1], "fixed": x[:, 1:]}  # noqa: E731
+    loss(net(x_train), target(x_train))
+    training_terms = dict(loss.last_terms)
+    search = ArchitectureSearchStep(net, [{"x": x_val}], learning_rate=0.05)
+    engine = SimpleNamespace(prepare_batch=lambda b, device, non_blocking: (b["x"], target(b["x"])),
+                             state=SimpleNamespace(device="cpu", iteration=1), non_blocking=False,
+                             loss_function=loss, inferer=lambda x, n: n(x), network=net)
+    search.step(engine)
+    assert loss.last_terms == training_terms and search.last_loss != pytest.approx(float(sum(training_terms.values())))
+
+
 def test_the_search_step_needs_a_searchable_network_and_carries_its_optimizer_state(tmp_path):
     from types import SimpleNamespace
 

@@ -65,7 +65,11 @@ class ArchitectureSearchStep:
     def step(self, engine: Engine) -> None:
         inputs, targets = engine.prepare_batch(self._next_batch(), engine.state.device, engine.non_blocking)[:2]
         self.optimizer.zero_grad(set_to_none=True)
+        # the loss keeps its last call's terms for the training log: that must stay the training step's, not this one's
+        kept = vars(engine.loss_function).get("last_terms") if hasattr(engine.loss_function, "__dict__") else None
         loss = engine.loss_function(engine.inferer(inputs, engine.network), targets)
+        if kept is not None:
+            engine.loss_function.last_terms = kept
         loss.backward()
         self.optimizer.step()
         self.last_loss = float(loss.detach())
