@@ -183,30 +183,6 @@ def test_training_log_rows_and_resumed_wall_time(tmp_path):
         TrainingLog(path)
 
 
-def test_a_resumed_run_drops_the_rows_after_its_checkpoint(tmp_path):
-    """A process stopped between checkpoints leaves rows the resumed run does again: they go, once, at its start."""
-    from types import SimpleNamespace
-
-    path = tmp_path / "training_log.csv"
-    first = TrainingLog(path, interval=2, hardware="test")
-    for row in ({"kind": "train", "iteration": 2, "wall_s": 1.0}, {"kind": "train", "iteration": 4, "wall_s": 2.0},
-                {"kind": "validation", "iteration": 4, "metrics": "val_mean_dice=0.5", "wall_s": 2.5},
-                {"kind": "train", "iteration": 6, "wall_s": 9.0}):  # iteration 6: after the checkpoint at 4
-        first._write(row)
-    resumed = TrainingLog(path, interval=2, hardware="test")
-    engine = SimpleNamespace(state=SimpleNamespace(iteration=5, epoch=3, output={"loss": 1.0}),
-                             optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]))
-    resumed._iteration(engine)  # the first iteration after resuming at 4
-    engine.state.iteration = 6
-    resumed._iteration(engine)
-    train, val = read_training_log(path)
-    assert [int(r["iteration"]) for r in train] == [2, 4, 6] and len(val) == 1
-    assert 2.5 <= float(train[-1]["wall_s"]) < 9.0  # the wall time continues from the kept rows
-    engine.state.iteration = 7  # later iterations drop nothing
-    resumed._iteration(engine)
-    assert len(read_training_log(path)[0]) == 3
-
-
 @pytest.mark.parametrize("enabled", (True, False))
 def test_autocast_inferer_runs_on_cpu_and_returns_float32(enabled):
     net = torch.nn.Conv3d(2, 3, 3, padding=1)

@@ -19,8 +19,6 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import EarlyStopHandler
 from monai.inferers import Inferer, SimpleInferer
 
-from bundle.io.writers import write_atomic
-
 __all__ = [
     "AutocastInferer", "GradientClipping", "NonFiniteLossGuard", "ReproducibleEpochs", "ResumableEarlyStopHandler",
     "TrainingLog", "hardware_description", "read_training_log", "set_threads",
@@ -227,9 +225,7 @@ class TrainingLog:
     function records in ``last_terms``) over those iterations, the learning rate, the gradient norm (when a
     :class:`GradientClipping` is given), the cumulative wall time and the hardware; after each validation, the
     evaluator's metrics. The cumulative wall time continues from the last row of an existing file, so a
-    resumed run keeps one log; a run resumed from a checkpoint at iteration ``n > 0`` first drops the rows after
-    ``n`` (left by a process stopped between checkpoints, whose iterations the resumed run does again). Rows are
-    flushed as they are written.
+    resumed run keeps one log. Rows are flushed as they are written.
 
     Args:
         path: the CSV file (created with its folder if absent).
@@ -255,7 +251,6 @@ class TrainingLog:
         self._wall_offset = self._previous_wall_time()
         self._start = time.perf_counter()
         self._trainer: Engine | None = None
-        self._resumed_checked = False
 
     def _previous_wall_time(self) -> float:
         if not self.path.is_file():
@@ -291,30 +286,7 @@ class TrainingLog:
         if self.hardware is None:
             self.hardware = hardware_description(getattr(engine.state, "device", None))
 
-    def drop_rows_after(self, iteration: int) -> None:
-        """Remove the rows of iterations after ``iteration`` (atomically) and continue the wall time from the rest."""
-        if not self.path.is_file():
-            return
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if not (r.get("iteration") or "").isdigit() or int(r["iteration"]) <= iteration]
-        if len(kept) == len(rows):
-            return
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.FIELDS)
-                writer.writeheader()
-                writer.writerows({k: r.get(k, "") for k in self.FIELDS} for r in kept)
-
-        write_atomic(self.path, ".csv", write)
-        self._wall_offset = self._previous_wall_time()
-
     def _iteration(self, engine: Engine) -> None:
-        if not self._resumed_checked:  # the first iteration after a start: where did this run resume?
-            self._resumed_checked = True
-            if engine.state.iteration > 1:
-                self.drop_rows_after(engine.state.iteration - 1)
         output = engine.state.output
         if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
             output = output[0]  # decollated: every item carries the batch loss
