@@ -17,6 +17,7 @@ validation pair). This sets the search's CPU budget.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -51,7 +52,8 @@ JOINT_CONFIGS = (  # name, half_res: the joint model on 2 channels (T1c + FLAIR)
     ("joint half-res DDF (tumour recipe)", True),
 )
 
-HALF_WIDTH = ((8, 16, 16, 16), (16, 16, 16, 16, 16, 8, 8))  # the search's proxy (configs/autoreg_search_campaign.json)
+# the search's proxy network, read from its campaign config (one source for the width)
+HALF_WIDTH = json.loads((REPO / "configs" / "autoreg_search_campaign.json").read_text())["network_def#channels"]
 SEARCH_CONFIGS = (  # name, mixture network, channels: the recipe's half-res SVF, fp32, labels /2
     ("VM-2 (All-3-Conv), recipe step", False, VM2_CHANNELS),
     ("search mixture network (8 operations per block), recipe step", True, VM2_CHANNELS),

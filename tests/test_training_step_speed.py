@@ -30,11 +30,3 @@ def test_one_row_per_configuration(tmp_path, model, expected):
         assert float(r["median_s_per_step"]) > 0 and "torch" in r["hardware"] and float(r["load_1min_at_start"]) >= 0
         assert r["configuration"] in run.stdout
 
-
-def test_the_half_width_row_times_the_search_configs_network():
-    import json
-    import runpy
-
-    half_width = runpy.run_path(str(SCRIPT))["HALF_WIDTH"]
-    config = json.loads((SCRIPT.parents[1] / "configs" / "autoreg_search_campaign.json").read_text())
-    assert [list(c) for c in half_width] == config["network_def#channels"]
