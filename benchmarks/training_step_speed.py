@@ -112,6 +112,9 @@ def main() -> None:
                         help="default docs/results/training_step_cpu.csv (joint: training_step_joint_cpu.csv, "
                              "search: regularisation/search_step_cpu.csv)")
     a = parser.parse_args()
+    divisor = 16  # every network timed here has 4 downsamplings (its size_divisor)
+    if any(size % divisor for size in a.shape):
+        parser.error(f"--shape {' '.join(map(str, a.shape))}: every axis must be a multiple of {divisor}")
     default_out = {"registration": "training_step_cpu.csv", "joint": "training_step_joint_cpu.csv",
                    "search": "regularisation/search_step_cpu.csv"}[a.model]
     out = a.out or REPO / "docs" / "results" / default_out

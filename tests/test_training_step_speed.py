@@ -30,3 +30,13 @@ def test_one_row_per_configuration(tmp_path, model, expected):
         assert float(r["median_s_per_step"]) > 0 and "torch" in r["hardware"] and float(r["load_1min_at_start"]) >= 0
         assert r["configuration"] in run.stdout
 
+
+
+def test_shape_not_a_multiple_of_16_is_refused_before_timing(tmp_path):
+    out = tmp_path / "steps.csv"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--model", "search", "--shape", "16", "24", "16",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert "--shape 16 24 16" in last and "multiple of 16" in last
+    assert not out.exists()
