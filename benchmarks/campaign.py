@@ -383,7 +383,7 @@ def status(root: Path = CAMPAIGNS / RUN, key: str = "val_mean_dice") -> dict:
     sys.path.insert(0, str(REPO))
     from bundle.engines.training import read_training_log
 
-    train_rows, val_rows = read_training_log(root / "training_log.csv")
+    train_rows, val_rows = read_training_log(root / "training_log.csv", latest=True)
     best = max(val_rows, key=lambda r: r["metrics"].get(key, -1), default=None)
     info = {
         "iterations": int(train_rows[-1]["iteration"]) if train_rows else 0,
@@ -408,7 +408,7 @@ def plot(root: Path = CAMPAIGNS / RUN, target: Path | None = None) -> Path:
     sys.path.insert(0, str(REPO))
     from bundle.engines.training import read_training_log
 
-    train_rows, val_rows = read_training_log(root / "training_log.csv")
+    train_rows, val_rows = read_training_log(root / "training_log.csv", latest=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     it = [int(r["iteration"]) for r in train_rows]
     for key in ("similarity", "label_dice"):

@@ -243,7 +243,7 @@ def status(run: str = "tumour") -> dict:
         if (root / "training_log.csv").is_file():
             from bundle.engines.training import read_training_log
 
-            rows, vals = read_training_log(root / "training_log.csv")
+            rows, vals = read_training_log(root / "training_log.csv", latest=True)
             best = max(vals, key=lambda r: r["metrics"].get("val_tumour_dice_fixed", -1), default=None)
             info[fold] = {"iterations": int(rows[-1]["iteration"]) if rows else 0, "finished": (root / "finished.json").is_file(),
                           "best_val_tumour_dice_fixed": best["metrics"].get("val_tumour_dice_fixed") if best else None,

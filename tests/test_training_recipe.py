@@ -178,9 +178,30 @@ def test_training_log_rows_and_resumed_wall_time(tmp_path):
     assert [v["metrics"]["val_mean_dice"] for v in val] == [0.5, 1.5]
     walls = [float(r["wall_s"]) for r in csv.DictReader(open(path))]
     assert walls == sorted(walls)  # cumulative across the two runs
+    train, val = read_training_log(path, latest=True)  # the second run rewrote iterations 2 and 4
+    assert [int(r["iteration"]) for r in train] == [2, 4] and [v["metrics"]["val_mean_dice"] for v in val] == [1.5]
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="wall_s"):
         TrainingLog(path)
+
+
+def test_read_training_log_latest_keeps_the_resumed_runs_rows(tmp_path):
+    """A run killed at iteration 35 after its checkpoint at 20 resumes there: its rows 30 and 35 are superseded."""
+    path = tmp_path / "training_log.csv"
+    written = [("train", 10, 1.0), ("train", 20, 0.9), ("validation", 20, 0.5), ("train", 30, 0.8), ("train", 35, 0.7),
+               ("train", 30, 0.6), ("train", 40, 0.5), ("validation", 40, 0.7)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TrainingLog.FIELDS)
+        writer.writeheader()
+        for wall, (kind, it, value) in enumerate(written):
+            metrics = f"val_mean_dice={value}" if kind == "validation" else ""
+            writer.writerow({"kind": kind, "iteration": it, "epoch": 1, "loss": "" if metrics else value,
+                             "metrics": metrics, "wall_s": wall})
+    train, val = read_training_log(path)
+    assert [int(r["iteration"]) for r in train] == [10, 20, 30, 35, 30, 40]
+    train, val = read_training_log(path, latest=True)
+    assert [(int(r["iteration"]), float(r["loss"])) for r in train] == [(10, 1.0), (20, 0.9), (30, 0.6), (40, 0.5)]
+    assert [(int(v["iteration"]), v["metrics"]["val_mean_dice"]) for v in val] == [(20, 0.5), (40, 0.7)]
 
 
 @pytest.mark.parametrize("enabled", (True, False))

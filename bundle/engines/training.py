@@ -324,10 +324,25 @@ def _is_number(value) -> bool:
         return False
 
 
-def read_training_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """Training rows and validation rows (metrics parsed into a dict) of a :class:`TrainingLog` CSV."""
+def read_training_log(path: str | os.PathLike, latest: bool = False) -> tuple[list[dict], list[dict]]:
+    """Training rows and validation rows (metrics parsed into a dict) of a :class:`TrainingLog` CSV.
+
+    Args:
+        path: the CSV file.
+        latest: keep only the rows of the run that last reached each iteration. The log is append-only, so a run
+            stopped between checkpoints leaves rows that its resumed run writes again (from the checkpoint's
+            iteration on); with ``latest`` a row drops every earlier row past its iteration and the earlier row of
+            its kind at its iteration, which leaves one row per iteration and kind, in iteration order.
+    """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    if latest:
+        kept: list[dict] = []
+        for row in rows:
+            it = int(row["iteration"])
+            kept = [k for k in kept if int(k["iteration"]) < it or (int(k["iteration"]) == it and k["kind"] != row["kind"])]
+            kept.append(row)
+        rows = kept
     train = [r for r in rows if r["kind"] == "train"]
     val = []
     for r in rows:
