@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 DATA = REPO.parent / "shared" / "data"
 RUNS = REPO / "runs" / "campaign"
 CAMPAIGNS = REPO / "models" / "campaign"
+CONFIGS = REPO / "configs"
 SHIPPED = REPO / "models" / "pretrained" / "registration_t1_2mm.pt"
 RUN = "registration_t1"
 FINISHED = "finished.json"  # marks a run whose training ended on its own
@@ -398,7 +399,15 @@ def status(root: Path = CAMPAIGNS / RUN, key: str = "val_mean_dice") -> dict:
     return info
 
 
-def plot(root: Path = CAMPAIGNS / RUN, target: Path | None = None) -> Path:
+def network_grid_mm(configs: list[str]) -> float:
+    """The network grid's spacing (mm) a run's configs set: the last of them that sets ``pixdim``."""
+    spacing = None
+    for name in configs:
+        spacing = json.loads((CONFIGS / name).read_text()).get("pixdim", spacing)
+    return float(spacing[0])
+
+
+def plot(root: Path = CAMPAIGNS / RUN, target: Path | None = None, grid_mm: float = 2.0) -> Path:
     """Validation Dice and folding, and the training loss terms, against iterations."""
     import matplotlib
 
@@ -417,7 +426,7 @@ def plot(root: Path = CAMPAIGNS / RUN, target: Path | None = None) -> Path:
     ax1.set_xlabel("iteration"), ax1.set_title("training loss terms"), ax1.legend()
     vit = [int(r["iteration"]) for r in val_rows]
     ax2.plot(vit, [r["metrics"].get("val_mean_dice") for r in val_rows], "o-", label="validation mean Dice")
-    ax2.set_xlabel("iteration"), ax2.set_title("validation (2 mm network grid)"), ax2.legend(loc="lower right")
+    ax2.set_xlabel("iteration"), ax2.set_title(f"validation ({grid_mm:g} mm network grid)"), ax2.legend(loc="lower right")
     hw = train_rows[-1]["hardware"] if train_rows else ""
     target = target or REPO / "docs" / "figures" / f"campaign_{root.name}.png"
     fig.suptitle(f"{root.name}: {hw}", fontsize=8)
@@ -455,7 +464,7 @@ def main() -> None:
     root, (configs, shipped) = CAMPAIGNS / a.run, RECIPES[a.run]
     extra = [*RUN_OVERRIDES.get(a.run, []), *extra]
     commands = {"prepare": prepare, "train": lambda: train_run(a.minutes, a.threads, extra, root=root, configs=configs),
-                "status": lambda: status(root), "plot": lambda: plot(root), "ship": lambda: ship(root, shipped)}
+                "status": lambda: status(root), "plot": lambda: plot(root, grid_mm=network_grid_mm(configs)), "ship": lambda: ship(root, shipped)}
     try:
         result = commands[a.command]()
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it, nothing else

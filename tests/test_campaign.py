@@ -412,3 +412,9 @@ def test_the_ablation_test_script_scores_nothing_before_both_runs_finished(tmp_p
         "ablation_test.sh: error: models/campaign/registration_t1_probabilistic/finished.json is missing")
     result = subprocess.run(["bash", str(tmp_path / "benchmarks" / "ablation_test.sh"), "dropout"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown ablation 'dropout'" in result.stderr
+
+
+def test_plots_name_each_runs_network_grid():
+    assert campaign.network_grid_mm(campaign.RECIPES["registration_t1"][0]) == 2.0
+    assert campaign.network_grid_mm(campaign.RECIPES["autoreg_search"][0]) == 4.0
+    assert campaign.network_grid_mm(campaign.RECIPES["registration_t1_autoreg"][0]) == 2.0
