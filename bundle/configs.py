@@ -118,7 +118,8 @@ def is_registration_only(state: Mapping) -> bool:
 # Overlays that change the network, tried in this order on top of the base configs by :func:`checkpoint_overlays`:
 # the shipped registration model (inference.json) or the joint model (train.json) first, then the other
 # architectures the bundle trains: joint (4 mm T1, or the tumour campaign's 2-channel half-resolution one), the
-# campaign's half-resolution SVF U-Net and the plain full-resolution U-Net, each with or without FiLM on λ.
+# campaign's half-resolution SVF U-Net and the plain full-resolution U-Net, each with or without FiLM on λ; last the
+# joint models with FiLM on λ (``joint_conditioned.json``).
 _ARCHITECTURE_OVERLAYS = (
     (),
     ("joint.json",),
@@ -130,6 +131,9 @@ _ARCHITECTURE_OVERLAYS = (
     ("registration_only.json", "campaign.json"),
     ("registration_only.json",),
     ("registration_only.json", "regularisation_conditioned.json"),
+    ("joint.json", "tumour.json", "joint_conditioned.json"),
+    ("joint.json", "tumour.json", "tumour_regions.json", "joint_conditioned.json"),
+    ("joint.json", "joint_conditioned.json"),
 )
 
 

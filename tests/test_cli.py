@@ -42,6 +42,19 @@ def _write_checkpoint(path: Path, *overlays: str) -> Path:
     return path
 
 
+def _write_conditioned_checkpoint(path: Path) -> Path:
+    """The joint model conditioned on λ (``joint.json`` + ``joint_conditioned.json``) with a random flow layer and
+    random FiLM layers (so that λ changes the field)."""
+    _write_checkpoint(path, "joint.json", "joint_conditioned.json")
+    state = torch.load(path, weights_only=False)
+    torch.manual_seed(1)
+    for key, value in state["network"].items():
+        if key.startswith("film_") and key.endswith("weight"):
+            value.normal_(std=0.5)
+    torch.save(state, path)
+    return path
+
+
 def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cli")
     ctx = {"root": root, "ckpt": root / "model.pt"}
@@ -51,6 +64,7 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
         return {k: str(root / "demo_data" / v) for k, v in datalist["testing"][TEST_PAIR].items() if k != "name"}
 
     _write_checkpoint(ctx["ckpt"], "joint.json")  # in the main thread: ConfigParser in a job thread races with imports
+    ctx["conditioned"] = _write_conditioned_checkpoint(root / "conditioned.pt")
 
     def demo():
         return run(["demo", "--root", root, "--notrain", "--noinfer"], module="bundle", timeout=300,
@@ -93,6 +107,20 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
         args = ["segment", pair()["fixed"], "--out", root / "segmented", "--model", ctx["ckpt"], "--pixdim", PIXDIM]
         return run(args, module="bundle", timeout=300, log=root / "segment.log")
 
+    def register_conditioned(weight):  # the λ-conditioned joint model at the user's λ: field and segmentations
+        graph.result("cli_demo").check()
+        p = pair()
+        args = ["register", p["moving"], p["fixed"], "--out", root / f"conditioned_{weight}", "--model", ctx["conditioned"],
+                "--device", "cpu", "--prealign", "none", "--pixdim", PIXDIM, "--regularisation_weight", weight,
+                "--outputs", "['ddf','segmentations']"]
+        return run(args, module="bundle", timeout=300, log=root / f"conditioned_{weight}.log")
+
+    def segment_conditioned():
+        graph.result("cli_demo").check()
+        args = ["segment", pair()["fixed"], "--out", root / "segmented_conditioned", "--model", ctx["conditioned"],
+                "--pixdim", PIXDIM]
+        return run(args, module="bundle", timeout=300, log=root / "segment_conditioned.log")
+
     def evaluate():
         graph.result("cli_demo").check()
         args = ["evaluate", root / "demo_data" / "datalist.json", "--out", root / "eval", "--model", ctx["ckpt"],
@@ -106,6 +134,9 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     graph.add("cli_register_refined_native", register_refined_native, deps=["cli_demo"])
     graph.add("cli_segment", segment, deps=["cli_demo"])
     graph.add("cli_evaluate", evaluate, deps=["cli_demo"])
+    for weight in ("0.1", "10.0"):
+        graph.add(f"cli_register_conditioned_{weight}", lambda w=weight: register_conditioned(w), deps=["cli_demo"])
+    graph.add("cli_segment_conditioned", segment_conditioned, deps=["cli_demo"])
     return ctx
 
 
@@ -358,6 +389,23 @@ def test_segment_writes_a_label_map_on_the_image_grid(jobs):
     assert seg.shape == image.shape
     np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def test_the_conditioned_joint_model_takes_the_weight_from_the_command_line(jobs):
+    """``--regularisation_weight`` reaches a λ-conditioned joint checkpoint (its overlay found from its parameters):
+    the field changes with λ, the segmentations do not; ``segment`` runs the same checkpoint's segmentation path."""
+    graph, ctx = jobs
+    outputs = {}
+    for weight in ("0.1", "10.0"):
+        graph.result(f"cli_register_conditioned_{weight}").check()
+        folder = ctx["root"] / f"conditioned_{weight}"
+        outputs[weight] = {n: np.asarray(nib.load(str(folder / f"{n}.nii.gz")).dataobj) for n in ("ddf", "seg_fixed", "seg_moving")}
+    assert np.abs(outputs["0.1"]["ddf"] - outputs["10.0"]["ddf"]).max() > 1e-3
+    for name in ("seg_fixed", "seg_moving"):
+        np.testing.assert_array_equal(outputs["0.1"][name], outputs["10.0"][name])
+    graph.result("cli_segment_conditioned").check()
+    seg = np.asarray(nib.load(str(ctx["root"] / "segmented_conditioned" / "seg.nii.gz")).dataobj)
+    assert seg.shape == outputs["0.1"]["seg_fixed"].shape and set(np.unique(seg)) <= {0, 1}
 
 
 def test_evaluate_writes_metrics(jobs):

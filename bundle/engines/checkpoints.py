@@ -77,18 +77,27 @@ def network_state_dict(path: str | os.PathLike) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if k != "checkpointer"}  # "module.": DDP
 
 
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, missing_ok: Sequence[str] = ()) -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module, path: str | os.PathLike, missing_ok: Sequence[str] = (), unexpected_ok: Sequence[str] = ()
+) -> torch.nn.Module:
     """Load a state dict (plain, or under a ``"network"``/``"model"`` key) into ``network``; returns it.
 
     Args:
         missing_ok: key prefixes of ``network`` that the checkpoint may lack; they keep their initial values
             (e.g. the zero-initialised FiLM layers of :class:`bundle.networks.ConditionedRegistrationUNet` when it
             starts from a plain network's weights). Every other key must be present and fit.
+        unexpected_ok: key prefixes of the checkpoint that ``network`` may lack; they are dropped (e.g. the λ
+            conditioning of :class:`bundle.networks.ConditionedJointRegSegNet` when only its segmentation path,
+            which λ never changes, is built). Every other checkpoint key must belong to ``network``.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`load_checkpoint`; also a state dict that does not fit.
     """
     state = network_state_dict(path)
+    dropped = tuple(unexpected_ok)
+    if dropped:
+        own = network.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(dropped)}
     prefixes = tuple(missing_ok)
     if prefixes:
         own = network.state_dict()

@@ -15,7 +15,7 @@ from ..networks.outputs import split_joint_output
 from monai.utils import LossReduction
 
 from .masked_similarity import MaskedSimilarityLoss
-from .registration import make_smoothness, per_sample, present_class_dice_loss, reduce
+from .registration import make_smoothness, per_sample, present_class_dice_loss, reduce, smoothness_weights
 
 __all__ = ["JointRegSegLoss", "MASK_SOURCES"]
 
@@ -39,7 +39,8 @@ class JointRegSegLoss(_Loss):
         similarity: ``"lncc"``, ``"mse"`` or ``"mi"``.
         similarity_kwargs: passed to the similarity.
         smoothness: ``"diffusion"`` or ``"bending"``.
-        smoothness_weight: alpha.
+        smoothness_weight: alpha; a ``target["regularisation_weight"]`` (one λ per pair, from the prepare_batch of
+            a network conditioned on λ) replaces it.
         seg_weight: beta (cross-entropy on both images).
         dice_weight: weight of an extra Dice loss on both segmentations (0 = off).
         class_weights: cross-entropy weight per class (the paper's weighted cross-entropy; tumours are rare).
@@ -169,7 +170,8 @@ class JointRegSegLoss(_Loss):
     def forward(self, packed: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         terms = self.sample_terms(packed, target)
         self.last_terms = {k: float(v.detach().mean()) for k, v in terms.items()}
-        total = terms["similarity"] + self.smoothness_weight * terms["smoothness"]
+        ddf = packed[:, : self.spatial_dims]
+        total = terms["similarity"] + smoothness_weights(target, self.smoothness_weight, ddf) * terms["smoothness"]
         if "segmentation" in terms:
             total = total + self.seg_weight * terms["segmentation"]
         if "label_dice" in terms:

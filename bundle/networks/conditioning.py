@@ -20,9 +20,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .joint import JointRegSegNet
 from .registration_unet import VM2_CHANNELS, RegistrationUNet, check_pair_input
 
-__all__ = ["FiLM", "ConditionedRegistrationUNet", "regularisation_code"]
+__all__ = ["FiLM", "ConditionedRegistrationUNet", "ConditionedJointRegSegNet", "regularisation_code"]
 
 
 class FiLM(nn.Module):
@@ -52,6 +53,44 @@ def regularisation_code(weight: torch.Tensor, weight_range: Sequence[float]) -> 
     return (2 * (torch.log(weight) - low) / (high - low) - 1).view(-1, 1)
 
 
+def checked_weight_range(weight_range: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` as floats.
+
+    Raises:
+        ValueError: not ``0 < low < high``.
+    """
+    low, high = (float(w) for w in weight_range)
+    if not 0 < low < high:
+        raise ValueError(f"weight_range must be (low, high) with 0 < low < high, got {tuple(weight_range)}.")
+    return low, high
+
+
+def regularisation_embedding(code_channels: int) -> nn.Sequential:
+    """The small MLP that embeds the λ code ``(B, 1)`` into ``(B, code_channels)`` for the FiLM layers."""
+    return nn.Sequential(
+        nn.Linear(1, code_channels), nn.LeakyReLU(0.2), nn.Linear(code_channels, code_channels), nn.LeakyReLU(0.2)
+    )
+
+
+def split_weight_channel(
+    x: torch.Tensor, image_channels: int, spatial_dims: int, size_divisor: int, weight_range: Sequence[float],
+    embed: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cat([images, weight_map])`` -> the images and the embedded λ code ``(B, code_channels)``.
+
+    Raises:
+        ValueError: the images alone (no λ channel: the prepare_batch was not told a weight), a bad shape, or a
+            weight that is not finite and > 0.
+    """
+    if x.ndim >= 2 and x.shape[1] == image_channels:
+        raise ValueError(f"the conditioned network needs the regularisation weight as an extra input channel "
+                         f"(got {x.shape[1]} channels, the images alone): set the prepare_batch's "
+                         "regularisation_weight (config id regularisation_weight).")
+    check_pair_input(x, spatial_dims, image_channels + 1, size_divisor)
+    images, weight_map = x[:, :-1], x[:, -1]
+    return images, embed(regularisation_code(weight_map.flatten(1).mean(1), weight_range).to(x.dtype))
+
+
 class ConditionedRegistrationUNet(RegistrationUNet):
     """The VoxelMorph U-Net (:class:`RegistrationUNet`) conditioned on the regularisation weight by FiLM.
 
@@ -77,25 +116,61 @@ class ConditionedRegistrationUNet(RegistrationUNet):
         code_channels: int = 32,
     ) -> None:
         super().__init__(spatial_dims, in_channels, channels, integration_steps, half_res)
-        low, high = (float(w) for w in weight_range)
-        if not 0 < low < high:
-            raise ValueError(f"weight_range must be (low, high) with 0 < low < high, got {tuple(weight_range)}.")
-        self.weight_range = (low, high)
-        self.embed = nn.Sequential(
-            nn.Linear(1, code_channels), nn.LeakyReLU(0.2), nn.Linear(code_channels, code_channels), nn.LeakyReLU(0.2)
-        )
+        self.weight_range = checked_weight_range(weight_range)
+        self.embed = regularisation_embedding(code_channels)
         self.film_encoder = nn.ModuleList(FiLM(code_channels, b.conv.out_channels) for b in self.encoder.blocks)
         self.film_decoder = nn.ModuleList(FiLM(code_channels, c) for c in self.decoder.block_channels)
 
     def fields(self, x: torch.Tensor, inverse: bool = False) -> dict[str, torch.Tensor]:
         """As :meth:`RegistrationUNet.fields` for ``x = cat([moving, fixed, weight_map], dim=1)``."""
-        if x.ndim >= 2 and x.shape[1] == self.in_channels:
-            raise ValueError(f"the conditioned network needs the regularisation weight as an extra input channel "
-                             f"(got {x.shape[1]} channels, the images alone): set the prepare_batch's "
-                             "regularisation_weight (config id regularisation_weight).")
-        check_pair_input(x, self.spatial_dims, self.in_channels + 1, self.size_divisor)
-        images, weight_map = x[:, :-1], x[:, -1]
-        code = self.embed(regularisation_code(weight_map.flatten(1).mean(1), self.weight_range).to(x.dtype))
+        images, code = split_weight_channel(x, self.in_channels, self.spatial_dims, self.size_divisor, self.weight_range,
+                                            self.embed)
         features = self.encoder(images, modulate=lambda i, h: self.film_encoder[i](h, code))
         decoded = self.decoder(features, modulate=lambda i, h: self.film_decoder[i](h, code))
         return self.head(decoded, x.shape[2:], inverse=inverse)
+
+
+class ConditionedJointRegSegNet(JointRegSegNet):
+    """The joint registration + tumour segmentation network (:class:`JointRegSegNet`) conditioned on the
+    regularisation weight by FiLM on its registration decoder only.
+
+    The shared encoder and the segmentation decoder are not modulated, so λ changes the deformation and never the
+    segmentation (a user's choice of smoothness cannot move a tumour boundary). The FiLM layers start at zero:
+    plain joint weights loaded with ``missing_ok=("embed.", "film_")`` give the plain network for every λ.
+
+    Input: ``cat([moving, fixed, weight_map])`` (``2 * in_channels + 1`` channels, the prepare_batch's λ channel);
+    output: the packed tensor of :class:`JointRegSegNet`.
+
+    Args:
+        spatial_dims, in_channels, num_classes, channels, merge, deformation, integration_steps, half_res: as
+            :class:`JointRegSegNet` (``in_channels`` counts the channels of ONE image).
+        weight_range: ``(low, high)`` regularisation weights the network is trained over (log scale).
+        code_channels: width of the λ embedding.
+
+    Raises:
+        ValueError: a weight range that is not ``0 < low < high``, or the arguments of :class:`JointRegSegNet`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        channels: Sequence[Sequence[int]] = VM2_CHANNELS,
+        merge: str = "subtract",
+        deformation: str = "ddf",
+        integration_steps: int = 7,
+        half_res: bool = False,
+        weight_range: Sequence[float] = (0.1, 10.0),
+        code_channels: int = 32,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, num_classes, channels, merge, deformation, integration_steps, half_res)
+        self.weight_range = checked_weight_range(weight_range)
+        self.embed = regularisation_embedding(code_channels)
+        self.film_decoder = nn.ModuleList(FiLM(code_channels, c) for c in self.reg_decoder.block_channels)
+
+    def fields(self, x: torch.Tensor, inverse: bool = False) -> dict[str, torch.Tensor]:
+        """As :meth:`JointRegSegNet.fields` for ``x = cat([moving, fixed, weight_map], dim=1)``."""
+        images, code = split_weight_channel(x, 2 * self.in_channels, self.spatial_dims, self.size_divisor,
+                                            self.weight_range, self.embed)
+        return self.pair_fields(images, inverse=inverse, modulate=lambda i, h: self.film_decoder[i](h, code))

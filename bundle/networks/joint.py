@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.blocks import Warp
@@ -137,10 +137,18 @@ class JointRegSegNet(nn.Module):
         """``ddf`` (plus ``svf``/``grid_gradient``), ``seg_moving`` and ``seg_fixed`` logits for ``cat([moving, fixed])``;
         with ``inverse=True`` also ``inverse_ddf`` (``"svf"`` deformation only, see :class:`DeformationHead`)."""
         check_pair_input(x, self.spatial_dims, 2 * self.in_channels, self.size_divisor)
-        moving, fixed = x[:, : self.in_channels], x[:, self.in_channels :]
+        return self.pair_fields(x, inverse=inverse)
+
+    def pair_fields(
+        self, images: torch.Tensor, inverse: bool = False, modulate: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`fields` of checked ``images = cat([moving, fixed])``; ``modulate(i, h)``, when given, transforms
+        the output of the registration decoder's block ``i`` (the λ conditioning of
+        :class:`bundle.networks.ConditionedJointRegSegNet`), never the encoder or the segmentation decoder."""
+        moving, fixed = images[:, : self.in_channels], images[:, self.in_channels : 2 * self.in_channels]
         code_moving, code_fixed = self.encode(moving), self.encode(fixed)
         merged = [merge_features(m, f, self.merge) for m, f in zip(code_moving, code_fixed)]
-        out = self.reg_head(self.reg_decoder(merged), x.shape[2:], inverse=inverse)
+        out = self.reg_head(self.reg_decoder(merged, modulate=modulate), images.shape[2:], inverse=inverse)
         out["seg_moving"] = self.decode_segmentation(code_moving)  # codes reused: no second encoding
         out["seg_fixed"] = self.decode_segmentation(code_fixed)
         return out
