@@ -6,6 +6,7 @@
     python benchmarks/tumour_campaign.py evaluate                         # held-out tumour Dice per fold -> CSV
     python benchmarks/tumour_campaign.py evaluate-segment                 # the same through `brainreg segment`'s configs
     python benchmarks/tumour_campaign.py evaluate-progression             # fold `all` on the TCIA time points -> CSV
+    python benchmarks/tumour_campaign.py evaluate-regularisation --run tumour_conditioned  # the λ trade-off -> CSV
 
 Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped model: one whole-tumour class) or
 ``tumour_v2``: three classes, background / oedema / tumour core (BraTS labels 2 and 1, 3, 4; whole tumour = both;
@@ -14,6 +15,10 @@ Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped mo
 sequence separately, 25 epochs). Its results report the whole tumour and the core. ``tumour_v3``: v2's recipe with
 28 ordered pairs of synthetic tumour subjects (``prepare_synthetic``: tumours implanted in SynthSeg label maps, T1c
 and FLAIR drawn from them) added to every fold's training pairs (datalists ``datalist_regions_synthetic.json``).
+``tumour_conditioned``: the joint model conditioned on the smoothness weight λ (``configs/joint_conditioned.json``:
+FiLM on the registration decoder, λ drawn log-uniformly in [0.1, 10] per pair), fine-tuned from the finished folds
+of ``tumour`` (600 iterations at learning rate 5e-4); ``evaluate-regularisation`` scores it on the fold's test
+pairs at λ = 0.1 ... 10 beside the plain fold (similarity outside the tumours, folding, log-Jacobian spread).
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
@@ -60,11 +65,18 @@ SEGMENT_RESULTS = REPO / "docs" / "results" / "tumour_cv_segment.csv"
 CONFIGS = ["train.json", "tumour_campaign.json"]
 # run name -> training configs; each run has its own folds (models/campaign/<run>_<fold>/) and results
 RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
-           "tumour_v3": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"]}
+           "tumour_v3": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
+           "tumour_conditioned": [*CONFIGS, "joint_conditioned.json"]}
 # run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions; v3
 # adds pairs of synthetic tumour subjects to every fold's training pairs)
 DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json",
-             "tumour_v3": "datalist_regions_synthetic.json"}
+             "tumour_v3": "datalist_regions_synthetic.json", "tumour_conditioned": "datalist.json"}
+# run name -> the run whose fold weights start it (fine-tunes; the new layers missing from them start at zero) and
+# its own settings: tumour_conditioned adds FiLM on λ to the recipe's finished folds, a shorter, slower schedule
+STARTS_FROM = {"tumour_conditioned": "tumour"}
+RUN_OVERRIDES = {"tumour_conditioned": ["--learning_rate", "0.0005", "--max_epochs", "6"]}
+REGULARISATION_WEIGHTS = (0.1, 0.3, 1.0, 3.0, 10.0)  # λ grid of evaluate-regularisation (the conditioned range)
+REGULARISATION_RESULTS = REPO / "docs" / "results" / "regularisation" / "tumour_conditioned_test.csv"
 SYNTHETIC_SUBJECTS = 28  # synthetic tumour subjects (2 per SynthSeg training map) ...
 SYNTHETIC_PAIRS = 28  # ... and ordered pairs of them added to each fold's training pairs (seeded sample)
 PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression.csv"
@@ -226,7 +238,14 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
         if left is not None and left <= 1:
             print("time is up: the next fold starts with the next call")
             return 0
-        rc = campaign.train_run(left, threads, [*TRAINING_OVERRIDES, *extra], root=root, configs=RECIPES[run],
+        start = []
+        if run in STARTS_FROM and not campaign.finished(root):
+            source = fold_root(fold, STARTS_FROM[run]) / "models" / "model.pt"
+            if not source.is_file():
+                raise FileNotFoundError(f"{source}: run {run} starts from fold {fold} of run {STARTS_FROM[run]}, which has no weights")
+            start = ["--init_ckpt", str(source)]
+        overrides = [*TRAINING_OVERRIDES, *RUN_OVERRIDES.get(run, []), *start, *extra]
+        rc = campaign.train_run(left, threads, overrides, root=root, configs=RECIPES[run],
                                 out=out, datalist=out / fold / DATALISTS[run], key="val_tumour_dice_fixed")
         if rc != 0:
             print(f"{fold}: training exited with {rc}; see {root / 'train.log'}")
@@ -314,8 +333,9 @@ SEQUENCES = {"T1c+FLAIR": ("", "test_outputs"), "T1c only (FLAIR zero)": ("_no_f
 
 
 def inference_configs(run: str, base: tuple[str, ...] | list[str]) -> list[str]:
-    """``base`` plus what the run's network needs at inference (its number of tumour classes)."""
-    return [*base, "tumour_regions.json"] if regions(run) else list(base)
+    """``base`` plus what the run's network needs at inference (its number of tumour classes, its λ conditioning)."""
+    extra = [name for name in ("tumour_regions.json", "joint_conditioned.json") if name in RECIPES[run]]
+    return [*base, *extra]
 
 
 def evaluate(out: Path = RUNS, target: Path | None = None, run: str = "tumour") -> Path:
@@ -406,6 +426,81 @@ def evaluate_segment(out: Path = RUNS, target: Path | None = None, run: str = "t
     return target
 
 
+def masked_ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of two images over ``mask``."""
+    a, b = a[mask].astype(np.float64), b[mask].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    norm = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / norm) if norm > 0 else float("nan")
+
+
+def regularisation_rows(pair: dict, folder: Path) -> dict:
+    """Registration of one test pair from its inference outputs, on the fixed image's grid and inside its brain
+    (non-zero voxels of either sequence): the correlation of each warped sequence with the fixed one outside both
+    tumours (the fixed tumour and the warped moving one, expert labels), the folding (% of voxels with a Jacobian
+    determinant <= 0), the standard deviation of the log-Jacobian (clipped at 1e-9) and the fixed image's tumour Dice."""
+    fixed = np.stack([np.squeeze(_load(f)) for f in pair["fixed"]])
+    warped = np.squeeze(_load(folder / "warped.nii.gz"))
+    warped = warped if warped.ndim == 4 and warped.shape[-1] == len(pair["fixed"]) else warped[..., None]
+    brain = (fixed > 0).any(axis=0)
+    outside = brain & ~(np.squeeze(_load(pair["fixed_tumour"])) > 0) & ~(np.squeeze(_load(folder / "warped_label.nii.gz")) > 0)
+    jacobian = np.squeeze(_load(folder / "jacobian_det.nii.gz"))[brain]
+    names = [Path(f).name.split(".")[0] for f in pair["fixed"]]
+    row = {f"ncc_{n}": round(masked_ncc(warped[..., c], fixed[c], outside), 4) for c, n in enumerate(names)}
+    row["ncc_mean"] = round(float(np.mean(list(row.values()))), 4)
+    row.update(folding_pct=round(100 * float((jacobian <= 0).mean()), 4),
+               sd_log_jacobian=round(float(np.log(np.clip(jacobian, 1e-9, None)).std()), 4),
+               tumour_dice=round(dice(np.squeeze(_load(folder / "seg_fixed.nii.gz")) > 0,
+                                      np.squeeze(_load(pair["fixed_tumour"])) > 0), 4))
+    return row
+
+
+def evaluate_regularisation(out: Path = RUNS, target: Path | None = None, run: str = "tumour_conditioned",
+                            weights: tuple[float, ...] = REGULARISATION_WEIGHTS) -> Path:
+    """The λ trade-off of a conditioned run: each finished fold's best weights on its test pairs at every λ of
+    ``weights`` (config id ``regularisation_weight``), beside the plain fold it started from (trained at one λ),
+    through ``configs/inference.json``; one row per pair and λ (:func:`regularisation_rows`) to ``target``."""
+    from bundle.configs import bundle_command
+
+    if run not in STARTS_FROM or "joint_conditioned.json" not in RECIPES[run]:
+        raise ValueError(f"run {run!r} is not conditioned on the regularisation weight")
+    target = target or REGULARISATION_RESULTS
+    rows = []
+    for fold, spec in load_split("tumour")["folds"].items():
+        root = fold_root(fold, run)
+        if not spec["testing"] or not (root / "finished.json").is_file():
+            continue
+        finished = json.loads((root / "finished.json").read_text())
+        datalist_path = out / fold / DATALISTS[run]
+        datalist = json.loads(datalist_path.read_text())
+        plain = fold_root(fold, STARTS_FROM[run])
+        models = [(STARTS_FROM[run], plain / "models" / "model.pt", None)] + [(run, root / "models" / "model.pt", w) for w in weights]
+        for model_run, ckpt, weight in models:
+            out_dir = outputs_dir(out, fold, f"regularisation_outputs/{'plain' if weight is None else weight}", run)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir, "ckpt_path": ckpt,
+                        "progress_bar": False, **({} if weight is None else {"regularisation_weight": weight})}
+            configs = inference_configs(model_run, ["inference.json", "joint.json", "tumour_campaign.json"])
+            started = time.time()
+            with open(out_dir.parent / "inference.log", "a") as log:
+                subprocess.run(bundle_command("inference", REPO, configs, settings),
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+            seconds = round((time.time() - started) / max(len(datalist["testing"]), 1), 1)
+            for pair in datalist["testing"]:
+                row = {"fold": fold, "pair": pair["name"], "model": model_run,
+                       "regularisation_weight": "plain (trained at 1.0)" if weight is None else weight,
+                       **regularisation_rows(pair, out_dir / pair["name"]), "seconds_per_pair": seconds,
+                       "best_iteration": finished.get("best_iteration") if weight is not None else None,
+                       "hardware": finished.get("hardware")}
+                rows.append(row)
+                print(", ".join(f"{k} {v}" for k, v in row.items() if k != "hardware"))
+    if not rows:
+        raise FileNotFoundError(f"no finished fold of run {run}: run `tumour_campaign.py train --run {run}` first")
+    write_csv(target, rows)
+    print(f"-> {target}")
+    return target
+
+
 def progression_sources(data: Path | None = None) -> dict[str, dict[str, Path]]:
     """``{"PGBM-001_tp0": {"t1c", "flair", "tumour"}, ...}``: every time point of the TCIA progression patients."""
     data, cases = data or DATA, {}
@@ -473,7 +568,8 @@ def _voxel_ml(path: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment", "evaluate-progression"])
+    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment", "evaluate-progression",
+                                            "evaluate-regularisation"])
     parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--run", choices=list(RECIPES), default="tumour", help="which recipe's folds (default: the shipped model's)")
@@ -484,7 +580,8 @@ def main() -> None:
     commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run, folds=a.folds),
                 "status": lambda: status(a.run), "evaluate": lambda: evaluate(run=a.run),
                 "evaluate-segment": lambda: evaluate_segment(run=a.run),
-                "evaluate-progression": lambda: evaluate_progression(run=a.run)}
+                "evaluate-progression": lambda: evaluate_progression(run=a.run),
+                "evaluate-regularisation": lambda: evaluate_regularisation(run=a.run)}
     try:
         result = commands[a.command]()
     except (FileNotFoundError, ValueError) as e:  # bad or missing input: one line naming it

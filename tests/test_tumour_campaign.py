@@ -334,3 +334,105 @@ def test_synthetic_pairs_join_subjects_of_different_maps_and_only_v3_trains_on_t
         assert real == v2["training"] and v3["training"][len(real):] == tumour_campaign.synthetic_pairs(names, tmp_path / "synthetic")
         assert len(v3["training"]) - len(real) == min(tumour_campaign.SYNTHETIC_PAIRS, 24)  # 24 cross-map pairs of 6
     assert tumour_campaign.RECIPES["tumour_v3"] == tumour_campaign.RECIPES["tumour_v2"]
+
+
+def test_the_conditioned_run_starts_from_the_plain_folds_weights(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(minutes, threads, extra, root, configs, datalist, out):
+        calls.append((root.name, configs, datalist.name, extra))
+        return 0
+
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    monkeypatch.setattr(tumour_campaign.campaign, "train", fake_train)
+    monkeypatch.setattr(tumour_campaign.campaign, "status", lambda root, key: {"best_iteration": 1})
+    with pytest.raises(FileNotFoundError, match="tumour_fold0.*no weights"):
+        tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_conditioned", folds=["fold0"])
+    (tmp_path / "campaign" / "tumour_fold0" / "models").mkdir(parents=True)
+    (tmp_path / "campaign" / "tumour_fold0" / "models" / "model.pt").write_bytes(b"")
+    (tmp_path / "campaign" / "tumour_conditioned_fold0").mkdir(parents=True)
+    assert tumour_campaign.train(None, 1, ["--x", "1"], out=tmp_path, run="tumour_conditioned", folds=["fold0"]) == 0
+    (name, configs, datalist, extra), = calls
+    assert name == "tumour_conditioned_fold0" and configs[-1] == "joint_conditioned.json" and datalist == "datalist.json"
+    settings = dict(zip(extra, extra[1:]))
+    assert settings["--init_ckpt"] == str(tmp_path / "campaign" / "tumour_fold0" / "models" / "model.pt")
+    assert settings["--learning_rate"] == "0.0005" and settings["--x"] == "1"
+    assert tumour_campaign.inference_configs("tumour_conditioned", ["inference.json"])[-1] == "joint_conditioned.json"
+
+
+def _registration_outputs(folder: Path, fixed: np.ndarray, warped: np.ndarray, jacobian: np.ndarray, seg: np.ndarray,
+                          warped_label: np.ndarray) -> None:
+    affine = np.eye(4)
+    write_nifti(warped, affine, folder / "warped.nii.gz")
+    write_nifti(jacobian[None], affine, folder / "jacobian_det.nii.gz")
+    write_nifti(seg[None], affine, folder / "seg_fixed.nii.gz")
+    write_nifti(warped_label[None], affine, folder / "warped_label.nii.gz")
+
+
+def test_regularisation_rows_score_similarity_outside_the_tumours_folding_and_the_segmentation(tmp_path):
+    rng = np.random.default_rng(0)
+    shape = (10, 10, 10)
+    fixed = np.zeros((2, *shape), np.float32)
+    fixed[:, 1:9, 1:9, 1:9] = rng.random((2, 8, 8, 8)) + 0.1  # the brain: 512 non-zero voxels
+    tumour = np.zeros(shape, np.uint8)
+    tumour[3:5, 3:5, 3:5] = 1
+    for c, name in enumerate(("t1c", "flair")):
+        write_nifti(fixed[c][None], np.eye(4), tmp_path / "f" / f"{name}.nii.gz")
+    write_nifti(tumour[None], np.eye(4), tmp_path / "f" / "tumour.nii.gz")
+    pair = {"fixed": [str(tmp_path / "f" / "t1c.nii.gz"), str(tmp_path / "f" / "flair.nii.gz")],
+            "fixed_tumour": str(tmp_path / "f" / "tumour.nii.gz")}
+    warped = fixed.copy()
+    warped[1] = -warped[1]  # FLAIR anti-correlated ...
+    warped[:, 3:5, 3:5, 3:5] = 7.0  # ... and garbage inside the fixed tumour, which is not scored
+    jacobian = np.ones(shape, np.float32)
+    jacobian[1:3, 1:9, 1:9] = np.exp(0.5)
+    jacobian[1, 1, 1:5] = -0.2  # 4 folded brain voxels of 512
+    jacobian[0] = -1.0  # outside the brain: not counted
+    _registration_outputs(tmp_path / "o", fixed, warped, jacobian, tumour, np.zeros(shape, np.uint8))
+    row = tumour_campaign.regularisation_rows(pair, tmp_path / "o")
+    assert row["ncc_t1c"] == pytest.approx(1.0) and row["ncc_flair"] == pytest.approx(-1.0) and row["ncc_mean"] == 0.0
+    assert row["folding_pct"] == pytest.approx(100 * 4 / 512, abs=1e-4)
+    log_j = np.log(np.clip(jacobian[1:9, 1:9, 1:9], 1e-9, None))
+    assert row["sd_log_jacobian"] == pytest.approx(float(log_j.std()), abs=1e-4)
+    assert row["tumour_dice"] == 1.0
+    # the warped moving tumour is left out too
+    label = np.zeros(shape, np.uint8)
+    label[6:8, 6:8, 6:8] = 1
+    warped[1, 6:8, 6:8, 6:8] = 9.0
+    _registration_outputs(tmp_path / "o2", fixed, warped, jacobian, np.zeros(shape, np.uint8), label)
+    row = tumour_campaign.regularisation_rows(pair, tmp_path / "o2")
+    assert row["ncc_flair"] == pytest.approx(-1.0) and row["tumour_dice"] == 0.0
+
+
+def test_evaluate_regularisation_runs_every_weight_and_the_plain_fold(tmp_path, monkeypatch):
+    import csv
+    import json
+    import subprocess
+
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    monkeypatch.setattr(tumour_campaign, "load_split", lambda name: {"folds": {"fold0": {"testing": ["a", "b"]},
+                                                                             "all": {"testing": []}}})
+    with pytest.raises(ValueError, match="not conditioned"):
+        tumour_campaign.evaluate_regularisation(tmp_path, tmp_path / "r.csv", run="tumour_v2")
+    with pytest.raises(FileNotFoundError, match="no finished fold"):
+        tumour_campaign.evaluate_regularisation(tmp_path, tmp_path / "r.csv")
+    (tmp_path / "campaign" / "tumour_conditioned_fold0").mkdir(parents=True)
+    (tmp_path / "campaign" / "tumour_conditioned_fold0" / "finished.json").write_text(json.dumps({"best_iteration": 300}))
+    (tmp_path / "fold0").mkdir()
+    (tmp_path / "fold0" / "datalist.json").write_text(json.dumps({"testing": [{"name": "a_to_b"}]}))
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(dict(zip(cmd, cmd[1:])))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tumour_campaign.subprocess, "run", fake_run)
+    monkeypatch.setattr(tumour_campaign, "regularisation_rows", lambda pair, folder: {"ncc_mean": 0.5, "folder": folder.parent.name})
+    target = tumour_campaign.evaluate_regularisation(tmp_path, tmp_path / "r.csv", weights=(0.1, 10.0))
+    assert [c.get("--regularisation_weight") for c in calls] == [None, "0.1", "10.0"]
+    assert calls[0]["--ckpt_path"] == str(tmp_path / "campaign" / "tumour_fold0" / "models" / "model.pt")
+    assert "joint_conditioned.json" not in calls[0]["--config_file"]
+    assert all("joint_conditioned.json" in c["--config_file"] for c in calls[1:])
+    rows = list(csv.DictReader(open(target)))
+    assert [(r["model"], r["regularisation_weight"], r["folder"]) for r in rows] == [
+        ("tumour", "plain (trained at 1.0)", "plain"), ("tumour_conditioned", "0.1", "0.1"), ("tumour_conditioned", "10.0", "10.0")]

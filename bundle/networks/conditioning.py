@@ -5,7 +5,9 @@ range of regularisation weights λ, which then becomes an input: a user picks th
 at inference without retraining. We condition by FiLM (Perez et al. 2018; per-channel scale and shift of every
 convolution block's features from an embedding of λ) rather than a hypernetwork that predicts all the weights:
 FiLM adds about 7 % parameters to the VM-2 U-Net (21,184 at the default width), costs nothing at inference, and with its layers zero-initialised the
-conditioned network starts as the plain one (so trained plain weights are a valid start).
+conditioned network starts as the plain one (so trained plain weights are a valid start). The joint registration +
+tumour segmentation network (:class:`ConditionedJointRegSegNet`) gets FiLM on its registration decoder only, so λ
+changes its deformation and never its segmentation.
 
 Input convention (so that MONAI's engines, inferers and ``DownsampledNetwork`` see one tensor, as for the plain
 network): ``cat([moving, fixed, weight_map])`` where ``weight_map`` is one channel filled with λ
