@@ -215,3 +215,25 @@ def test_cli_launcher_binds_to_localhost_unless_told():
     for given in (["--host", "0.0.0.0"], ["-i", "10.0.0.2"], ["--host=0.0.0.0"]):
         assert cli.local_by_default(["start_server", *given]) == ["start_server", *given]
     assert cli.local_by_default(["apps", "--download"]) == ["apps", "--download"]
+
+
+def test_app_runs_a_conditioned_joint_model_at_the_weight_its_overrides_give(tmp_path):
+    """``--conf model`` a λ-conditioned joint checkpoint: the app's configs gain ``joint_conditioned.json`` (found from
+    its parameters), ``--conf overrides '{"regularisation_weight": 0.5}'`` reaches the registration's prepare_batch,
+    and the segmentation task's configs load the checkpoint into the segmentation path."""
+    import torch
+
+    from bundle.configs import read_config
+    from bundle.networks import ConditionedJointRegSegNet, TumourSegmentationNet
+    from monailabel_app.lib.bundle_config import AppSettings
+
+    torch.save(ConditionedJointRegSegNet(3, 2, half_res=True).state_dict(), tmp_path / "conditioned.pt")
+    settings = AppSettings.from_conf(tmp_path, {"model": str(tmp_path / "conditioned.pt"),
+                                                "overrides": '{"regularisation_weight": 0.5}'})
+    overlays = settings.joint_overlays("inference.json")
+    assert overlays == ["joint.json", "tumour.json", "joint_conditioned.json"]
+    registration = read_config(settings.bundle_root, ["inference.json", *overlays], settings.overrides)
+    assert registration.get_parsed_content("prepare_batch").regularisation_weight == 0.5
+    segmentation = read_config(settings.bundle_root, settings.segmentation_configs(),
+                               {**settings.overrides, "ckpt_path": str(tmp_path / "conditioned.pt"), "device": "$torch.device('cpu')"})
+    assert isinstance(segmentation.get_parsed_content("network"), TumourSegmentationNet)

@@ -76,6 +76,12 @@ class AppSettings:
         overlays = checkpoint_overlays(self.bundle_root, [base], state, registration_only=False, path=existing[-1])
         return overlays
 
+    def segmentation_configs(self) -> tuple[str, ...]:
+        """The bundle's single-image segmentation configs for the app's joint model (its architecture overlays chosen
+        from its parameters), with MONAI Label's post-processing (no file writer)."""
+        return ("inference.json", *self.joint_overlays("inference.json"), "inference_segmentation.json",
+                "monailabel_infer.json")
+
     @classmethod
     def from_conf(cls, app_dir: str | os.PathLike, conf: dict) -> AppSettings:
         """Read the ``--conf`` options.

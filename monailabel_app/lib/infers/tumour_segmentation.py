@@ -10,22 +10,15 @@ from monai.transforms import CastToTyped, SqueezeDimd
 from ..bundle_config import AppSettings, read_config, read_metadata
 from .base import BundleConfigInferTask
 
-__all__ = ["TumourSegmentation", "configs"]
+__all__ = ["TumourSegmentation"]
 
-
-
-def configs(settings: AppSettings) -> tuple[str, ...]:
-    """The bundle's single-image segmentation configs for the app's joint model (its architecture overlays chosen
-    from its parameters), with MONAI Label's post-processing (no file writer)."""
-    return ("inference.json", *settings.joint_overlays("inference.json"), "inference_segmentation.json",
-            "monailabel_infer.json")
 
 
 class TumourSegmentation(BundleConfigInferTask):
     """``bundle.networks.TumourSegmentationNet`` on the request's image; returns the tumour label map on its grid.
 
     Pre-processing, inferer and post-processing are those of ``configs/inference_segmentation.json`` (an overlay
-    of ``configs/inference.json`` and the model's architecture overlays, see :func:`configs`; post-processing from
+    of ``configs/inference.json`` and the model's architecture overlays, see :meth:`AppSettings.segmentation_configs`; post-processing from
     ``configs/monailabel_infer.json``: logits resampled onto the image's native grid, argmax); the labels are the
     ``channel_def`` of ``configs/monailabel_metadata.json``. The shipped tumour model takes T1c and FLAIR as one
     2-channel (4-D) image.
@@ -36,7 +29,7 @@ class TumourSegmentation(BundleConfigInferTask):
         output = next(iter(metadata["network_data_format"]["outputs"].values()))
         labels = {name: int(k) for k, name in output["channel_def"].items() if name.lower() != "background"}
         super().__init__(
-            read_config(settings.bundle_root, configs(settings), settings.overrides),
+            read_config(settings.bundle_root, settings.segmentation_configs(), settings.overrides),
             settings.model_paths,
             labels=labels,
             description="Tumour segmentation with the joint registration/segmentation model's segmentation head",
