@@ -474,6 +474,7 @@ def evaluate_regularisation(out: Path = RUNS, target: Path | None = None, run: s
         datalist_path = out / fold / DATALISTS[run]
         datalist = json.loads(datalist_path.read_text())
         plain = fold_root(fold, STARTS_FROM[run])
+        plain_finished = json.loads((plain / "finished.json").read_text()) if (plain / "finished.json").is_file() else {}
         models = [(STARTS_FROM[run], plain / "models" / "model.pt", None)] + [(run, root / "models" / "model.pt", w) for w in weights]
         for model_run, ckpt, weight in models:
             out_dir = outputs_dir(out, fold, f"regularisation_outputs/{'plain' if weight is None else weight}", run)
@@ -490,7 +491,7 @@ def evaluate_regularisation(out: Path = RUNS, target: Path | None = None, run: s
                 row = {"fold": fold, "pair": pair["name"], "model": model_run,
                        "regularisation_weight": "plain (trained at 1.0)" if weight is None else weight,
                        **regularisation_rows(pair, out_dir / pair["name"]), "seconds_per_pair": seconds,
-                       "best_iteration": finished.get("best_iteration") if weight is not None else None,
+                       "best_iteration": (finished if weight is not None else plain_finished).get("best_iteration"),
                        "hardware": finished.get("hardware")}
                 rows.append(row)
                 print(", ".join(f"{k} {v}" for k, v in row.items() if k != "hardware"))
