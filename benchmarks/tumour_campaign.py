@@ -17,7 +17,9 @@ sequence separately, 25 epochs). Its results report the whole tumour and the cor
 and FLAIR drawn from them) added to every fold's training pairs (datalists ``datalist_regions_synthetic.json``).
 ``tumour_conditioned``: the joint model conditioned on the smoothness weight λ (``configs/joint_conditioned.json``:
 FiLM on the registration decoder, λ drawn log-uniformly in [0.1, 10] per pair), fine-tuned from the finished folds
-of ``tumour`` (600 iterations at learning rate 5e-4); ``evaluate-regularisation`` scores it on the fold's test
+of ``tumour`` with the segmentation path frozen (``configs/joint_conditioned_finetune.json``: only the registration
+decoder, its head and the FiLM layers train, 600 iterations at learning rate 5e-4, selection on the registration
+objective at λ = 1 of the validation pairs); ``evaluate-regularisation`` scores it on the fold's test
 pairs at λ = 0.1 ... 10 beside the plain fold (similarity outside the tumours, folding, log-Jacobian spread).
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
@@ -66,15 +68,16 @@ CONFIGS = ["train.json", "tumour_campaign.json"]
 # run name -> training configs; each run has its own folds (models/campaign/<run>_<fold>/) and results
 RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
            "tumour_v3": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
-           "tumour_conditioned": [*CONFIGS, "joint_conditioned.json"]}
+           "tumour_conditioned": [*CONFIGS, "joint_conditioned.json", "joint_conditioned_finetune.json"]}
 # run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions; v3
 # adds pairs of synthetic tumour subjects to every fold's training pairs)
 DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json",
              "tumour_v3": "datalist_regions_synthetic.json", "tumour_conditioned": "datalist.json"}
 # run name -> the run whose fold weights start it (fine-tunes; the new layers missing from them start at zero) and
-# its own settings: tumour_conditioned adds FiLM on λ to the recipe's finished folds, a shorter, slower schedule
+# its validation key: tumour_conditioned adds FiLM on λ to the recipe's finished folds and trains only the registration
+# path (configs/joint_conditioned_finetune.json), so it selects on the registration objective at the validation λ
 STARTS_FROM = {"tumour_conditioned": "tumour"}
-RUN_OVERRIDES = {"tumour_conditioned": ["--learning_rate", "0.0005", "--max_epochs", "6"]}
+KEYS = {"tumour_conditioned": "val_objective"}
 REGULARISATION_WEIGHTS = (0.1, 0.3, 1.0, 3.0, 10.0)  # λ grid of evaluate-regularisation (the conditioned range)
 REGULARISATION_RESULTS = REPO / "docs" / "results" / "regularisation" / "tumour_conditioned_test.csv"
 SYNTHETIC_SUBJECTS = 28  # synthetic tumour subjects (2 per SynthSeg training map) ...
@@ -244,9 +247,10 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             if not source.is_file():
                 raise FileNotFoundError(f"{source}: run {run} starts from fold {fold} of run {STARTS_FROM[run]}, which has no weights")
             start = ["--init_ckpt", str(source)]
-        overrides = [*TRAINING_OVERRIDES, *RUN_OVERRIDES.get(run, []), *start, *extra]
+        key = KEYS.get(run, "val_tumour_dice_fixed")
+        overrides = [*(TRAINING_OVERRIDES if key == "val_tumour_dice_fixed" else []), *start, *extra]
         rc = campaign.train_run(left, threads, overrides, root=root, configs=RECIPES[run],
-                                out=out, datalist=out / fold / DATALISTS[run], key="val_tumour_dice_fixed")
+                                out=out, datalist=out / fold / DATALISTS[run], key=key)
         if rc != 0:
             print(f"{fold}: training exited with {rc}; see {root / 'train.log'}")
             return rc
@@ -263,9 +267,10 @@ def status(run: str = "tumour") -> dict:
             from bundle.engines.training import read_training_log
 
             rows, vals = read_training_log(root / "training_log.csv", latest=True)
-            best = max(vals, key=lambda r: r["metrics"].get("val_tumour_dice_fixed", -1), default=None)
+            key = KEYS.get(run, "val_tumour_dice_fixed")
+            best = max(vals, key=lambda r: r["metrics"].get(key, float("-inf")), default=None)
             info[fold] = {"iterations": int(rows[-1]["iteration"]) if rows else 0, "finished": (root / "finished.json").is_file(),
-                          "best_val_tumour_dice_fixed": best["metrics"].get("val_tumour_dice_fixed") if best else None,
+                          f"best_{key}": best["metrics"].get(key) if best else None,
                           "best_iteration": int(best["iteration"]) if best else None}
     print(json.dumps(info, indent=1))
     return info

@@ -148,3 +148,41 @@ def test_the_segmentation_path_loads_a_conditioned_checkpoint_and_nothing_else_e
     torch.save({**net.state_dict(), "other.weight": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="other.weight"):
         load_weights(TumourSegmentationNet(**OPTIONS), tmp_path / "foreign.pt", unexpected_ok=("embed.", "film_"))
+
+
+def test_the_finetune_overlay_trains_only_the_registration_path_and_selects_on_the_objective(tmp_path):
+    """configs/joint_conditioned_finetune.json: from plain joint weights, the optimiser holds the registration decoder,
+    its head and the FiLM layers only (a step leaves the encoder and the segmentation path as they were, so the
+    segmentation stays the plain model's), and the validation key is the registration objective at the validation λ."""
+    from bundle.configs import read_config
+    from bundle.metrics import RegistrationObjective
+    from conftest import REPO_ROOT
+
+    plain = _plain_with_a_field()
+    torch.save({"network": plain.state_dict()}, tmp_path / "plain.pt")
+    parser = read_config(REPO_ROOT, ["train.json", "tumour_campaign.json", "joint_conditioned.json", "joint_conditioned_finetune.json"],
+                         {"init_ckpt": str(tmp_path / "plain.pt")})
+    net, optimiser = parser.get_parsed_content("initial_network"), parser.get_parsed_content("optimizer")
+    trained = {id(p) for group in optimiser.param_groups for p in group["params"]}
+    names = {name for name, p in net.named_parameters() if id(p) in trained}
+    assert names and all(n.startswith(("reg_decoder.", "reg_head.", "embed.", "film_")) for n in names)
+    assert {n.split(".")[0] for n in names} == {"reg_decoder", "reg_head", "embed", "film_decoder"}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    inputs, targets = parser.get_parsed_content("train_prepare_batch")(_pair(batch=2))
+    parser.get_parsed_content("loss")(net(inputs), targets).backward()
+    optimiser.step()
+    after = net.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("encoder.", "seg_decoder.", "seg_head.")))
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("reg_"))
+    key = parser.get_parsed_content("validate#key_metric")
+    assert list(key) == ["val_objective"] and isinstance(key["val_objective"], RegistrationObjective)
+
+
+def test_freezing_names_only_existing_parameters():
+    from bundle.engines import freeze_parameters
+
+    net = JointRegSegNet(**OPTIONS)
+    trainable = freeze_parameters(net, ["seg_head."])
+    assert len(trainable) == len(list(net.parameters())) - 2 and not net.seg_head.weight.requires_grad
+    with pytest.raises(ValueError, match="segmentation_head"):
+        freeze_parameters(JointRegSegNet(**OPTIONS), ["segmentation_head."])

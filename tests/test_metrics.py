@@ -193,3 +193,33 @@ def test_monai_dice_and_hd95_on_shifted_cubes(size, shift):
     hd95 = HausdorffDistanceMetric(include_background=True, percentile=95)
     assert hd95(a, b).item() == pytest.approx(shift)
     assert hd95(a, b, spacing=(1.5, 1.0, 1.0)).item() == pytest.approx(1.5 * shift)
+
+
+def test_registration_objective_is_minus_similarity_plus_weighted_smoothness_per_pair():
+    from monai.losses import DiffusionLoss
+
+    from bundle.metrics import RegistrationObjective, RegistrationObjectiveMetric
+
+    torch.manual_seed(0)
+    fixed = torch.rand(2, 1, 8, 8, 8)
+    warped = torch.stack([fixed[0], torch.rand(1, 8, 8, 8)])  # pair 0 aligned, pair 1 not
+    ddf = torch.stack([torch.zeros(3, 8, 8, 8), torch.randn(3, 8, 8, 8)])
+    metric = RegistrationObjectiveMetric(2.0, 3, "mse")
+    values = metric(ddf, torch.cat([warped, fixed], 1)).flatten()
+    assert values[0] == pytest.approx(0.0, abs=1e-6)  # identical images, zero field: the best possible
+    expected = torch.mean((warped[1] - fixed[1]) ** 2) + 2.0 * DiffusionLoss()(ddf[1:])
+    assert values[1] == pytest.approx(-float(expected), rel=1e-5)
+    rougher = RegistrationObjectiveMetric(20.0, 3, "mse")(ddf, torch.cat([warped, fixed], 1)).flatten()
+    assert rougher[1] < values[1]  # a larger λ penalises the same field more
+    with pytest.raises(ValueError, match="cat\\(\\[warped, fixed\\]\\)"):
+        metric(ddf, fixed)
+    with pytest.raises(ValueError, match="smoothness_weight"):
+        RegistrationObjectiveMetric(-1.0)
+
+    def step(engine, batch):  # a decollated evaluator output: one dict per pair
+        return [{"pred": ddf[i], "warped": warped[i], "fixed_image": fixed[i]} for i in range(2)]
+
+    engine = Engine(step)
+    RegistrationObjective(2.0, 3, "mse").attach(engine, "objective")
+    engine.run([0], max_epochs=1)
+    assert engine.state.metrics["objective"] == pytest.approx(float(values.mean()), rel=1e-5)

@@ -345,7 +345,8 @@ def test_the_conditioned_run_starts_from_the_plain_folds_weights(tmp_path, monke
 
     monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
     monkeypatch.setattr(tumour_campaign.campaign, "train", fake_train)
-    monkeypatch.setattr(tumour_campaign.campaign, "status", lambda root, key: {"best_iteration": 1})
+    keys = []
+    monkeypatch.setattr(tumour_campaign.campaign, "status", lambda root, key: keys.append(key) or {"best_iteration": 1})
     with pytest.raises(FileNotFoundError, match="tumour_fold0.*no weights"):
         tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_conditioned", folds=["fold0"])
     (tmp_path / "campaign" / "tumour_fold0" / "models").mkdir(parents=True)
@@ -353,10 +354,12 @@ def test_the_conditioned_run_starts_from_the_plain_folds_weights(tmp_path, monke
     (tmp_path / "campaign" / "tumour_conditioned_fold0").mkdir(parents=True)
     assert tumour_campaign.train(None, 1, ["--x", "1"], out=tmp_path, run="tumour_conditioned", folds=["fold0"]) == 0
     (name, configs, datalist, extra), = calls
-    assert name == "tumour_conditioned_fold0" and configs[-1] == "joint_conditioned.json" and datalist == "datalist.json"
+    assert name == "tumour_conditioned_fold0" and datalist == "datalist.json"
+    assert configs[-2:] == ["joint_conditioned.json", "joint_conditioned_finetune.json"]
     settings = dict(zip(extra, extra[1:]))
     assert settings["--init_ckpt"] == str(tmp_path / "campaign" / "tumour_fold0" / "models" / "model.pt")
-    assert settings["--learning_rate"] == "0.0005" and settings["--x"] == "1"
+    assert settings["--x"] == "1" and "--validate#key_metric" not in settings  # the overlay's key: the objective
+    assert keys == ["val_objective"]
     assert tumour_campaign.inference_configs("tumour_conditioned", ["inference.json"])[-1] == "joint_conditioned.json"
 
 

@@ -1,5 +1,6 @@
 from .checkpoints import (
-    AtomicCheckpointSaver, AtomicDiskSaver, ResumeFromLatest, latest_checkpoint, load_checkpoint, load_weights,
+    AtomicCheckpointSaver, AtomicDiskSaver, ResumeFromLatest, freeze_parameters, latest_checkpoint, load_checkpoint,
+    load_weights,
 )
 from .prepare_batch import RegistrationPrepareBatch
 from .scores import key_metric_score

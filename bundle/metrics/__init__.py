@@ -5,8 +5,10 @@ from .handlers import (
     LogJacobianStd,
     PhysicalHausdorffDistance,
     PhysicalHausdorffDistanceMetric,
+    RegistrationObjective,
     ddf_output_transform,
 )
+from .objective import RegistrationObjectiveMetric
 from .jacobian import FoldingMetric, LogJacobianStdMetric, jacobian_determinant
 from .regions import (
     REGIONS,
@@ -24,6 +26,8 @@ __all__ = [
     "PhysicalHausdorffDistance",
     "PhysicalHausdorffDistanceMetric",
     "REGIONS",
+    "RegistrationObjective",
+    "RegistrationObjectiveMetric",
     "TREMetric",
     "ddf_output_transform",
     "endpoint_error_by_region",

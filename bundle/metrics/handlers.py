@@ -15,8 +15,10 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.utils import MetricReduction
 
 from .jacobian import FoldingMetric, LogJacobianStdMetric
+from .objective import RegistrationObjectiveMetric
 
-__all__ = ["ddf_output_transform", "Folding", "LogJacobianStd", "PhysicalHausdorffDistance", "PhysicalHausdorffDistanceMetric"]
+__all__ = ["ddf_output_transform", "Folding", "LogJacobianStd", "PhysicalHausdorffDistance", "PhysicalHausdorffDistanceMetric",
+           "RegistrationObjective"]
 
 
 def ddf_output_transform(ddf_key: str = "pred") -> Callable[[Any], tuple[Any, None]]:
@@ -136,3 +138,44 @@ class PhysicalHausdorffDistance(IgniteMetricHandler):
             spacing, include_background=include_background, percentile=percentile, reduction=MetricReduction.MEAN
         )
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+
+class RegistrationObjective(IgniteMetricHandler):
+    """
+    Minus the registration objective ``-(similarity_loss + λ · smoothness)`` per pair, averaged over samples and
+    iterations: the validation key of pairs without labels (see :class:`bundle.metrics.objective.RegistrationObjectiveMetric`).
+
+    Args:
+        smoothness_weight, spatial_dims, similarity, similarity_kwargs, smoothness: as the metric.
+        ddf_key, warped_key, fixed_key: keys of the DDF, the warped moving image and the fixed image in each
+            (decollated) output dict, used when ``output_transform`` is None.
+        output_transform: callable mapping ``engine.state.output`` to ``(ddf, cat([warped, fixed]))``.
+        save_details: whether to save the per-sample values to ``engine.state.metric_details[name]``.
+    """
+
+    def __init__(
+        self,
+        smoothness_weight: float,
+        spatial_dims: int = 3,
+        similarity: str = "lncc",
+        similarity_kwargs: dict | None = None,
+        smoothness: str = "diffusion",
+        ddf_key: str = "pred",
+        warped_key: str = "warped",
+        fixed_key: str = "fixed_image",
+        output_transform: Callable | None = None,
+        save_details: bool = True,
+    ) -> None:
+        extract = from_engine([ddf_key, warped_key, fixed_key], first=False)
+
+        def _transform(output: Any) -> tuple[Any, Any]:
+            ddf, warped, fixed = extract(output)
+            if isinstance(ddf, torch.Tensor):
+                return ddf, torch.cat([warped, fixed], dim=1)
+            return list(ddf), [torch.cat([w, f], dim=0) for w, f in zip(warped, fixed)]
+
+        super().__init__(
+            metric_fn=RegistrationObjectiveMetric(smoothness_weight, spatial_dims, similarity, similarity_kwargs, smoothness),
+            output_transform=output_transform or _transform,
+            save_details=save_details,
+        )
