@@ -503,6 +503,12 @@ def evaluate_regularisation(out: Path = RUNS, target: Path | None = None, run: s
     if not rows:
         raise FileNotFoundError(f"no finished fold of run {run}: run `tumour_campaign.py train --run {run}` first")
     write_csv(target, rows)
+    print(f"mean over the {len(rows) // (len(weights) + 1)} test pairs of {len({r['fold'] for r in rows})} fold(s):")
+    for weight in ["plain (trained at 1.0)", *weights]:
+        chosen = [r for r in rows if r["regularisation_weight"] == weight]
+        print(f"  λ {weight}: " + ", ".join(f"{k} {np.mean([r[k] for r in chosen]):.4f}" for k in
+                                             ("ncc_mean", "folding_pct", "sd_log_jacobian", "tumour_dice"))
+              + f", max folding {max(r['folding_pct'] for r in chosen):.4f}")
     print(f"-> {target}")
     return target
 

@@ -430,7 +430,8 @@ def test_evaluate_regularisation_runs_every_weight_and_the_plain_fold(tmp_path, 
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(tumour_campaign.subprocess, "run", fake_run)
-    monkeypatch.setattr(tumour_campaign, "regularisation_rows", lambda pair, folder: {"ncc_mean": 0.5, "folder": folder.parent.name})
+    monkeypatch.setattr(tumour_campaign, "regularisation_rows", lambda pair, folder: {
+        "ncc_mean": 0.5, "folding_pct": 0.0, "sd_log_jacobian": 0.1, "tumour_dice": 0.8, "folder": folder.parent.name})
     target = tumour_campaign.evaluate_regularisation(tmp_path, tmp_path / "r.csv", weights=(0.1, 10.0))
     assert [c.get("--regularisation_weight") for c in calls] == [None, "0.1", "10.0"]
     assert calls[0]["--ckpt_path"] == str(tmp_path / "campaign" / "tumour_fold0" / "models" / "model.pt")
