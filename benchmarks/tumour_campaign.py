@@ -554,9 +554,13 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
     for name, case in sources.items():
         truth = np.squeeze(_load(case["tumour"])) > 0
         seg = np.squeeze(_load(out_dir / name / "seg.nii.gz"))
+        depth = depth_in_head(case["t1c"])
         row = {"run": run, "fold": fold, "time_point": name, "expert_ml": round(float(truth.sum()) * _voxel_ml(case["tumour"]), 2),
                "whole_tumour_dice": round(dice(seg > 0, truth), 4),
-               "whole_tumour_ml": round(float((seg > 0).sum()) * _voxel_ml(case["tumour"]), 2)}
+               "whole_tumour_ml": round(float((seg > 0).sum()) * _voxel_ml(case["tumour"]), 2),
+               # median depth below the head's surface (mm): where the prediction and the expert mask lie
+               "whole_tumour_depth_mm": round(float(np.median(depth[seg > 0])), 1) if (seg > 0).any() else float("nan"),
+               "expert_depth_mm": round(float(np.median(depth[truth])), 1) if truth.any() else float("nan")}
         if regions(run):
             row.update(core_dice=round(dice(seg == 2, truth), 4), core_ml=round(float((seg == 2).sum()) * _voxel_ml(case["tumour"]), 2))
         rows.append({**row, "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
@@ -564,6 +568,19 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
     write_csv(target, rows)
     print(f"-> {target}")
     return target
+
+
+def depth_in_head(image: str | Path) -> np.ndarray:
+    """Each voxel's distance (mm) from the surface of the head in ``image`` (0 outside it): the head is the voxels
+    above the 20th percentile of the non-zero intensities, closed and hole-filled. Where a prediction lies at a few mm
+    it is on the scalp or the skull, not in the brain."""
+    from scipy import ndimage
+
+    loaded = nib.load(str(image))
+    data = np.squeeze(np.asarray(loaded.dataobj, dtype=np.float32))
+    head = data > np.percentile(data[data > 0], 20) if (data > 0).any() else np.zeros(data.shape, bool)
+    head = ndimage.binary_fill_holes(ndimage.binary_closing(head, iterations=3))
+    return ndimage.distance_transform_edt(head, sampling=loaded.header.get_zooms()[:3])
 
 
 def fold_weights(root: Path, run: str, fold: str) -> Path:

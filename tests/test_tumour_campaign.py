@@ -440,3 +440,14 @@ def test_evaluate_regularisation_runs_every_weight_and_the_plain_fold(tmp_path, 
     rows = list(csv.DictReader(open(target)))
     assert [(r["model"], r["regularisation_weight"], r["folder"]) for r in rows] == [
         ("tumour", "plain (trained at 1.0)", "plain"), ("tumour_conditioned", "0.1", "0.1"), ("tumour_conditioned", "10.0", "10.0")]
+
+
+def test_depth_in_head_is_zero_outside_small_at_the_scalp_and_large_at_the_centre(tmp_path):
+    grid = np.stack(np.meshgrid(*[np.arange(40.0)] * 3, indexing="ij"))
+    radius = np.sqrt(((grid - 19.5) ** 2).sum(0))
+    head = np.where(radius < 16, 100.0, 0.0).astype(np.float32)
+    head[radius < 13] = 50.0  # a darker brain inside a brighter scalp: still one head
+    write_nifti(head[None], np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "t1.nii.gz")
+    depth = tumour_campaign.depth_in_head(tmp_path / "t1.nii.gz")
+    assert depth[0, 0, 0] == 0 and depth[19, 19, 4] <= 2 * 2.0  # outside; one voxel inside the surface
+    assert depth[19, 19, 19] == pytest.approx(2 * 16, abs=2 * 1.5)  # the centre: the radius in mm
