@@ -1,6 +1,5 @@
 from .checkpoints import (
-    AtomicCheckpointSaver, AtomicDiskSaver, ResumeFromLatest, freeze_parameters, latest_checkpoint, load_checkpoint,
-    load_weights,
+    AtomicCheckpointSaver, AtomicDiskSaver, ResumeFromLatest, latest_checkpoint, load_checkpoint, load_weights,
 )
 from .prepare_batch import RegistrationPrepareBatch
 from .scores import key_metric_score
@@ -9,6 +8,6 @@ from .instance_optimisation import InstanceOptimisationInferer
 from .progress import PairProgressHandler
 from .training import (
     AutocastInferer, GradientClipping, NonFiniteLossGuard, ReproducibleEpochs, ResumableEarlyStopHandler, TrainingLog,
-    hardware_description, read_training_log, set_threads,
+    freeze_parameters, hardware_description, read_training_log, set_threads,
 )
 from .architecture_search import ArchitectureSearchStep

@@ -18,7 +18,7 @@ from bundle.io.writers import write_atomic
 
 __all__ = [
     "AtomicCheckpointSaver", "AtomicDiskSaver", "load_checkpoint", "latest_checkpoint", "ResumeFromLatest",
-    "load_weights", "network_state_dict", "freeze_parameters",
+    "load_weights", "network_state_dict",
 ]
 
 # write_atomic's temporary files: ".<file name>.<random>.tmp" next to the checkpoint
@@ -220,23 +220,3 @@ class ResumeFromLatest:
             state = load_checkpoint(self.best_checkpoint).get("checkpointer")
             if state is not None:
                 self.best_saver.load_state_dict(state)
-
-
-def freeze_parameters(network: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
-    """Stop training the parameters whose names start with ``prefixes`` (``requires_grad = False``) and return the
-    others, for the optimiser (e.g. the segmentation path of a joint model while its λ conditioning is fine-tuned).
-
-    Raises:
-        ValueError: a prefix that names no parameter (a misspelling would silently train everything).
-    """
-    names = [name for name, _ in network.named_parameters()]
-    unused = [p for p in prefixes if not any(n.startswith(p) for n in names)]
-    if unused:
-        raise ValueError(f"no parameter of {type(network).__name__} starts with {unused}.")
-    trainable = []
-    for name, parameter in network.named_parameters():
-        if name.startswith(tuple(prefixes)):
-            parameter.requires_grad_(False)
-        else:
-            trainable.append(parameter)
-    return trainable

@@ -21,7 +21,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 __all__ = [
     "AutocastInferer", "GradientClipping", "NonFiniteLossGuard", "ReproducibleEpochs", "ResumableEarlyStopHandler",
-    "TrainingLog", "hardware_description", "read_training_log", "set_threads",
+    "TrainingLog", "freeze_parameters", "hardware_description", "read_training_log", "set_threads",
 ]
 
 
@@ -351,3 +351,22 @@ def read_training_log(path: str | os.PathLike, latest: bool = False) -> tuple[li
             val.append({**r, "metrics": {k: float(v) for k, v in metrics.items()}})
     return train, val
 
+
+def freeze_parameters(network: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Stop training the parameters whose names start with ``prefixes`` (``requires_grad = False``) and return the
+    others, for the optimiser (e.g. the segmentation path of a joint model while its λ conditioning is fine-tuned).
+
+    Raises:
+        ValueError: a prefix that names no parameter (a misspelling would silently train everything).
+    """
+    names = [name for name, _ in network.named_parameters()]
+    unused = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unused:
+        raise ValueError(f"no parameter of {type(network).__name__} starts with {unused}.")
+    trainable = []
+    for name, parameter in network.named_parameters():
+        if name.startswith(tuple(prefixes)):
+            parameter.requires_grad_(False)
+        else:
+            trainable.append(parameter)
+    return trainable

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from monai.utils import MetricReduction
 
+from bundle.losses.registration import make_similarity, make_smoothness  # the training loss's terms
+
 from .base import PerSampleMetric
 
 __all__ = ["RegistrationObjectiveMetric"]
@@ -41,8 +43,6 @@ class RegistrationObjectiveMetric(PerSampleMetric):
         smoothness: str = "diffusion",
         reduction: MetricReduction | str = MetricReduction.MEAN,
     ) -> None:
-        from bundle.losses.registration import make_similarity, make_smoothness  # the training loss's terms
-
         super().__init__(reduction=reduction)
         if not float(smoothness_weight) >= 0:
             raise ValueError(f"smoothness_weight must be >= 0, got {smoothness_weight}.")
