@@ -174,6 +174,8 @@ def register(
     fixed,
     out: str,
     moving_label: str | None = None,
+    moving_brain_mask: str | None = None,
+    fixed_brain_mask: str | None = None,
     model: str | None = None,
     device: str | None = None,
     prealign: str | None = None,
@@ -195,6 +197,9 @@ def register(
         fixed: fixed image (same channels as the moving one).
         out: output folder (created; existing files of the same names are replaced).
         moving_label: label map of the moving image, warped with nearest neighbour.
+        moving_brain_mask, fixed_brain_mask: brain masks (on their image's grid) for images that are not
+            skull-stripped: every voxel outside becomes background before the registration (the tumour model was
+            trained on skull-stripped brains and labels scalp and skull otherwise).
         model: checkpoint; default the config's ckpt_path (the shipped registration model,
             models/pretrained/registration_t1_conditioned_2mm.pt). Another checkpoint gets the configs whose network
             takes it (``configs/joint.json`` for the joint model, see :func:`bundle.configs.checkpoint_overlays`).
@@ -222,6 +227,9 @@ def register(
     entry = {"moving": _existing(moving, "moving image"), "fixed": _existing(fixed, "fixed image")}
     if moving_label is not None:
         entry["moving_label"] = _existing(moving_label, "moving label map")
+    for key, mask in (("moving_brain_mask", moving_brain_mask), ("fixed_brain_mask", fixed_brain_mask)):
+        if mask is not None:
+            entry[key] = _existing(mask, key.replace("_", " "))
     out_dir = writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
     files, ckpt_path = _model_configs(root, ["inference.json"], model, registration_only)
@@ -247,6 +255,7 @@ def register(
 def segment(
     image,
     out: str,
+    brain_mask: str | None = None,
     model: str | None = None,
     device: str | None = None,
     bundle_root: str | None = None,
@@ -259,6 +268,9 @@ def segment(
             (a list of two files, or one file with both), e.g. ``--image "['t1c.nii.gz','flair.nii.gz']"``;
             another model its own channels.
         out: output folder; gets seg.nii.gz (0 background, 1 tumour) on the image's grid.
+        brain_mask: a brain mask on the image's grid, for images that are not skull-stripped (every voxel outside
+            becomes background first; the tumour model was trained on skull-stripped brains and labels scalp and
+            skull otherwise).
         model: joint-model checkpoint; default the shipped tumour model (configs/tumour.json,
             models/pretrained/joint_tumour_t1c_flair_2mm.pt). The configs that build its network are chosen
             from its parameters (``joint.json`` for a T1 joint model, ``joint.json`` + ``tumour.json``).
@@ -275,6 +287,8 @@ def segment(
     """
     root = find_bundle_root(bundle_root)
     entry = {"image": _existing(image, "image")}
+    if brain_mask is not None:
+        entry["brain_mask"] = _existing(brain_mask, "brain mask")
     out_dir = writable_folder(Path(str(out)).resolve(), "output folder")
     entry["name"] = out_dir.name
     ckpt_path, state = _checkpoint(model, read_config(root, TUMOUR_SEGMENTATION_CONFIGS))

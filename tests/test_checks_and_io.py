@@ -254,6 +254,25 @@ def test_load_pairs_atlas(data_dir):
     ]
 
 
+def test_brain_masks_are_paths_that_follow_their_images(data_dir):
+    """``brain_mask`` of a subject becomes ``moving_brain_mask`` / ``fixed_brain_mask`` of its pairs, resolved like
+    the images; a pair's ``fixed_brain_mask`` is the ``brain_mask`` of the image segmented from it; a missing one is
+    named."""
+    from bundle.io import load_subjects
+
+    content = {"pairing": "atlas", "atlas": {"image": "../data/atlas_t1.nii.gz", "brain_mask": "../data/atlas_seg.nii.gz"},
+               "training": [{"image": "../data/a_t1.nii.gz", "brain_mask": "../data/a_seg.nii.gz", "name": "a"}]}
+    (pair,) = _norm(load_pairs(_datalist(data_dir, content)))
+    assert pair["moving_brain_mask"] == _f(data_dir, "a_seg.nii.gz")
+    assert pair["fixed_brain_mask"] == _f(data_dir, "atlas_seg.nii.gz")
+    explicit = {"testing": [{"moving": "../data/a_t1.nii.gz", "fixed": "../data/b_t1.nii.gz", "fixed_brain_mask": "../data/b_seg.nii.gz"}]}
+    (subject,) = load_subjects(_datalist(data_dir, explicit, "explicit.json"))
+    assert Path(subject["image"]).name == "b_t1.nii.gz" and Path(subject["brain_mask"]).name == "b_seg.nii.gz"
+    missing = {"testing": [{"image": "../data/a_t1.nii.gz", "brain_mask": "../data/none.nii.gz"}]}
+    with pytest.raises(FileNotFoundError, match="brain_mask"):
+        load_subjects(_datalist(data_dir, missing, "missing.json"))
+
+
 def test_load_pairs_all_ordered_pairs(data_dir):
     subjects = [{"image": f"../data/{s}_t1.nii.gz", "label": f"../data/{s}_seg.nii.gz", "name": s} for s in "abc"]
     subjects[2].pop("name")

@@ -121,6 +121,50 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
                 "--pixdim", PIXDIM]
         return run(args, module="bundle", timeout=300, log=root / "segment_conditioned.log")
 
+    def brain_masked(name: str) -> tuple[str, str]:
+        """A brain mask of the demo's ``name`` image (its half with the lower first index) and the image stripped
+        by hand with it (outside: the image's minimum), both on the image's grid."""
+        image = nib.load(pair()[name])
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        mask = np.zeros(data.shape, np.uint8)
+        mask[: data.shape[0] // 2] = 1
+        stripped = np.where(mask > 0, data, data.min()).astype(np.float32)
+        paths = (root / f"{name}_brain_mask.nii.gz", root / f"{name}_stripped.nii.gz")
+        nib.save(nib.Nifti1Image(mask, image.affine), str(paths[0]))
+        nib.save(nib.Nifti1Image(stripped, image.affine), str(paths[1]))
+        return str(paths[0]), str(paths[1])
+
+    def masks():
+        graph.result("cli_demo").check()
+        return {name: brain_masked(name) for name in ("moving", "fixed")}
+
+    def segment_masked(how):  # --brain_mask, or the image stripped by hand: the same segmentation expected
+        masked = graph.result("cli_brain_masks")
+        image = masked["fixed"][1] if how == "stripped" else pair()["fixed"]
+        args = ["segment", image, "--out", root / f"segmented_{how}", "--model", ctx["ckpt"], "--pixdim", PIXDIM]
+        if how == "flag":
+            args += ["--brain_mask", masked["fixed"][0]]
+        return run(args, module="bundle", timeout=300, log=root / f"segment_{how}.log")
+
+    def register_masked(how):  # --moving_brain_mask / --fixed_brain_mask, or both images stripped by hand
+        masked = graph.result("cli_brain_masks")
+        p = pair()
+        images = [masked[n][1] for n in ("moving", "fixed")] if how == "stripped" else [p["moving"], p["fixed"]]
+        args = ["register", *images, "--out", root / f"registered_{how}", "--model", ctx["ckpt"], "--device", "cpu",
+                "--prealign", "none", "--pixdim", PIXDIM, "--outputs", "['warped','ddf','segmentations']"]
+        if how == "flag":
+            args += ["--moving_brain_mask", masked["moving"][0], "--fixed_brain_mask", masked["fixed"][0]]
+        return run(args, module="bundle", timeout=300, log=root / f"register_{how}.log")
+
+    def segment_bad_mask():  # a mask on another grid: refused, naming the file, as the last line
+        graph.result("cli_demo").check()
+        image = nib.load(pair()["fixed"])
+        bad = root / "bad_brain_mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones([n - 2 for n in image.shape[:3]], np.uint8), image.affine), str(bad))
+        args = ["segment", pair()["fixed"], "--out", root / "segmented_bad", "--model", ctx["ckpt"], "--pixdim", PIXDIM,
+                "--brain_mask", bad]
+        return run(args, module="bundle", timeout=300, log=root / "segment_bad.log")
+
     def evaluate():
         graph.result("cli_demo").check()
         args = ["evaluate", root / "demo_data" / "datalist.json", "--out", root / "eval", "--model", ctx["ckpt"],
@@ -137,6 +181,11 @@ def register_jobs(graph: JobGraph, tmp_path_factory) -> dict:
     for weight in ("0.1", "10.0"):
         graph.add(f"cli_register_conditioned_{weight}", lambda w=weight: register_conditioned(w), deps=["cli_demo"])
     graph.add("cli_segment_conditioned", segment_conditioned, deps=["cli_demo"])
+    graph.add("cli_brain_masks", masks, deps=["cli_demo"])
+    for how in ("flag", "stripped"):
+        graph.add(f"cli_segment_masked_{how}", lambda h=how: segment_masked(h), deps=["cli_brain_masks"])
+        graph.add(f"cli_register_masked_{how}", lambda h=how: register_masked(h), deps=["cli_brain_masks"])
+    graph.add("cli_segment_bad_mask", segment_bad_mask, deps=["cli_demo"])
     return ctx
 
 
@@ -406,6 +455,30 @@ def test_the_conditioned_joint_model_takes_the_weight_from_the_command_line(jobs
     graph.result("cli_segment_conditioned").check()
     seg = np.asarray(nib.load(str(ctx["root"] / "segmented_conditioned" / "seg.nii.gz")).dataobj)
     assert seg.shape == outputs["0.1"]["seg_fixed"].shape and set(np.unique(seg)) <= {0, 1}
+
+
+def test_brain_masks_skull_strip_the_inputs_of_segment_and_register(jobs):
+    """``--brain_mask`` (segment) and ``--moving_brain_mask`` / ``--fixed_brain_mask`` (register) give exactly the
+    outputs of the same images stripped by hand with those masks, and differ from the unmasked run."""
+    graph, ctx = jobs
+    root = ctx["root"]
+    load = lambda folder, name: np.asarray(nib.load(str(root / folder / f"{name}.nii.gz")).dataobj)  # noqa: E731
+    for how in ("flag", "stripped"):
+        graph.result(f"cli_segment_masked_{how}").check()
+        graph.result(f"cli_register_masked_{how}").check()
+    np.testing.assert_array_equal(load("segmented_flag", "seg"), load("segmented_stripped", "seg"))
+    for name in ("warped", "ddf", "seg_moving", "seg_fixed"):
+        np.testing.assert_allclose(load("registered_flag", name), load("registered_stripped", name), atol=1e-5)
+    graph.result("cli_register")[0].check()
+    assert np.abs(load("registered_flag", "ddf") - load("registered", "ddf")).max() > 1e-3  # the masks did something
+
+
+def test_a_brain_mask_on_another_grid_is_refused_naming_it(jobs):
+    graph, ctx = jobs
+    result = graph.result("cli_segment_bad_mask").check_fails("bad_brain_mask.nii.gz")
+    last = result.output.strip().splitlines()[-1]
+    assert "bad_brain_mask.nii.gz" in last and "grid" in last, result.tail()
+    assert not (ctx["root"] / "segmented_bad" / "seg.nii.gz").exists()
 
 
 def test_evaluate_writes_metrics(jobs):

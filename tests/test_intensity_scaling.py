@@ -1,5 +1,5 @@
-"""``ScaleIntensityInBraind``: the tumour model's normalisation (percentiles inside the brain -> [0, 1], 0 outside)
-and ``CheckChannelsd``."""
+"""``ScaleIntensityInBraind``: the tumour model's normalisation (percentiles inside the brain -> [0, 1], 0 outside),
+``ApplyBrainMaskd`` (skull-stripping with a given mask) and ``CheckChannelsd``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from bundle.transforms import CheckChannelsd, ScaleIntensityInBraind
+from bundle.transforms import ApplyBrainMaskd, CheckChannelsd, ScaleIntensityInBraind
 
 
 def _brain(shape=(2, 12, 14, 10), seed=0):
@@ -88,3 +88,59 @@ def test_channel_count_is_checked_with_the_sequences_named():
         check(one)
     with pytest.raises(ValueError, match=r"expected 2 \(a 4-D image is read as channels\)"):
         CheckChannelsd("image", num_channels=2)(one)
+
+
+def _head(shape=(2, 12, 14, 10), seed=1):
+    """A 'head': a brain box inside a bright scalp shell and a dark (0) surround; z-scored-like negatives inside."""
+    image, inside = _brain(shape, seed)
+    image[:, ~inside] = 9.0  # scalp and skull: bright, not background
+    image[:, 0] = 0.0
+    return image, inside
+
+
+def test_brain_mask_makes_a_head_look_skull_stripped():
+    """Outside the mask every channel takes its own minimum (the background a skull-stripped image has), the brain is
+    untouched, the mask item is dropped, and the tumour normalisation then equals the one on the stripped image."""
+    image, inside = _head()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    d = {"image": MetaTensor(torch.as_tensor(image), affine=affine, meta={"filename_or_obj": "head.nii.gz"}),
+         "brain_mask": MetaTensor(torch.as_tensor(inside[None].astype(np.uint8)), affine=affine)}
+    out = ApplyBrainMaskd("image", "brain_mask")(d)
+    assert "brain_mask" not in out and isinstance(out["image"], MetaTensor)
+    assert out["image"].meta["filename_or_obj"] == "head.nii.gz"
+    got = out["image"].numpy()
+    for c in range(2):
+        assert np.array_equal(got[c][inside], image[c][inside])
+        assert np.all(got[c][~inside] == image[c].min())
+    stripped = image.copy()
+    for c in range(2):
+        stripped[c][~inside] = image[c].min()
+    scaled = ScaleIntensityInBraind("image", mask_key="m")({"image": torch.as_tensor(got), "m": inside})["image"]
+    np.testing.assert_allclose(scaled.numpy(), _expected(stripped, inside), atol=1e-6)
+
+
+def test_brain_masks_are_optional_per_image_and_apply_to_their_own_image():
+    image, inside = _head()
+    other = inside.copy()
+    other[2:5] = False
+    t = ApplyBrainMaskd(["moving", "fixed"], ["moving_brain_mask", "fixed_brain_mask"])
+    out = t({"moving": torch.as_tensor(image), "fixed": torch.as_tensor(image.copy()), "fixed_brain_mask": torch.as_tensor(other)})
+    assert np.array_equal(out["moving"].numpy(), image)  # no mask: as given
+    assert np.all(out["fixed"].numpy()[:, ~other] == image.min(axis=(1, 2, 3))[:, None])
+    assert np.array_equal(out["fixed"].numpy()[:, other], image[:, other])
+    assert set(out) == {"moving", "fixed"}
+
+
+def test_brain_mask_on_another_grid_or_empty_is_named():
+    image, inside = _head()
+    meta = lambda a, aff, name: MetaTensor(torch.as_tensor(a), affine=aff, meta={"filename_or_obj": name})  # noqa: E731
+    eye = np.eye(4)
+    t = ApplyBrainMaskd("image", "brain_mask")
+    with pytest.raises(ValueError, match=r"mask.nii.gz.*shape \(12, 14, 9\).*head.nii.gz"):
+        t({"image": meta(image, eye, "head.nii.gz"), "brain_mask": meta(inside[None, :, :, :9], eye, "mask.nii.gz")})
+    shifted = eye.copy()
+    shifted[0, 3] = 5.0
+    with pytest.raises(ValueError, match=r"mask.nii.gz.*another grid.*head.nii.gz"):
+        t({"image": meta(image, eye, "head.nii.gz"), "brain_mask": meta(inside[None], shifted, "mask.nii.gz")})
+    with pytest.raises(ValueError, match=r"mask.nii.gz.*empty"):
+        t({"image": meta(image, eye, "head.nii.gz"), "brain_mask": meta(np.zeros_like(inside[None]), eye, "mask.nii.gz")})

@@ -13,7 +13,8 @@ from bundle.io.readers import is_file
 __all__ = ["load_pairs", "load_subjects", "check_label_supervision", "PAIRINGS"]
 
 PAIRINGS = ("explicit", "atlas", "all")
-_PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour", "image", "label", "tumour")
+_PATH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_tumour", "fixed_tumour", "moving_brain_mask",
+              "fixed_brain_mask", "image", "label", "tumour", "brain_mask")
 
 
 def _resolve(value, base: Path, where: str, check: bool, channels: bool = True):
@@ -33,7 +34,7 @@ def _resolve(value, base: Path, where: str, check: bool, channels: bool = True):
 
 def _subject_pair(moving: dict, fixed: dict, name: str) -> dict:
     pair = {"moving": moving["image"], "fixed": fixed["image"], "name": name}
-    for key in ("label", "tumour"):
+    for key in ("label", "tumour", "brain_mask"):
         if key in moving:
             pair[f"moving_{key}"] = moving[key]
         if key in fixed:
@@ -46,7 +47,8 @@ def _subject_name(subject: dict, index: int) -> str:
 
 
 def load_subjects(datalist: str | os.PathLike, section: str = "testing", check_files: bool = True) -> list[dict]:
-    """Read single images ``{"image", "label"?, "tumour"?, "name"?}`` from a datalist section (e.g. to segment).
+    """Read single images ``{"image", "label"?, "tumour"?, "brain_mask"?, "name"?}`` from a datalist section (e.g. to
+    segment).
 
     Entries that are pairs contribute their ``fixed`` image (with its labels), each image once. Names default
     to the image's file name without extension.
@@ -113,8 +115,10 @@ def load_pairs(
     are stacked as channels, e.g. MRI sequences in the order ``metadata.json`` lists):
 
     - ``"explicit"``: ``section`` lists pairs ``{"moving", "fixed", "moving_label"?, "fixed_label"?,
-      "moving_tumour"?, "fixed_tumour"?, "name"?}`` (``*_label``: anatomical label maps; ``*_tumour``: tumour masks).
-    - ``"atlas"``: ``section`` lists subjects ``{"image", "label"?, "tumour"?, "name"?}``; each is registered to the
+      "moving_tumour"?, "fixed_tumour"?, "moving_brain_mask"?, "fixed_brain_mask"?, "name"?}`` (``*_label``:
+      anatomical label maps; ``*_tumour``: tumour masks; ``*_brain_mask``: brain masks on the image's grid, for
+      images that are not skull-stripped, applied by the inference configs).
+    - ``"atlas"``: ``section`` lists subjects ``{"image", "label"?, "tumour"?, "brain_mask"?, "name"?}``; each is registered to the
       top-level ``"atlas"`` subject (moving = subject, fixed = atlas).
     - ``"all"``: ``section`` lists subjects; every ordered pair of distinct subjects is a pair.
 

@@ -4,7 +4,7 @@ from .warping import JacobianDeterminantd, ResampleDDFToOriginald, ResampleToOri
 from .spacing import PerKeySpacingd
 from .lesion import RandLesionImplantd
 from .channels import RandAdjustContrastPerChanneld, RandDropChanneld
-from .intensity import ScaleIntensityInBraind
+from .intensity import ApplyBrainMaskd, ScaleIntensityInBraind
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
 from .synthesis import FLAIR_MEANS, FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird

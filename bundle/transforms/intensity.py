@@ -1,17 +1,74 @@
-"""Intensity scaling inside the brain: the normalisation the tumour model was trained with."""
+"""Intensity scaling inside the brain (the normalisation the tumour model was trained with) and brain masking of images
+that are not skull-stripped."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import ensure_tuple_rep
 
 from .checks import source_name
 
-__all__ = ["ScaleIntensityInBraind"]
+__all__ = ["ApplyBrainMaskd", "ScaleIntensityInBraind"]
+
+
+class ApplyBrainMaskd(MapTransform):
+    """Skull-strip images with a given brain mask: each channel's voxels outside the mask (> 0) become that channel's
+    minimum (the constant background of a skull-stripped image, which :class:`ScaleIntensityInBraind` and
+    ``above_minimum`` cropping read as "not brain"); the mask items are then removed.
+
+    For images that are not skull-stripped (the tumour model was trained on skull-stripped brains as BraTS
+    distributes them; on whole heads it labels scalp and skull). MONAI's ``MaskIntensityd`` writes 0 (not the
+    background of a z-scored image), needs the mask on every item and checks only its shape, hence our own.
+
+    Args:
+        keys: channel-first images.
+        mask_keys: one mask key per image key (e.g. ``moving_brain_mask``, ``fixed_brain_mask``); an item without
+            the mask is left as it is (masks are optional, per image).
+
+    Raises:
+        ValueError: a mask whose grid (shape or voxel-to-world affine) is not its image's, or an empty mask.
+    """
+
+    def __init__(self, keys: KeysCollection, mask_keys: Hashable | Sequence[Hashable], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_keys = ensure_tuple_rep(mask_keys, len(self.keys))
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key, mask_key in self.key_iterator(d, self.mask_keys):
+            if mask_key not in d:
+                continue
+            image, mask = d[key], d[mask_key]
+            inside = torch.as_tensor(mask)
+            inside = (inside[0] if inside.ndim == image.ndim else inside) > 0
+            _check_same_grid(d, key, mask_key)
+            if not bool(inside.any()):
+                raise ValueError(f"{source_name(d, mask_key)}: the brain mask of {key!r} is empty.")
+            flat = torch.as_tensor(image).flatten(1)
+            background = flat.min(1).values.reshape(-1, *([1] * (image.ndim - 1)))
+            out = torch.where(inside, torch.as_tensor(image), background.to(flat.dtype))
+            d[key] = image.clone().copy_(out) if hasattr(image, "meta") else out
+        for mask_key in self.mask_keys:
+            d.pop(mask_key, None)
+        return d
+
+
+def _check_same_grid(d: Mapping, key: Hashable, mask_key: Hashable) -> None:
+    """A mask must lie on its image's voxel grid: same spatial shape and, where both carry one, the same affine."""
+    image, mask = d[key], d[mask_key]
+    shape = tuple(mask.shape[1:] if mask.ndim == image.ndim else mask.shape)
+    if shape != tuple(image.shape[1:]):
+        raise ValueError(f"{source_name(d, mask_key)}: brain mask of shape {shape}, its image {source_name(d, key)} "
+                         f"{tuple(image.shape[1:])}: a brain mask must be on its image's grid.")
+    a, b = getattr(image, "affine", None), getattr(mask, "affine", None)
+    if a is not None and b is not None and not np.allclose(np.asarray(a), np.asarray(b), atol=1e-3):
+        raise ValueError(f"{source_name(d, mask_key)}: brain mask on another grid than its image {source_name(d, key)} "
+                         "(voxel-to-world affines differ): a brain mask must be on its image's grid.")
 
 
 class ScaleIntensityInBraind(MapTransform):
