@@ -6,6 +6,8 @@
     python benchmarks/tumour_campaign.py evaluate                         # held-out tumour Dice per fold -> CSV
     python benchmarks/tumour_campaign.py evaluate-segment                 # the same through `brainreg segment`'s configs
     python benchmarks/tumour_campaign.py evaluate-progression             # fold `all` on the TCIA time points -> CSV
+    python benchmarks/tumour_campaign.py evaluate-progression --brain-masks runs/tumour_campaign/progression_brain_masks
+                                                                          # ... skull-stripped (progression_brain_masks.py)
     python benchmarks/tumour_campaign.py evaluate-regularisation --run tumour_conditioned  # the λ trade-off -> CSV
 
 Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped model: one whole-tumour class) or
@@ -83,6 +85,7 @@ REGULARISATION_RESULTS = REPO / "docs" / "results" / "regularisation" / "tumour_
 SYNTHETIC_SUBJECTS = 28  # synthetic tumour subjects (2 per SynthSeg training map) ...
 SYNTHETIC_PAIRS = 28  # ... and ordered pairs of them added to each fold's training pairs (seeded sample)
 PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression.csv"
+STRIPPED_PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression_stripped.csv"
 SHIPPED_TUMOUR = REPO / "models" / "pretrained" / "joint_tumour_t1c_flair_2mm.pt"  # fold all of run "tumour"
 
 
@@ -526,25 +529,37 @@ def progression_sources(data: Path | None = None) -> dict[str, dict[str, Path]]:
     return cases
 
 
-def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str = "tumour", fold: str = "all") -> Path:
+def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str = "tumour", fold: str = "all",
+                         brain_masks: Path | None = None) -> Path:
     """Fold ``fold``'s best weights (by default the model to ship) on every TCIA progression time point (raw T1post +
     FLAIR, not skull-stripped, 6.5 mm slices; no fold trains on them) through the segmentation configs; Dice of
     the whole tumour and, for 3-class models, of the core against the expert ``MaskTumor``, to ``target``.
+
+    ``brain_masks``: a folder of ``<time point>_brain_mask.nii.gz`` (``benchmarks/progression_brain_masks.py``) given
+    to the configs as each image's ``brain_mask`` (skull-stripped input, the models' input contract); the results go
+    to ``tumour_progression_stripped.csv`` (per run) and the outputs to ``progression_stripped_outputs``.
 
     The expert masks mark the contrast-enhancing tumour core, not the oedema: FLAIR is as bright just outside them
     as inside (docs/README.md), so the core is the prediction that corresponds to them."""
     from bundle.configs import TUMOUR_SEGMENTATION_CONFIGS, bundle_command
 
-    target = target or results_path(PROGRESSION_RESULTS, run)
+    target = target or results_path(STRIPPED_PROGRESSION_RESULTS if brain_masks else PROGRESSION_RESULTS, run)
     root = fold_root(fold, run)
     if not (root / "finished.json").is_file():
         raise FileNotFoundError(f"{root / 'finished.json'}: fold {fold} of run {run} has not finished training")
     finished = json.loads((root / "finished.json").read_text())
     sources = progression_sources()
     datalist = {"testing": [{"image": [str(c["t1c"]), str(c["flair"])], "name": n} for n, c in sources.items()]}
-    out_dir = outputs_dir(out, fold, "progression_outputs", run)
+    if brain_masks is not None:
+        for entry in datalist["testing"]:
+            mask = Path(brain_masks).resolve() / f"{entry['name']}_brain_mask.nii.gz"
+            if not mask.is_file():
+                raise FileNotFoundError(f"{mask}: no brain mask for {entry['name']} (benchmarks/progression_brain_masks.py)")
+            entry["brain_mask"] = str(mask)
+    suffix = "_stripped" if brain_masks is not None else ""
+    out_dir = outputs_dir(out, fold, f"progression{suffix}_outputs", run)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datalist_path = out_dir.parent / "datalist_progression.json"
+    datalist_path = out_dir.parent / f"datalist_progression{suffix}.json"
     datalist_path.write_text(json.dumps(datalist, indent=1))
     settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir, "ckpt_path": fold_weights(root, run, fold)}
     with open(out_dir.parent / "progression.log", "a") as log:
@@ -555,7 +570,9 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
         truth = np.squeeze(_load(case["tumour"])) > 0
         seg = np.squeeze(_load(out_dir / name / "seg.nii.gz"))
         depth = depth_in_head(case["t1c"])
-        row = {"run": run, "fold": fold, "time_point": name, "expert_ml": round(float(truth.sum()) * _voxel_ml(case["tumour"]), 2),
+        row = {"run": run, "fold": fold, "time_point": name,
+               "input": "brain masks (progression_brain_masks.py)" if brain_masks is not None else "raw head",
+               "expert_ml": round(float(truth.sum()) * _voxel_ml(case["tumour"]), 2),
                "whole_tumour_dice": round(dice(seg > 0, truth), 4),
                "whole_tumour_ml": round(float((seg > 0).sum()) * _voxel_ml(case["tumour"]), 2),
                # median depth below the head's surface (mm): where the prediction and the expert mask lie
@@ -603,13 +620,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--run", choices=list(RECIPES), default="tumour", help="which recipe's folds (default: the shipped model's)")
     parser.add_argument("--folds", nargs="+", default=None, help="train these folds, in this order (default: all, in the split's order)")
+    parser.add_argument("--brain-masks", type=Path, default=None,
+                        help="evaluate-progression: skull-strip the time points with these masks (progression_brain_masks.py)")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run, folds=a.folds),
                 "status": lambda: status(a.run), "evaluate": lambda: evaluate(run=a.run),
                 "evaluate-segment": lambda: evaluate_segment(run=a.run),
-                "evaluate-progression": lambda: evaluate_progression(run=a.run),
+                "evaluate-progression": lambda: evaluate_progression(run=a.run, brain_masks=a.brain_masks),
                 "evaluate-regularisation": lambda: evaluate_regularisation(run=a.run)}
     try:
         result = commands[a.command]()

@@ -240,6 +240,52 @@ def test_evaluate_progression_scores_fold_all_on_every_time_point(tmp_path, monk
     assert [r["time_point"] for r in rows] == ["P1_tp0", "P1_tp1", "P2_tp0", "P2_tp1"]
     assert float(rows[0]["whole_tumour_dice"]) == 1.0 and float(rows[0]["core_dice"]) == pytest.approx(2 * 16 / 48, abs=1e-4)
     assert float(rows[0]["expert_ml"]) == pytest.approx(32 * 1.625 / 1000, abs=0.01)
+    assert rows[0]["input"] == "raw head"
+
+    # skull-stripped: each time point's brain mask reaches the configs as its brain_mask; a missing one is named
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("P1_tp0", "P1_tp1", "P2_tp0"):
+        write_nifti(np.ones((8, 8, 4), np.uint8), affine, masks / f"{name}_brain_mask.nii.gz")
+    with pytest.raises(FileNotFoundError, match="P2_tp1_brain_mask.nii.gz"):
+        tumour_campaign.evaluate_progression(tmp_path / "runs", tmp_path / "s.csv", run="tumour_v2", brain_masks=masks)
+    write_nifti(np.ones((8, 8, 4), np.uint8), affine, masks / "P2_tp1_brain_mask.nii.gz")
+    target = tumour_campaign.evaluate_progression(tmp_path / "runs", tmp_path / "s.csv", run="tumour_v2", brain_masks=masks)
+    entries = json.loads(Path(calls[-1]["--datalist"]).read_text())["testing"]
+    assert [Path(e["brain_mask"]).name for e in entries] == [f"{n}_brain_mask.nii.gz" for n in ("P1_tp0", "P1_tp1", "P2_tp0", "P2_tp1")]
+    assert "stripped" in calls[-1]["--output_dir"] and calls[-1]["--output_dir"] != calls[0]["--output_dir"]
+    assert {r["input"] for r in csv.DictReader(open(target))} == {"brain masks (progression_brain_masks.py)"}
+    assert tumour_campaign.results_path(tumour_campaign.STRIPPED_PROGRESSION_RESULTS, "tumour_v3").name == "tumour_v3_progression_stripped.csv"
+
+
+def test_progression_brain_masks_come_back_on_each_image_grid(tmp_path):
+    """The brain extraction runs on a 1 mm isotropic copy; its mask is brought back to the thick-slice grid."""
+    import nibabel as nib
+
+    import progression_brain_masks
+
+    affine = np.diag([0.5, 0.5, 6.5, 1.0])
+    data = np.zeros((40, 40, 6), np.float32)
+    data[10:30, 10:30, 1:5] = 1.0
+    seen = []
+
+    def extract(iso):  # a 'brain extraction': the bright voxels of the 1 mm copy
+        seen.append(iso.header.get_zooms()[:3])
+        return nib.Nifti1Image((np.asarray(iso.dataobj) > 0.5).astype(np.uint8), iso.affine)
+
+    folder = tmp_path / "tp"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(data, affine), str(folder / "T1post.nii.gz"))
+    nib.save(nib.Nifti1Image((data > 0).astype(np.uint8), affine), str(folder / "MaskTumor.nii.gz"))
+    sources = {"P_tp0": {"t1c": folder / "T1post.nii.gz", "tumour": folder / "MaskTumor.nii.gz"}}
+    (path,) = progression_brain_masks.write_masks(tmp_path / "masks", extract, sources)
+    assert np.allclose(seen[0], 1.0)
+    mask = nib.load(str(path))
+    np.testing.assert_allclose(mask.affine, affine)
+    got = np.asarray(mask.dataobj)
+    assert got.shape == data.shape and got.dtype == np.uint8
+    assert (got == (data > 0)).mean() > 0.97 and got[15:25, 15:25, 2:4].all() and not got[:5].any()
+    assert not list((tmp_path / "masks").glob(".*"))  # no temporary left
 
 
 def test_the_shipped_fold_all_is_read_from_the_shipped_file(tmp_path):
