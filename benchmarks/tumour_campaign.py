@@ -86,7 +86,8 @@ SYNTHETIC_SUBJECTS = 28  # synthetic tumour subjects (2 per SynthSeg training ma
 SYNTHETIC_PAIRS = 28  # ... and ordered pairs of them added to each fold's training pairs (seeded sample)
 PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression.csv"
 STRIPPED_PROGRESSION_RESULTS = REPO / "docs" / "results" / "tumour_progression_stripped.csv"
-SHIPPED_TUMOUR = REPO / "models" / "pretrained" / "joint_tumour_t1c_flair_2mm.pt"  # fold all of run "tumour"
+SHIPPED_TUMOUR = REPO / "models" / "pretrained" / "joint_tumour_regions_t1c_flair_2mm.pt"  # fold all of run "tumour_v3"
+SHIPPED_RUN = "tumour_v3"
 
 
 def regions(run: str) -> bool:
@@ -341,8 +342,10 @@ SEQUENCES = {"T1c+FLAIR": ("", "test_outputs"), "T1c only (FLAIR zero)": ("_no_f
 
 
 def inference_configs(run: str, base: tuple[str, ...] | list[str]) -> list[str]:
-    """``base`` plus what the run's network needs at inference (its number of tumour classes, its λ conditioning)."""
-    extra = [name for name in ("tumour_regions.json", "joint_conditioned.json") if name in RECIPES[run]]
+    """``base`` plus what the run's network needs at inference (its number of tumour classes, its λ conditioning):
+    ``tumour.json`` builds the shipped 3-class (oedema / core) model; the one-class runs add ``tumour_whole.json``."""
+    classes = ["tumour_regions.json"] if regions(run) else ["tumour_whole.json"]
+    extra = [*classes, *[name for name in ("joint_conditioned.json",) if name in RECIPES[run]]]
     return [*base, *extra]
 
 
@@ -603,7 +606,7 @@ def depth_in_head(image: str | Path) -> np.ndarray:
 def fold_weights(root: Path, run: str, fold: str) -> Path:
     """A fold's best weights; the shipped model's fold ``all`` is not kept twice: its weights are the shipped file."""
     weights = root / "models" / "model.pt"
-    if not weights.is_file() and (run, fold) == ("tumour", "all"):
+    if not weights.is_file() and (run, fold) == (SHIPPED_RUN, "all"):
         return SHIPPED_TUMOUR
     return weights
 

@@ -267,13 +267,15 @@ def segment(
         image: the shipped tumour model takes two skull-stripped sequences stacked as channels, T1c then FLAIR
             (a list of two files, or one file with both), e.g. ``--image "['t1c.nii.gz','flair.nii.gz']"``;
             another model its own channels.
-        out: output folder; gets seg.nii.gz (0 background, 1 tumour) on the image's grid.
+        out: output folder; gets seg.nii.gz on the image's grid (the shipped tumour model: 0 background, 1 oedema,
+            2 tumour core; a one-class model: 1 tumour).
         brain_mask: a brain mask on the image's grid, for images that are not skull-stripped (every voxel outside
             becomes background first; the tumour model was trained on skull-stripped brains and labels scalp and
             skull otherwise).
         model: joint-model checkpoint; default the shipped tumour model (configs/tumour.json,
-            models/pretrained/joint_tumour_t1c_flair_2mm.pt). The configs that build its network are chosen
-            from its parameters (``joint.json`` for a T1 joint model, ``joint.json`` + ``tumour.json``).
+            models/pretrained/joint_tumour_regions_t1c_flair_2mm.pt). The configs that build its network are chosen
+            from its parameters (``joint.json`` for a T1 joint model, ``joint.json`` + ``tumour.json`` [+
+            ``tumour_whole.json`` for one tumour class]).
         device: cpu, cuda or cuda:N.
         bundle_root: the bundle folder (see register).
         overrides: any other config id of inference_segmentation.json.

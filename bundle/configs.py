@@ -124,7 +124,7 @@ _ARCHITECTURE_OVERLAYS = (
     (),
     ("joint.json",),
     ("joint.json", "tumour.json"),
-    ("joint.json", "tumour.json", "tumour_regions.json"),
+    ("joint.json", "tumour.json", "tumour_whole.json"),
     ("tumour_campaign.json",),
     ("joint.json", "tumour_campaign.json"),
     ("registration_only.json", "campaign.json", "regularisation_conditioned.json"),
@@ -132,7 +132,7 @@ _ARCHITECTURE_OVERLAYS = (
     ("registration_only.json",),
     ("registration_only.json", "regularisation_conditioned.json"),
     ("joint.json", "tumour.json", "joint_conditioned.json"),
-    ("joint.json", "tumour.json", "tumour_regions.json", "joint_conditioned.json"),
+    ("joint.json", "tumour.json", "tumour_whole.json", "joint_conditioned.json"),
     ("joint.json", "joint_conditioned.json"),
 )
 
@@ -148,7 +148,7 @@ def checkpoint_overlays(
     """The config overlays to add to ``base`` so that its ``network_def`` takes ``state`` (same parameter names and
     shapes): the first fitting entry of the bundle's architecture overlays (none for the shipped model on
     ``inference.json``; ``joint.json`` for the joint T1 model, ``joint.json`` + ``tumour.json`` for the T1c + FLAIR
-    tumour model, + ``tumour_regions.json`` for its oedema / core version; ``registration_only.json`` [+ ``campaign.json``]
+    tumour model (oedema / tumour core), + ``tumour_whole.json`` for a one-class (whole tumour) version; ``registration_only.json`` [+ ``campaign.json``]
     [+ ``regularisation_conditioned.json``] for the other registration-only U-Nets), plus
     ``probabilistic_features.json`` for Gaussian encoder features. Settings a state dict cannot show (the
     integration steps, the training grid) are those of the matching configs.

@@ -77,17 +77,18 @@ def test_registration_only_state_dicts_are_recognised():
         (["inference.json"], ["registration_only.json", "regularisation_conditioned.json"],
          ["registration_only.json", "regularisation_conditioned.json"]),
         (["inference.json"], ["joint.json", "tumour.json"], ["joint.json", "tumour.json"]),
-        # the campaign's training overlay builds the same network as the shipped tumour model's inference overlay
-        (["inference.json"], ["joint.json", "tumour_campaign.json"], ["joint.json", "tumour.json"]),
-        # the oedema / tumour core model (3 classes) of the campaign's run tumour_v2
-        (["inference.json"], ["joint.json", "tumour_campaign.json", "tumour_regions.json"],
-         ["joint.json", "tumour.json", "tumour_regions.json"]),
+        # the shipped tumour model (oedema / tumour core) is the campaign's 3-class recipe (runs tumour_v2, v3)
+        (["inference.json"], ["joint.json", "tumour_campaign.json", "tumour_regions.json"], ["joint.json", "tumour.json"]),
+        # the campaign's one-class (whole tumour) recipe, run tumour: the tumour overlay with one tumour class
+        (["inference.json"], ["joint.json", "tumour_campaign.json"], ["joint.json", "tumour.json", "tumour_whole.json"]),
+        (["inference.json"], ["joint.json", "tumour.json", "tumour_whole.json"], ["joint.json", "tumour.json", "tumour_whole.json"]),
         (["inference.json"], ["registration_only.json", "probabilistic_features.json"],
          ["registration_only.json", "probabilistic_features.json"]),
         (["train.json"], [], []),
         (["train.json"], ["registration_only.json", "campaign.json", "regularisation_conditioned.json"],
          ["registration_only.json", "campaign.json", "regularisation_conditioned.json"]),
-        (["train.json"], ["tumour_campaign.json"], ["joint.json", "tumour.json"]),
+        (["train.json"], ["tumour_campaign.json"], ["joint.json", "tumour.json", "tumour_whole.json"]),
+        (["train.json"], ["tumour_campaign.json", "tumour_regions.json"], ["joint.json", "tumour.json"]),
         (["train.json"], ["joint.json"], []),
     ],
 )
@@ -101,7 +102,7 @@ def test_checkpoint_overlays_rebuild_the_network_a_state_dict_came_from(base, ov
 
 
 def test_the_shipped_tumour_model_is_what_the_tumour_configs_load():
-    """``configs/tumour.json``: T1c + FLAIR, 2 mm, brain-scaled; its weights load strictly into the pair network and
+    """``configs/tumour.json``: T1c + FLAIR, 2 mm, brain-scaled, oedema and tumour core; its weights load strictly into the pair network and
     the segmentation-only network, and a checkpoint of it is recognised as that overlay."""
     from bundle.configs import TUMOUR_CONFIGS, TUMOUR_SEGMENTATION_CONFIGS
     from bundle.engines import load_weights
@@ -109,8 +110,9 @@ def test_the_shipped_tumour_model_is_what_the_tumour_configs_load():
 
     pair = read_config(REPO_ROOT, TUMOUR_CONFIGS)
     path = pair.get_parsed_content("ckpt_path")
-    assert path.endswith("joint_tumour_t1c_flair_2mm.pt")
+    assert path.endswith("joint_tumour_regions_t1c_flair_2mm.pt")
     assert pair.get_parsed_content("num_channels") == 2 and pair.get_parsed_content("channel_names") == ["T1c", "FLAIR"]
+    assert pair.get_parsed_content("num_tumour_classes") == 3  # background, oedema, tumour core
     assert pair.get_parsed_content("pixdim") == [2.0, 2.0, 2.0] and pair.get_parsed_content("brain_scaling")
     network = load_weights(pair.get_parsed_content("network_def"), path)
     assert isinstance(network, JointRegSegNet) and network.reg_decoder is not None
@@ -137,3 +139,21 @@ def test_no_config_branches_on_the_model_kind():
         text = path.read_text()
         assert "joint_model" not in text and "isinstance(@network_def" not in text, path.name
         json.loads(text)
+
+
+def test_tumour_labels_are_binarised_for_one_class_and_checked_for_three():
+    """A one-class tumour model trains on any tumour label > 0 (BraTS 1-4 binarised); the shipped 3-class model needs
+    0 / 1 oedema / 2 core maps and names a file with other values (e.g. raw BraTS labels) instead of mis-training."""
+    from monai.data import MetaTensor
+
+    def tumour_after_checks(overlays):
+        transforms = read_config(REPO_ROOT, ["train.json", *overlays]).get_parsed_content("preprocessing_transforms")
+        data = {"moving_tumour": MetaTensor(torch.tensor([[[[0.0, 1.0, 2.0, 4.0]]]]), meta={"filename_or_obj": "brats_seg.nii.gz"})}
+        for t in transforms:
+            if type(t).__name__ in ("CheckLabeld", "AsDiscreted"):
+                data = t(data)
+        return data["moving_tumour"]
+
+    assert tumour_after_checks(["joint.json"]).flatten().tolist() == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"brats_seg.nii.gz.*label value 4 >= num_classes=3"):
+        tumour_after_checks(["joint.json", "tumour.json"])

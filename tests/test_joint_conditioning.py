@@ -120,12 +120,12 @@ def test_the_overlay_trains_over_drawn_weights_from_plain_weights_and_infers_at_
     # inference: the overlay is found from the checkpoint's parameters; --regularisation_weight reaches the batch
     state = _trained_film(ConditionedJointRegSegNet(**OPTIONS)).state_dict()
     overlays = checkpoint_overlays(REPO_ROOT, ["inference.json"], state)
-    assert overlays == ["joint.json", "tumour.json", "joint_conditioned.json"]
+    assert overlays == ["joint.json", "tumour.json", "tumour_whole.json", "joint_conditioned.json"]
     infer = read_config(REPO_ROOT, ["inference.json", *overlays], {"regularisation_weight": 3.0})
     assert infer.get_parsed_content("prepare_batch").regularisation_weight == 3.0
     assert isinstance(infer.get_parsed_content("network_def"), ConditionedJointRegSegNet)
     # the plain joint model keeps no λ channel
-    assert checkpoint_overlays(REPO_ROOT, ["inference.json"], plain.state_dict()) == ["joint.json", "tumour.json"]
+    assert checkpoint_overlays(REPO_ROOT, ["inference.json"], plain.state_dict()) == ["joint.json", "tumour.json", "tumour_whole.json"]
 
 
 def test_the_segmentation_path_loads_a_conditioned_checkpoint_and_nothing_else_extra(tmp_path):

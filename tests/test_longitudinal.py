@@ -175,3 +175,36 @@ def test_real_pairs_and_a_perfect_registration_score(monkeypatch):
         assert row[f"mse_{region}"] == 0.0 and row[f"folding_pct_{region}"] == 0.0
         assert row[f"ncc_{region}"] == pytest.approx(1.0, abs=1e-3)
     assert row["tumour_overlap_tp0_tp1"] == 1.0
+
+
+def test_brain_masks_strip_the_scored_images_and_reach_the_pair(tmp_path, monkeypatch):
+    """``--brain-masks``: each time point's mask becomes the pair's moving/fixed_brain_mask, the T1post images that
+    are scored are stripped copies (0 outside the mask), and the scores are restricted to the tp1 brain."""
+    rng = np.random.default_rng(0)
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    inside = np.zeros(SHAPE, np.uint8)
+    inside[5:35, 5:25] = 1
+    for tp in ("tp0_2001-01-01", "tp1_2001-06-01"):
+        _save(rng.random(SHAPE).astype(np.float32) + 1.0, FIXED_AFFINE, data / "PGBM-002" / tp / "T1post.nii.gz")
+        tumour = np.zeros(SHAPE, np.uint8)
+        tumour[15:20, 10:15, 2:4] = 1
+        _save(tumour, FIXED_AFFINE, data / "PGBM-002" / tp / "MaskTumor.nii.gz")
+    monkeypatch.setattr(longitudinal, "DATA", data)
+    _save(inside, FIXED_AFFINE, masks / "PGBM-002_tp0_brain_mask.nii.gz")
+    with pytest.raises(FileNotFoundError, match="PGBM-002_tp1_brain_mask.nii.gz"):
+        longitudinal.pairs(2, masks, tmp_path / "stripped")
+    _save(inside, FIXED_AFFINE, masks / "PGBM-002_tp1_brain_mask.nii.gz")
+    (pair,) = longitudinal.pairs(2, masks, tmp_path / "stripped")
+    assert Path(pair["fixed_brain_mask"]).name == "PGBM-002_tp1_brain_mask.nii.gz"
+    assert Path(pair["moving_brain_mask"]).name == "PGBM-002_tp0_brain_mask.nii.gz"
+    assert pair["fixed"][0].endswith("T1post.nii.gz") and "stripped" in pair["t1_fixed"]
+    stripped, _ = longitudinal._load(pair["t1_fixed"])
+    raw, _ = longitudinal._load(str(data / "PGBM-002" / "tp1_2001-06-01" / "T1post.nii.gz"))
+    assert np.all(stripped[inside == 0] == 0) and np.array_equal(stripped[inside > 0], raw[inside > 0])
+    # an error outside the brain is not scored
+    warped = stripped.copy()
+    warped[0:3] = 1.0  # outside the brain (stripped: 0), below the 99.5th percentile: the scaling is unchanged
+    scores = longitudinal.score(pair, warped, np.zeros(SHAPE, bool), np.zeros((3, *SHAPE), np.float32))
+    assert scores["mse_outside"] == 0.0
+    unmasked = {k: v for k, v in pair.items() if k != "fixed_brain_mask"}
+    assert longitudinal.score(unmasked, warped, np.zeros(SHAPE, bool), np.zeros((3, *SHAPE), np.float32))["mse_outside"] > 0

@@ -113,6 +113,8 @@ def test_stock_export_of_the_shipped_tumour_model(tmp_path):
     meta = json.loads((dest / "configs" / "metadata.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 2 and list(image["channel_def"].values()) == ["T1c (skull-stripped)", "FLAIR (skull-stripped)"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 3 and pred["channel_def"] == {"0": "background", "1": "oedema", "2": "tumour core"}
     verify_net_in_out(net_id="network_def", meta_file=str(dest / "configs" / "metadata.json"),
                       config_file=str(dest / "configs" / "inference.json"), n=2, device="cpu")
     train = _parser(dest / "configs" / "train.json")
@@ -127,11 +129,12 @@ def test_app_configs_follow_the_joint_model_it_runs(tmp_path):
     from monailabel_app.lib.bundle_config import AppSettings
 
     settings = AppSettings.from_conf(tmp_path, {})
-    assert settings.model.name == "joint_tumour_t1c_flair_2mm.pt"
+    assert settings.model.name == "joint_tumour_regions_t1c_flair_2mm.pt"
     assert settings.joint_overlays("inference.json") == ["joint.json", "tumour.json"]
     assert settings.joint_overlays("train.json") == ["joint.json", "tumour.json"]
     t1 = AppSettings.from_conf(tmp_path, {"model": str(write_zero_checkpoint(tmp_path / "t1.pt"))})
     assert t1.joint_overlays("inference.json") == ["joint.json"] and t1.joint_overlays("train.json") == []
+    assert settings.tumour_labels() == {"oedema": 1, "tumour core": 2} and t1.tumour_labels() == {"tumour": 1}
     settings.trained_model.parent.mkdir(parents=True)
     write_zero_checkpoint(settings.trained_model)  # a published one-channel model replaces the shipped one
     assert settings.joint_overlays("inference.json") == ["joint.json"]
@@ -231,7 +234,7 @@ def test_app_runs_a_conditioned_joint_model_at_the_weight_its_overrides_give(tmp
     settings = AppSettings.from_conf(tmp_path, {"model": str(tmp_path / "conditioned.pt"),
                                                 "overrides": '{"regularisation_weight": 0.5}'})
     overlays = settings.joint_overlays("inference.json")
-    assert overlays == ["joint.json", "tumour.json", "joint_conditioned.json"]
+    assert overlays == ["joint.json", "tumour.json", "tumour_whole.json", "joint_conditioned.json"]
     registration = read_config(settings.bundle_root, ["inference.json", *overlays], settings.overrides)
     assert registration.get_parsed_content("prepare_batch").regularisation_weight == 0.5
     segmentation = read_config(settings.bundle_root, settings.segmentation_configs(),

@@ -115,3 +115,20 @@ def test_region_metrics_without_tumour_and_without_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
         region_registration_metrics(warped, fixed, torch.zeros(3, *shape), tumour, spacing, warped_label=label,
                                     fixed_label=label)
+
+
+def test_region_metrics_inside_a_brain_mask():
+    """With a brain mask every region is restricted to it: an error outside the brain is not scored."""
+    shape, fixed, tumour, spacing = _slab_case()
+    warped = fixed.clone()
+    warped[:, :, 12:] += 1.0  # error only in x1 >= 12 (outside the tumour and band)
+    brain = torch.zeros(1, *shape, dtype=torch.bool)
+    brain[:, :, :12] = True
+    x0 = torch.arange(shape[0], dtype=torch.float32)[:, None, None].expand(shape)
+    ddf = torch.zeros(3, *shape)
+    ddf[0, :, 13:15] = -2.0 * x0[:, 13:15]  # folding only outside the brain
+    whole = region_registration_metrics(warped, fixed, ddf, tumour, spacing)
+    inside = region_registration_metrics(warped, fixed, ddf, tumour, spacing, brain_mask=brain)
+    assert whole["mse_outside"] > 0.3 and whole["folding_pct_outside"] > 0
+    assert inside["mse_outside"] == 0.0 and inside["folding_pct_outside"] == 0.0
+    assert inside["mse_tumour"] == whole["mse_tumour"] == 0.0

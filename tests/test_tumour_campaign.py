@@ -289,13 +289,19 @@ def test_progression_brain_masks_come_back_on_each_image_grid(tmp_path):
 
 
 def test_the_shipped_fold_all_is_read_from_the_shipped_file(tmp_path):
-    root = tmp_path / "tumour_all"
-    assert tumour_campaign.fold_weights(root, "tumour", "all") == tumour_campaign.SHIPPED_TUMOUR
+    """The shipped model is fold ``all`` of run tumour_v3 (kept once, in models/pretrained); the earlier shipped model,
+    fold ``all`` of run tumour, lives in its fold's folder like every other fold."""
+    from bundle.configs import TUMOUR_CONFIGS, read_config
+
+    root = tmp_path / "tumour_v3_all"
+    assert tumour_campaign.fold_weights(root, "tumour_v3", "all") == tumour_campaign.SHIPPED_TUMOUR
     assert tumour_campaign.SHIPPED_TUMOUR.is_file()
-    assert tumour_campaign.fold_weights(root, "tumour_v2", "all") == root / "models" / "model.pt"
+    assert read_config(tumour_campaign.REPO, TUMOUR_CONFIGS).get_parsed_content("ckpt_path") == str(tumour_campaign.SHIPPED_TUMOUR)
+    assert tumour_campaign.fold_weights(root, "tumour", "all") == root / "models" / "model.pt"
     (root / "models").mkdir(parents=True)
     (root / "models" / "model.pt").write_bytes(b"")
-    assert tumour_campaign.fold_weights(root, "tumour", "all") == root / "models" / "model.pt"
+    assert tumour_campaign.fold_weights(root, "tumour_v3", "all") == root / "models" / "model.pt"
+    assert tumour_campaign.fold_weights(tumour_campaign.fold_root("all", "tumour"), "tumour", "all").is_file()
 
 
 def test_train_runs_the_chosen_folds_in_order_with_the_runs_configs_and_datalists(tmp_path, monkeypatch):

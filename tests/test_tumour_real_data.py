@@ -100,7 +100,8 @@ def test_single_image_segmentation(trained):
 def test_shipped_tumour_model_segments_a_subject_it_was_not_trained_on(tmp_path):
     """``brainreg segment`` with its default model (``configs/tumour.json``) on the raw BraTS 2013 files of the
     fold-``all`` validation subject (never trained on, but the weights were selected on it: a check that the shipped
-    path works end to end, not an accuracy figure): T1c + FLAIR in, the tumour where the experts drew it."""
+    path works end to end, not an accuracy figure): T1c + FLAIR in, the tumour where the experts drew it, oedema and
+    core apart."""
     from bundle.data import load_split
 
     subject = load_split("tumour")["folds"]["all"]["validation"]
@@ -110,6 +111,9 @@ def test_shipped_tumour_model_segments_a_subject_it_was_not_trained_on(tmp_path)
     seg, affine = load_nifti(tmp_path / "seg" / "seg.nii.gz")
     truth, truth_affine = load_nifti(case / "OTMultiClass.nii.gz")
     assert seg.shape == truth.shape and np.allclose(affine, truth_affine)
+    assert set(np.unique(seg)) == {0, 1, 2}  # background, oedema, tumour core
+    core, truth_core = seg == 2, np.isin(truth, (1, 3, 4))  # BraTS necrosis, non-enhancing, enhancing
+    assert 2 * (core & truth_core).sum() / (core.sum() + truth_core.sum()) > 0.3
     seg, truth = seg > 0, truth > 0
     assert 2 * (seg & truth).sum() / (seg.sum() + truth.sum()) > 0.7
 

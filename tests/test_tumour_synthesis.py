@@ -100,3 +100,12 @@ def test_nonenhancing_cores_are_not_brighter_than_white_matter_in_t1c():
 def test_synthesis_checks_its_keys():
     with pytest.raises(ValueError, match="one output per key"):
         RandSynthesiseTumourImaged(["a", "b"], ["i"], ["t", "u"])
+
+
+def test_tumour_class_names_follow_the_training_classes():
+    from bundle.transforms import tumour_class_names
+
+    assert tumour_class_names(2) == ("background", "tumour")
+    assert tumour_class_names(3) == ("background", "oedema", "tumour core")  # tumour_classes(..., regions=True)
+    with pytest.raises(ValueError, match="not 4"):
+        tumour_class_names(4)

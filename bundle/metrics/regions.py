@@ -51,6 +51,7 @@ def region_registration_metrics(
     fixed_label: torch.Tensor | None = None,
     num_classes: int | None = None,
     lncc_window: int = 9,
+    brain_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Per-region registration metrics of one pair, all on the fixed grid.
 
@@ -67,8 +68,13 @@ def region_registration_metrics(
         spacing: voxel size in mm.
         warped_label, fixed_label: optional ``(1, *spatial)`` integer label maps.
         num_classes: label classes including background (needed with labels).
+        brain_mask: ``(1, *spatial)``; when given, every region is restricted to it (skull-stripped images: the
+            background outside the brain is not scored).
     """
     regions = tumour_regions(tumour, spacing, band_mm)
+    if brain_mask is not None:
+        inside = torch.as_tensor(brain_mask) > 0
+        regions = {name: region & inside for name, region in regions.items()}
     ncc_map = -make_similarity("lncc", ddf.shape[0], reduction="none", kernel_size=lncc_window)(
         warped.unsqueeze(0).float(), fixed.unsqueeze(0).float()
     )[0].mean(0, keepdim=True)

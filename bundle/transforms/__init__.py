@@ -8,5 +8,5 @@ from .intensity import ApplyBrainMaskd, ScaleIntensityInBraind
 from .joint_output import LogitsToLabelsd, SplitJointOutputd
 from .prealign import ComposePreAlignmentd, PreAlignd
 from .synthesis import FLAIR_MEANS, FREESURFER_30, RandSynthesiseImaged, RandSynthesisePaird
-from .tumour_synthesis import RandSynthesiseTumourImaged, RandTumourImplantd, tumour_classes
+from .tumour_synthesis import RandSynthesiseTumourImaged, RandTumourImplantd, tumour_class_names, tumour_classes
 from .refinement import RefineNatived

@@ -26,7 +26,7 @@ from .synthesis import FLAIR_MEANS, FREESURFER_BRAIN_LABELS, T1_MEANS, RandSynth
 from .warping import copy_grid_meta
 
 __all__ = ["NECROSIS", "ENHANCING", "OEDEMA", "TUMOUR_LABELS", "RandTumourImplantd", "RandSynthesiseTumourImaged",
-           "tumour_classes"]
+           "tumour_classes", "tumour_class_names"]
 
 # label values added to a FreeSurfer / SynthSeg map (theirs are below 1000)
 NECROSIS, ENHANCING, OEDEMA = 9001, 9002, 9003
@@ -43,6 +43,19 @@ def tumour_classes(label: torch.Tensor, regions: bool = True) -> torch.Tensor:
     if not regions:
         return (core | (values == OEDEMA)).to(torch.int16)
     return torch.where(core, 2, torch.where(values == OEDEMA, 1, 0)).to(torch.int16)
+
+
+def tumour_class_names(num_classes: int) -> tuple[str, ...]:
+    """What each output class of a joint model with ``num_classes`` tumour classes means (value = index): 2 ->
+    background, tumour (whole tumour); 3 -> background, oedema, tumour core (the shipped model).
+
+    Raises:
+        ValueError: another number of classes (no meaning is defined for it).
+    """
+    names = {2: ("background", "tumour"), 3: ("background", "oedema", "tumour core")}
+    if int(num_classes) not in names:
+        raise ValueError(f"a tumour model has 2 (whole tumour) or 3 (oedema, tumour core) classes, not {num_classes}.")
+    return names[int(num_classes)]
 
 
 class RandTumourImplantd(RandomizableTransform, MapTransform):

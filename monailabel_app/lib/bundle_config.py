@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundle.configs import TUMOUR_CONFIGS, checkpoint_overlays, read_config  # the bundle's config plumbing
+from bundle.transforms import tumour_class_names
 
 __all__ = ["AppSettings", "read_config", "read_metadata", "TRAINED_MODEL"]
 
@@ -81,6 +82,13 @@ class AppSettings:
         from its parameters), with MONAI Label's post-processing (no file writer)."""
         return ("inference.json", *self.joint_overlays("inference.json"), "inference_segmentation.json",
                 "monailabel_infer.json")
+
+    def tumour_labels(self) -> dict[str, int]:
+        """``{name: value}`` of the app's joint model's segmentation (``bundle.transforms.tumour_class_names``):
+        oedema 1 and tumour core 2 for the shipped tumour model, tumour 1 for a one-class model."""
+        parser = read_config(self.bundle_root, self.segmentation_configs(), self.overrides)
+        classes = tumour_class_names(parser.get_parsed_content("num_tumour_classes"))
+        return {name: value for value, name in enumerate(classes) if value > 0}
 
     @classmethod
     def from_conf(cls, app_dir: str | os.PathLike, conf: dict) -> AppSettings:

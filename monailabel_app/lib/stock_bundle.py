@@ -27,6 +27,7 @@ from monai.bundle import ConfigParser
 
 from bundle.configs import checkpoint_overlays
 from bundle.engines.checkpoints import network_state_dict
+from bundle.transforms import tumour_class_names
 
 from .bundle_config import read_config, read_metadata
 
@@ -50,8 +51,9 @@ def stock_configs(bundle_root: str | os.PathLike, state: dict, path: str = "chec
 
 
 def _metadata(bundle_root: Path, names: Sequence[str], overrides: dict | None) -> dict:
-    """The MONAI Label metadata with the input channels of the shipped model's configs (T1c + FLAIR for the tumour
-    model; the static overlay describes one channel)."""
+    """The MONAI Label metadata with the input channels and output classes of the model's configs (T1c + FLAIR in,
+    background / oedema / tumour core out for the shipped tumour model; the static overlay describes one channel
+    in, background / tumour out)."""
     parser = read_config(bundle_root, names, overrides)
     metadata = read_metadata(bundle_root)
     image = next(iter(metadata["network_data_format"]["inputs"].values()))
@@ -59,6 +61,9 @@ def _metadata(bundle_root: Path, names: Sequence[str], overrides: dict | None) -
     names = parser.get_parsed_content("channel_names") if "channel_names" in parser else None
     if names:
         image["channel_def"] = {str(i): f"{name} (skull-stripped)" for i, name in enumerate(names)}
+    pred = next(iter(metadata["network_data_format"]["outputs"].values()))
+    classes = tumour_class_names(parser.get_parsed_content("num_tumour_classes"))
+    pred["num_channels"], pred["channel_def"] = len(classes), {str(i): name for i, name in enumerate(classes)}
     return metadata
 
 

@@ -20,18 +20,17 @@ class TumourSegmentation(BundleConfigInferTask):
     Pre-processing, inferer and post-processing are those of ``configs/inference_segmentation.json`` (an overlay
     of ``configs/inference.json`` and the model's architecture overlays, see :meth:`AppSettings.segmentation_configs`; post-processing from
     ``configs/monailabel_infer.json``: logits resampled onto the image's native grid, argmax); the labels are the
-    ``channel_def`` of ``configs/monailabel_metadata.json``. The shipped tumour model takes T1c and FLAIR as one
-    2-channel (4-D) image.
+    model's classes (:meth:`AppSettings.tumour_labels`: oedema 1 and tumour core 2 for the shipped tumour
+    model, tumour 1 for a one-class model). The shipped tumour model takes T1c and FLAIR as one 2-channel (4-D)
+    image.
     """
 
     def __init__(self, settings: AppSettings, **kwargs):
         metadata = read_metadata(settings.bundle_root)
-        output = next(iter(metadata["network_data_format"]["outputs"].values()))
-        labels = {name: int(k) for k, name in output["channel_def"].items() if name.lower() != "background"}
         super().__init__(
             read_config(settings.bundle_root, settings.segmentation_configs(), settings.overrides),
             settings.model_paths,
-            labels=labels,
+            labels=settings.tumour_labels(),
             description="Tumour segmentation with the joint registration/segmentation model's segmentation head",
             **kwargs,
         )
