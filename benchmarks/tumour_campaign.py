@@ -70,15 +70,23 @@ CONFIGS = ["train.json", "tumour_campaign.json"]
 # run name -> training configs; each run has its own folds (models/campaign/<run>_<fold>/) and results
 RECIPES = {"tumour": CONFIGS, "tumour_v2": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
            "tumour_v3": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json"],
-           "tumour_conditioned": [*CONFIGS, "joint_conditioned.json", "joint_conditioned_finetune.json"]}
+           "tumour_conditioned": [*CONFIGS, "joint_conditioned.json", "joint_conditioned_finetune.json"],
+           "tumour_v4": [*CONFIGS, "tumour_augmentation.json", "tumour_regions.json", "tumour_partial.json"]}
 # run name -> its datalists' name (one whole-tumour label, or the 3 regions of tumour_ablation.tumour_regions; v3
 # adds pairs of synthetic tumour subjects to every fold's training pairs)
 DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json",
-             "tumour_v3": "datalist_regions_synthetic.json", "tumour_conditioned": "datalist.json"}
+             "tumour_v3": "datalist_regions_synthetic.json", "tumour_conditioned": "datalist.json",
+             "tumour_v4": "datalist_progression_training.json"}
 # run name -> the run whose fold weights start it (fine-tunes; the new layers missing from them start at zero) and
 # its validation key: tumour_conditioned adds FiLM on λ to the recipe's finished folds and trains only the registration
 # path (configs/joint_conditioned_finetune.json), so it selects on the registration objective at the validation λ
-STARTS_FROM = {"tumour_conditioned": "tumour"}
+STARTS_FROM = {"tumour_conditioned": "tumour", "tumour_v4": "tumour_v3"}
+# run -> the source run's fold every one of its folds starts from (default: the fold of the same name)
+START_FOLD = {"tumour_v4": "all"}
+# run -> its folds, where they are not the tumour split's: tumour_v4 holds out one progression patient per fold
+# (the BraTS/TCGA cases train as in v3's fold all) and trains on every progression patient in fold all
+RUN_FOLDS = {"tumour_v4": ["prog_PGBM-001", "prog_PGBM-003", "all"]}
+PROGRESSION_REPEAT = 4  # each training patient's two time-point pairs appear this often among the training pairs
 KEYS = {"tumour_conditioned": "val_objective"}
 REGULARISATION_WEIGHTS = (0.1, 0.3, 1.0, 3.0, 10.0)  # λ grid of evaluate-regularisation (the conditioned range)
 REGULARISATION_RESULTS = REPO / "docs" / "results" / "regularisation" / "tumour_conditioned_test.csv"
@@ -228,12 +236,121 @@ def prepare(out: Path = RUNS, synthetic: bool = True) -> list[Path]:
     return paths
 
 
+PARTIAL_VALUE = 3  # regions value of a progression image outside its expert mask: background or oedema (tumour_partial.json)
+
+
+def prepare_progression(out: Path, masks: Path, data: Path | None = None) -> dict[str, list[str]]:
+    """The TCIA progression time points as partially labelled training subjects for run ``tumour_v4``.
+
+    Per patient: both time points skull-stripped with ``masks`` (``progression_brain_masks.py``), tp0 rigidly aligned
+    to tp1 (ITK, mutual information, on the stripped T1post) and both resampled onto one 1 mm grid around tp1's brain
+    (10 mm margin); T1c and FLAIR scaled inside the brain like the real cases (:func:`scale_in_brain`);
+    ``regions.nii.gz``: 2 in the expert mask (the enhancing core), ``PARTIAL_VALUE`` elsewhere in the brain
+    (background or oedema: the mask does not say), 0 outside. Written once (temporary folder, then renamed) to
+    ``out/<patient>_tp{0,1}/``; returns ``{patient: [tp0 name, tp1 name]}``."""
+    import shutil
+
+    import torch
+
+    from bundle.alignment import itk_affine_register
+    from bundle.io import write_nifti
+    from bundle.spatial import resample_to_grid
+
+    sources = progression_sources(data)
+    patients: dict[str, list[str]] = {}
+    for name in sources:
+        patients.setdefault(name.rsplit("_", 1)[0], []).append(name)
+    for patient, names in patients.items():
+        if all((out / n / "regions.nii.gz").is_file() for n in names):
+            continue
+        if sorted(n.rsplit("_", 1)[1] for n in names) != ["tp0", "tp1"]:
+            raise ValueError(f"{patient}: expected time points tp0 and tp1, found {names}")
+        loaded = {}
+        for n in names:
+            mask_path = Path(masks) / f"{n}_brain_mask.nii.gz"
+            if not mask_path.is_file():
+                raise FileNotFoundError(f"{mask_path}: no brain mask for {n} (benchmarks/progression_brain_masks.py)")
+            image = nib.load(str(sources[n]["t1c"]))
+            brain = np.squeeze(np.asarray(nib.load(str(mask_path)).dataobj)) > 0
+            loaded[n] = {"affine": image.affine, "brain": brain,
+                         **{k: np.squeeze(np.asarray(nib.load(str(sources[n][k])).dataobj, dtype=np.float32))
+                            for k in ("t1c", "flair", "tumour")}}
+        tp0, tp1 = (loaded[f"{patient}_{tp}"] for tp in ("tp0", "tp1"))
+        matrix = itk_affine_register(np.where(tp0["brain"], tp0["t1c"], 0), tp0["affine"],
+                                     np.where(tp1["brain"], tp1["t1c"], 0), tp1["affine"], "rigid")
+        corners = tp1["affine"] @ np.vstack([np.argwhere(tp1["brain"]).T, np.ones((1, int(tp1["brain"].sum())))])
+        low, high = corners[:3].min(1) - 10.0, corners[:3].max(1) + 10.0
+        grid = np.eye(4)
+        grid[:3, 3] = low
+        shape = tuple(int(np.ceil(h - lo)) + 1 for lo, h in zip(low, high))
+        for n, pull in ((f"{patient}_tp0", matrix), (f"{patient}_tp1", np.eye(4))):
+            item = loaded[n]
+            src, dst = torch.as_tensor(item["affine"]), torch.as_tensor(pull @ grid)
+
+            def on_grid(a, mode):
+                return resample_to_grid(torch.as_tensor(a, dtype=torch.float32)[None], src, dst, shape, mode=mode)[0].numpy()
+
+            brain = on_grid(item["brain"], "nearest") > 0.5
+            core = (on_grid(item["tumour"], "nearest") > 0.5) & brain
+            regions = np.where(core, 2, np.where(brain, PARTIAL_VALUE, 0)).astype(np.uint8)
+            tmp = out / f".{n}.tmp"
+            for sequence in ("t1c", "flair"):
+                write_nifti(scale_in_brain(on_grid(item[sequence], "bilinear"), brain)[None], grid, tmp / f"{sequence}.nii.gz")
+            write_nifti(regions[None], grid, tmp / "regions.nii.gz")
+            if (out / n).exists():
+                shutil.rmtree(out / n)
+            tmp.rename(out / n)
+            print(f"progression subject {n}: brain {brain.sum() / 1000:.0f} ml, expert core {core.sum() / 1000:.1f} ml "
+                  f"on {shape} voxels of 1 mm", flush=True)
+    return patients
+
+
+def progression_training_pairs(patients: dict[str, list[str]], data: Path, held_out: str | None) -> list[dict]:
+    """Both directions of each training patient's time-point pair (all but ``held_out``), ``PROGRESSION_REPEAT``
+    times each; partially labelled ``regions.nii.gz`` as the tumours, no anatomical label."""
+    pairs = []
+    for patient, (tp0, tp1) in sorted(patients.items()):
+        if patient == held_out:
+            continue
+        for m, f in ((tp0, tp1), (tp1, tp0)):
+            pair = _pair(data, m, f, "regions.nii.gz")
+            pair.pop("moving_label")
+            pairs += [{**pair, "name": f"{pair['name']}_{k}"} for k in range(PROGRESSION_REPEAT)]
+    return pairs
+
+
+def prepare_v4(out: Path = RUNS, masks: Path | None = None) -> list[Path]:
+    """Datalists of run ``tumour_v4``: v3's fold ``all`` (its training, validation and testing pairs) plus the
+    progression pairs of every patient but the fold's held-out one (``prog_<patient>``; fold ``all``: none held out)."""
+    if masks is None:
+        raise ValueError("prepare-v4 needs --brain-masks (benchmarks/progression_brain_masks.py)")
+    base = out / "all" / DATALISTS["tumour_v3"]
+    if not base.is_file():
+        raise FileNotFoundError(f"{base}: run `tumour_campaign.py prepare` first")
+    patients = prepare_progression(out / "progression", masks)
+    paths = []
+    for fold in run_folds("tumour_v4"):
+        held_out = fold.removeprefix("prog_") if fold.startswith("prog_") else None
+        if held_out is not None and held_out not in patients:
+            raise ValueError(f"fold {fold}: no progression patient {held_out}")
+        datalist = json.loads(base.read_text())
+        datalist["training"] += progression_training_pairs(patients, out / "progression", held_out)
+        path = out / fold / DATALISTS["tumour_v4"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(datalist, indent=1))
+        tmp.replace(path)
+        print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
+        paths.append(path)
+    return paths
+
+
 def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUNS, run: str = "tumour",
           folds: list[str] | None = None) -> int:
     """Train the unfinished folds (``folds``, default all) in order, within ``minutes`` in all; a fold that ends on
     its own is marked."""
     deadline = None if minutes is None else time.time() + minutes * 60
-    known = list(load_split("tumour")["folds"])
+    known = run_folds(run)
     unknown = [f for f in folds or [] if f not in known]
     if unknown:
         raise ValueError(f"unknown fold(s) {unknown}: expected some of {', '.join(known)}")
@@ -247,9 +364,10 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             return 0
         start = []
         if run in STARTS_FROM and not campaign.finished(root):
-            source = fold_root(fold, STARTS_FROM[run]) / "models" / "model.pt"
+            source_fold = START_FOLD.get(run, fold)
+            source = fold_weights(fold_root(source_fold, STARTS_FROM[run]), STARTS_FROM[run], source_fold)
             if not source.is_file():
-                raise FileNotFoundError(f"{source}: run {run} starts from fold {fold} of run {STARTS_FROM[run]}, which has no weights")
+                raise FileNotFoundError(f"{source}: run {run} starts from fold {source_fold} of run {STARTS_FROM[run]}, which has no weights")
             start = ["--init_ckpt", str(source)]
         key = KEYS.get(run, "val_tumour_dice_fixed")
         overrides = [*(TRAINING_OVERRIDES if key == "val_tumour_dice_fixed" else []), *start, *extra]
@@ -263,9 +381,14 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
     return 0
 
 
+def run_folds(run: str) -> list[str]:
+    """The folds of ``run``: the tumour split's, or the run's own (``RUN_FOLDS``)."""
+    return list(RUN_FOLDS.get(run, load_split("tumour")["folds"]))
+
+
 def status(run: str = "tumour") -> dict:
     info = {}
-    for fold in load_split("tumour")["folds"]:
+    for fold in run_folds(run):
         root = fold_root(fold, run)
         if (root / "training_log.csv").is_file():
             from bundle.engines.training import read_training_log
@@ -552,6 +675,10 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
         raise FileNotFoundError(f"{root / 'finished.json'}: fold {fold} of run {run} has not finished training")
     finished = json.loads((root / "finished.json").read_text())
     sources = progression_sources()
+    if run in RUN_FOLDS:  # folds that train on progression patients score only the one they hold out
+        if not fold.startswith("prog_"):
+            raise ValueError(f"fold {fold} of run {run} trained on every progression patient: nothing is held out to score")
+        sources = {n: c for n, c in sources.items() if n.rsplit("_", 1)[0] == fold.removeprefix("prog_")}
     datalist = {"testing": [{"image": [str(c["t1c"]), str(c["flair"])], "name": n} for n, c in sources.items()]}
     if brain_masks is not None:
         for entry in datalist["testing"]:
@@ -585,6 +712,12 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
             row.update(core_dice=round(dice(seg == 2, truth), 4), core_ml=round(float((seg == 2).sum()) * _voxel_ml(case["tumour"]), 2))
         rows.append({**row, "best_iteration": finished.get("best_iteration"), "hardware": finished.get("hardware")})
         print(", ".join(f"{k} {v}" for k, v in row.items()))
+    if run in RUN_FOLDS and Path(target).is_file():  # one CSV for the run's folds: replace this fold's rows
+        import csv
+
+        with open(target, newline="") as f:
+            others = [r for r in csv.DictReader(f) if r["fold"] != fold]
+        rows = sorted(others + rows, key=lambda r: (r["fold"], r["time_point"]))
     write_csv(target, rows)
     print(f"-> {target}")
     return target
@@ -617,21 +750,23 @@ def _voxel_ml(path: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "train", "status", "evaluate", "evaluate-segment", "evaluate-progression",
+    parser.add_argument("command", choices=["prepare", "prepare-v4", "train", "status", "evaluate", "evaluate-segment", "evaluate-progression",
                                             "evaluate-regularisation"])
     parser.add_argument("--minutes", type=float, default=None, help="stop at the first checkpoint after this long, all folds together")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--run", choices=list(RECIPES), default="tumour", help="which recipe's folds (default: the shipped model's)")
     parser.add_argument("--folds", nargs="+", default=None, help="train these folds, in this order (default: all, in the split's order)")
     parser.add_argument("--brain-masks", type=Path, default=None,
-                        help="evaluate-progression: skull-strip the time points with these masks (progression_brain_masks.py)")
+                        help="evaluate-progression, prepare-v4: skull-strip the time points with these masks (progression_brain_masks.py)")
+    parser.add_argument("--fold", default="all", help="evaluate-progression: which fold's weights (default: all)")
     a, extra = parser.parse_known_args()
     if extra and a.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     commands = {"prepare": prepare, "train": lambda: train(a.minutes, a.threads, extra, run=a.run, folds=a.folds),
                 "status": lambda: status(a.run), "evaluate": lambda: evaluate(run=a.run),
                 "evaluate-segment": lambda: evaluate_segment(run=a.run),
-                "evaluate-progression": lambda: evaluate_progression(run=a.run, brain_masks=a.brain_masks),
+                "evaluate-progression": lambda: evaluate_progression(run=a.run, fold=a.fold, brain_masks=a.brain_masks),
+                "prepare-v4": lambda: prepare_v4(masks=a.brain_masks),
                 "evaluate-regularisation": lambda: evaluate_regularisation(run=a.run)}
     try:
         result = commands[a.command]()

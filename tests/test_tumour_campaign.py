@@ -503,3 +503,108 @@ def test_depth_in_head_is_zero_outside_small_at_the_scalp_and_large_at_the_centr
     depth = tumour_campaign.depth_in_head(tmp_path / "t1.nii.gz")
     assert depth[0, 0, 0] == 0 and depth[19, 19, 4] <= 2 * 2.0  # outside; one voxel inside the surface
     assert depth[19, 19, 19] == pytest.approx(2 * 16, abs=2 * 1.5)  # the centre: the radius in mm
+
+
+def _progression_patient(data: Path, patient: str, shift_mm: float, seed: int) -> None:
+    """Two time points of a fake head (bright 'brain' box with a core blob), tp0 shifted by ``shift_mm`` along x,
+    thick slices like the real ones; T1post, FLAIRreg and MaskTumor per time point."""
+    rng = np.random.default_rng(seed)
+    shape = (48, 48, 12)
+    for tp, shift in (("tp0_2000-01-01", shift_mm), ("tp1_2000-06-01", 0.0)):
+        affine = np.diag([1.0, 1.0, 4.0, 1.0])
+        affine[0, 3] = shift
+        brain = np.zeros(shape, bool)
+        brain[10:38, 10:38, 2:10] = True
+        t1 = np.where(brain, 1.0 + 0.2 * rng.random(shape), 0.1).astype(np.float32)
+        core = np.zeros(shape, np.uint8)
+        core[20:26, 20:26, 4:7] = 1
+        t1[core > 0] = 2.0
+        folder = data / "tumor_progression" / patient / tp
+        folder.mkdir(parents=True)
+        for name, array in (("T1post", t1), ("FLAIRreg", t1[::-1].copy()), ("MaskTumor", core)):
+            nib.save(nib.Nifti1Image(array, affine), str(folder / f"{name}.nii.gz"))
+
+
+def test_progression_subjects_are_aligned_partially_labelled_and_paired(tmp_path, monkeypatch):
+    """prepare_progression: tp0 rigidly aligned onto tp1's 1 mm grid, regions 2 in the expert mask, 3 elsewhere in the
+    brain mask, 0 outside; the v4 datalists add both directions of the training patients' pairs, never the held-out
+    one's; evaluate-progression of a v4 fold scores only its held-out patient and keeps the other fold's rows."""
+    import csv
+    import json
+    import subprocess
+
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    masks.mkdir()
+    for i, patient in enumerate(("P1", "P2")):
+        _progression_patient(data, patient, shift_mm=3.0 * (i + 1), seed=i)
+        for tp in ("tp0", "tp1"):
+            folder = next((data / "tumor_progression" / patient).glob(f"{tp}_*"))
+            image = nib.load(str(folder / "T1post.nii.gz"))
+            brain = (np.asarray(image.dataobj) > 0.5).astype(np.uint8)
+            nib.save(nib.Nifti1Image(brain, image.affine), str(masks / f"{patient}_{tp}_brain_mask.nii.gz"))
+    monkeypatch.setattr(tumour_campaign, "load_split", lambda name: {"progression": ["P1", "P2"]})
+    monkeypatch.setattr(tumour_campaign, "DATA", data)
+    patients = tumour_campaign.prepare_progression(tmp_path / "prog", masks)
+    assert patients == {"P1": ["P1_tp0", "P1_tp1"], "P2": ["P2_tp0", "P2_tp1"]}
+    for patient in ("P1", "P2"):
+        regions = [np.squeeze(np.asarray(nib.load(str(tmp_path / "prog" / f"{patient}_{tp}" / "regions.nii.gz")).dataobj)) for tp in ("tp0", "tp1")]
+        assert set(np.unique(regions[1]).tolist()) == {0, 2, 3}
+        cores = [r == 2 for r in regions]
+        # the shifted tp0 lands on tp1: their cores (the same blob) overlap
+        assert tumour_campaign.dice(cores[0], cores[1]) > 0.8, patient
+        t1c = np.squeeze(np.asarray(nib.load(str(tmp_path / "prog" / f"{patient}_tp1" / "t1c.nii.gz")).dataobj))
+        assert t1c[regions[1] == 0].max() == 0 and t1c.max() == pytest.approx(1.0)
+    with pytest.raises(FileNotFoundError, match="P1_tp0_brain_mask"):
+        tumour_campaign.prepare_progression(tmp_path / "prog2", tmp_path / "none")
+
+    pairs = tumour_campaign.progression_training_pairs(patients, tmp_path / "prog", held_out="P1")
+    assert len(pairs) == 2 * tumour_campaign.PROGRESSION_REPEAT
+    assert {(Path(p["moving"][0]).parent.name, Path(p["fixed"][0]).parent.name) for p in pairs} == {("P2_tp0", "P2_tp1"), ("P2_tp1", "P2_tp0")}
+    assert all("moving_label" not in p and p["fixed_tumour"].endswith("regions.nii.gz") for p in pairs)
+    assert len({p["name"] for p in pairs}) == len(pairs)
+
+    # evaluate-progression of fold prog_P1 of a run with its own folds: only P1's time points; fold all refused
+    monkeypatch.setattr(tumour_campaign, "RUN_FOLDS", {"tumour_v4": ["prog_P1", "prog_P2", "all"]})
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    for fold in ("prog_P1", "prog_P2", "all"):
+        (tmp_path / "campaign" / f"tumour_v4_{fold}").mkdir(parents=True)
+        (tmp_path / "campaign" / f"tumour_v4_{fold}" / "finished.json").write_text(json.dumps({"best_iteration": 600}))
+
+    def fake_run(cmd, **kwargs):
+        settings = dict(zip(cmd, cmd[1:]))
+        for entry in json.loads(Path(settings["--datalist"]).read_text())["testing"]:
+            truth = nib.load(str(next((data / "tumor_progression" / entry["name"].split("_")[0]).glob(f"{entry['name'].split('_')[1]}_*")) / "MaskTumor.nii.gz"))
+            out = Path(settings["--output_dir"]) / entry["name"]
+            out.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.asarray(truth.dataobj) * 2, truth.affine), str(out / "seg.nii.gz"))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tumour_campaign.subprocess, "run", fake_run)
+    target = tmp_path / "v4.csv"
+    tumour_campaign.evaluate_progression(tmp_path / "runs", target, run="tumour_v4", fold="prog_P1")
+    tumour_campaign.evaluate_progression(tmp_path / "runs", target, run="tumour_v4", fold="prog_P2")
+    tumour_campaign.evaluate_progression(tmp_path / "runs", target, run="tumour_v4", fold="prog_P1")  # again: replaced
+    rows = list(csv.DictReader(open(target)))
+    assert [(r["fold"], r["time_point"]) for r in rows] == [("prog_P1", "P1_tp0"), ("prog_P1", "P1_tp1"), ("prog_P2", "P2_tp0"), ("prog_P2", "P2_tp1")]
+    assert all(float(r["core_dice"]) == 1.0 for r in rows)
+    with pytest.raises(ValueError, match="trained on every progression patient"):
+        tumour_campaign.evaluate_progression(tmp_path / "runs", target, run="tumour_v4", fold="all")
+
+
+def test_v4_folds_start_from_v3_fold_all(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(minutes, threads, extra, root, configs, datalist, out):
+        calls.append((root.name, extra, configs, datalist.name))
+        return 0
+
+    monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
+    monkeypatch.setattr(tumour_campaign.campaign, "train", fake_train)
+    monkeypatch.setattr(tumour_campaign.campaign, "status", lambda root, key: {"best_iteration": 1})
+    assert tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v4", folds=["prog_PGBM-003"]) == 0
+    (name, extra, configs, datalist), = calls
+    assert name == "tumour_v4_prog_PGBM-003" and datalist == "datalist_progression_training.json"
+    assert extra[extra.index("--init_ckpt") + 1] == str(tumour_campaign.SHIPPED_TUMOUR)  # v3's fold all, shipped
+    assert configs[-1] == "tumour_partial.json" and "tumour_regions.json" in configs
+    with pytest.raises(ValueError, match="unknown fold"):
+        tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v4", folds=["fold0"])

@@ -15,6 +15,7 @@ from ..networks.outputs import split_joint_output
 from monai.utils import LossReduction
 
 from .masked_similarity import MaskedSimilarityLoss
+from .partial_labels import check_partial_labels, partial_cross_entropy, partial_dice_loss
 from .registration import make_smoothness, per_sample, present_class_dice_loss, reduce, smoothness_weights
 
 __all__ = ["JointRegSegLoss", "MASK_SOURCES"]
@@ -51,6 +52,11 @@ class JointRegSegLoss(_Loss):
             the batches that have both labels.
         label_weight_classes: anatomical label classes including background (needed when ``label_weight > 0``).
         label_downsample: pooling factor of the label Dice term (1: full resolution).
+        partial_labels: ``{value: classes}``, tumour label values (>= ``num_classes``) that stand for a set of classes,
+            for partially labelled images (e.g. ``{3: (0, 1)}``: "background or oedema" outside a mask of the enhancing
+            core only): their cross-entropy is the merged classes' (:mod:`bundle.losses.partial_labels`), Dice leaves
+            the set's classes out for that image, and the similarity mask takes the prediction there. Needs
+            ``num_classes >= 3``.
         reduction: over the batch: ``"mean"`` (default), ``"sum"`` or ``"none"`` (one value per pair). Each term is
             a per-pair mean (the weighted cross-entropy: weighted mean over that pair's voxels).
 
@@ -73,6 +79,7 @@ class JointRegSegLoss(_Loss):
         label_weight: float = 0.0,
         label_weight_classes: int | None = None,
         label_downsample: int = 1,
+        partial_labels: Mapping[int, Sequence[int]] | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
@@ -94,6 +101,9 @@ class JointRegSegLoss(_Loss):
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights needs one weight per class ({num_classes}), got {list(class_weights)}.")
         self.num_classes, self.spatial_dims = num_classes, spatial_dims
+        self.partial_labels = check_partial_labels(partial_labels, num_classes)
+        if self.partial_labels and num_classes == 2:
+            raise ValueError("partial_labels need num_classes >= 3: a 2-class model takes any tumour label > 0 as tumour.")
         self.register_buffer("class_weights", None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32))
         self.similarity = MaskedSimilarityLoss(similarity, spatial_dims, reduction="none", **dict(similarity_kwargs or {}))
         self.smoothness = make_smoothness(smoothness, reduction="none")
@@ -108,7 +118,13 @@ class JointRegSegLoss(_Loss):
         if use_label:
             if key not in target:
                 raise KeyError(f"mask_source='label' needs {key!r} in the batch.")
-            return (target[key] > 0).to(logits.dtype)
+            label = target[key]
+            if not self.partial_labels:
+                return (label > 0).to(logits.dtype)
+            # a partial value does not say whether the voxel is tumour (e.g. oedema or background): the prediction does
+            decided = label < self.num_classes
+            predicted = logits_to_labels(logits.detach()) > 0
+            return torch.where(decided, label > 0, predicted).to(logits.dtype)
         if self.mask_source in ("prediction", "auto"):
             return (logits_to_labels(logits.detach()) > 0).to(logits.dtype)
         return None
@@ -126,6 +142,15 @@ class JointRegSegLoss(_Loss):
     def _segmentation(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         # two classes: any tumour label (e.g. BraTS 1, 2, 4) is "tumour"; more: the label values are the classes
         label = (label > 0).long() if self.num_classes == 2 else label.long()
+        if self.partial_labels:
+            allowed = torch.tensor([*range(self.num_classes), *self.partial_labels], device=label.device)
+            if not torch.isin(label, allowed).all():
+                raise ValueError(f"tumour label values must be classes in [0, {self.num_classes - 1}] or partial values "
+                                 f"{sorted(self.partial_labels)}, got {sorted(set(label.unique().tolist()) - set(allowed.tolist()))}.")
+            loss = partial_cross_entropy(logits, label, self.partial_labels, self.class_weights)
+            if self.dice_weight > 0:
+                loss = loss + self.dice_weight * partial_dice_loss(logits, label, self.partial_labels)
+            return loss
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"tumour label values must be in [0, {self.num_classes - 1}], got [{label.min()}, {label.max()}].")
         voxel_loss = F.cross_entropy(logits, label[:, 0], reduction="none")  # (B, *spatial)
