@@ -224,16 +224,20 @@ def prepare(out: Path = RUNS, synthetic: bool = True) -> list[Path]:
         if extra is not None:
             lists.append(("datalist_regions_synthetic.json", "regions.nii.gz", extra))
         for name, tumour, added in lists:
-            path = out / fold / name
-            path.parent.mkdir(parents=True, exist_ok=True)
             datalist = fold_datalist(split, fold, out / "data", tumour)
             datalist["training"] += added
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text(json.dumps(datalist, indent=1))
-            tmp.replace(path)
-            print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
-            paths.append(path)
+            paths.append(write_datalist(datalist, out / fold / name, fold))
     return paths
+
+
+def write_datalist(datalist: dict, path: Path, fold: str) -> Path:
+    """``datalist`` to ``path`` (a temporary name, then renamed), with a summary line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(datalist, indent=1))
+    tmp.replace(path)
+    print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
+    return path
 
 
 PARTIAL_VALUE = 3  # regions value of a progression image outside its expert mask: background or oedema (tumour_partial.json)
@@ -335,13 +339,7 @@ def prepare_v4(out: Path = RUNS, masks: Path | None = None) -> list[Path]:
             raise ValueError(f"fold {fold}: no progression patient {held_out}")
         datalist = json.loads(base.read_text())
         datalist["training"] += progression_training_pairs(patients, out / "progression", held_out)
-        path = out / fold / DATALISTS["tumour_v4"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(datalist, indent=1))
-        tmp.replace(path)
-        print(f"{fold}: {', '.join(f'{k} {len(v)} pairs' for k, v in datalist.items())} -> {path}")
-        paths.append(path)
+        paths.append(write_datalist(datalist, out / fold / DATALISTS["tumour_v4"], fold))
     return paths
 
 
