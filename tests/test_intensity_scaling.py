@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,7 @@ def test_a_channel_without_background_still_counts_the_other_channels_brain():
     wider = inside.copy()
     wider[1:11] = True
     image[1, ~wider] = image[1].min() - 1
-    out = ScaleIntensityInBraind("image")({"image": torch.as_tensor(image)})["image"]
+    out = ScaleIntensityInBraind("image", head_fraction=None)({"image": torch.as_tensor(image)})["image"]  # a tiny grid, mostly brain
     np.testing.assert_allclose(out.numpy(), _expected(image, wider), atol=1e-6)
 
 
@@ -144,3 +146,18 @@ def test_brain_mask_on_another_grid_or_empty_is_named():
         t({"image": meta(image, eye, "head.nii.gz"), "brain_mask": meta(inside[None], shifted, "mask.nii.gz")})
     with pytest.raises(ValueError, match=r"mask.nii.gz.*empty"):
         t({"image": meta(image, eye, "head.nii.gz"), "brain_mask": meta(np.zeros_like(inside[None]), eye, "mask.nii.gz")})
+
+
+def test_a_whole_head_without_a_mask_is_warned_about_naming_the_file():
+    """A raw head (its air noise, not one value) fills the grid: warned; a skull-stripped image, or the head with its
+    brain mask applied first, is not."""
+    image, inside = _head()
+    image[:, ~inside] = np.abs(np.random.default_rng(2).normal(0.3, 0.1, image[:, ~inside].shape)) + 5.0
+    meta = MetaTensor(torch.as_tensor(image), meta={"filename_or_obj": "raw_head.nii.gz"})
+    with pytest.warns(UserWarning, match=r"raw_head.nii.gz.*does not look like a skull-stripped image.*brain_mask"):
+        ScaleIntensityInBraind("image")({"image": meta})
+    stripped = ApplyBrainMaskd("image", "brain_mask")({"image": meta, "brain_mask": torch.as_tensor(inside[None])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ScaleIntensityInBraind("image")(stripped)
+        ScaleIntensityInBraind("image", head_fraction=None)({"image": meta})
