@@ -157,3 +157,38 @@ def test_tumour_labels_are_binarised_for_one_class_and_checked_for_three():
     assert tumour_after_checks(["joint.json"]).flatten().tolist() == [0, 1, 1, 1]
     with pytest.raises(ValueError, match=r"brats_seg.nii.gz.*label value 4 >= num_classes=3"):
         tumour_after_checks(["joint.json", "tumour.json"])
+
+
+@pytest.mark.parametrize("base", ["train.json", "inference.json"])
+def test_brain_masks_of_a_datalist_are_applied_by_training_evaluation_and_inference(tmp_path, base):
+    """``*_brain_mask`` entries are never ignored: train.json's shared preprocessing (training, validation,
+    ``brainreg evaluate``) and inference.json's strip the images with them before anything else."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    files = {}
+    for side in ("moving", "fixed"):
+        files[side] = str(tmp_path / f"{side}.nii.gz")
+        nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32) + 1.0, affine), files[side])
+    mask = np.zeros((16, 16, 16), np.uint8)
+    mask[4:12, 4:12, 4:12] = 1
+    files["fixed_brain_mask"] = str(tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), files["fixed_brain_mask"])
+    parser = read_config(REPO_ROOT, [base])
+    if base == "train.json":
+        transforms = parser.get_parsed_content("preprocessing_transforms")
+    else:
+        transforms = parser.get_parsed_content("preprocessing").transforms
+    data = dict(files)
+    for t in transforms:
+        data = t(data)
+        if type(t).__name__ == "ApplyBrainMaskd":
+            break
+    else:
+        pytest.fail(f"{base}: no ApplyBrainMaskd in its preprocessing")
+    fixed, moving = data["fixed"][0].numpy(), data["moving"][0].numpy()
+    assert np.all(fixed[mask == 0] == fixed.min()) and np.all(fixed[mask > 0] > 1.0)
+    assert moving.min() >= 1.0  # no mask: untouched
+    assert "fixed_brain_mask" not in data

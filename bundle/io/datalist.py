@@ -117,7 +117,7 @@ def load_pairs(
     - ``"explicit"``: ``section`` lists pairs ``{"moving", "fixed", "moving_label"?, "fixed_label"?,
       "moving_tumour"?, "fixed_tumour"?, "moving_brain_mask"?, "fixed_brain_mask"?, "name"?}`` (``*_label``:
       anatomical label maps; ``*_tumour``: tumour masks; ``*_brain_mask``: brain masks on the image's grid, for
-      images that are not skull-stripped, applied by the inference configs).
+      images that are not skull-stripped, applied by the training and inference configs).
     - ``"atlas"``: ``section`` lists subjects ``{"image", "label"?, "tumour"?, "brain_mask"?, "name"?}``; each is registered to the
       top-level ``"atlas"`` subject (moving = subject, fixed = atlas).
     - ``"all"``: ``section`` lists subjects; every ordered pair of distinct subjects is a pair.
