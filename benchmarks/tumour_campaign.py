@@ -9,6 +9,8 @@
     python benchmarks/tumour_campaign.py evaluate-progression --brain-masks runs/tumour_campaign/progression_brain_masks
                                                                           # ... skull-stripped (progression_brain_masks.py)
     python benchmarks/tumour_campaign.py evaluate-regularisation --run tumour_conditioned  # the λ trade-off -> CSV
+    python benchmarks/tumour_campaign.py prepare-v4 --brain-masks runs/tumour_campaign/progression_brain_masks
+                                                                          # the progression time points for tumour_v4
 
 Every command takes ``--run``: ``tumour`` (default; the recipe of the shipped model: one whole-tumour class) or
 ``tumour_v2``: three classes, background / oedema / tumour core (BraTS labels 2 and 1, 3, 4; whole tumour = both;
@@ -23,6 +25,10 @@ of ``tumour`` with the segmentation path frozen (``configs/joint_conditioned_fin
 decoder, its head and the FiLM layers train, 600 iterations at learning rate 5e-4, selection on the registration
 objective at λ = 1 of the validation pairs); ``evaluate-regularisation`` scores it on the fold's test
 pairs at λ = 0.1 ... 10 beside the plain fold (similarity outside the tumours, folding, log-Jacobian spread).
+``tumour_v4``: v3's fold ``all`` fine-tuned (600 iterations at 5e-4, ``configs/tumour_partial.json``) with the TCIA
+progression time points added as partially labelled training pairs (``prepare-v4``: expert mask = core, the rest of
+the brain "background or oedema"); its folds ``prog_<patient>`` hold one progression patient out and are scored on
+it (``evaluate-progression --fold prog_<patient> --brain-masks ...``); fold ``all`` trains on both.
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
