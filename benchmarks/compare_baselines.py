@@ -446,9 +446,36 @@ def _coronal_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(affine[1, :3])))  # the array axis closest to world anterior-posterior
 
 
-def report(dataset, out: Path, section: str = "testing") -> None:
+def read_rows(paths: list[Path]) -> list[dict]:
+    """The per-pair rows of committed result CSVs of this harness, one row per (method, pair): a later file's row
+    replaces an earlier one's (a method run on its own, e.g. ANTs SyN full on a subset, next to a whole run).
+
+    Raises:
+        FileNotFoundError / ValueError: a file is missing, or its columns are not the first file's.
+    """
+    rows, columns = {}, None
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such results CSV")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if columns is None:
+                columns = reader.fieldnames
+            elif reader.fieldnames != columns:
+                raise ValueError(f"{path}: its columns are not those of {paths[0]} (another data set or harness?)")
+            for row in reader:
+                rows[(row["method"], row["pair"])] = row
+    return list(rows.values())
+
+
+def report(dataset, out: Path, section: str = "testing", rows_from: list[Path] | None = None,
+           stem: str | None = None) -> None:
     """Markdown table, per-pair CSV and figures (box plots, overlays, deformation grid, Jacobian) into docs/
-    (validation runs: ``*_validation`` files, so a selection run never overwrites the test results)."""
+    (validation runs: ``*_validation`` files, so a selection run never overwrites the test results).
+
+    ``rows_from``: build the tables from these committed CSVs (:func:`read_rows`) instead of ``out``'s run, into
+    ``docs/results/<stem>.{csv,md}``; no figures (they need the run's images). Its first table compares every method
+    on the pairs they all ran."""
     import shutil
 
     import matplotlib
@@ -456,21 +483,35 @@ def report(dataset, out: Path, section: str = "testing") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
     results, figures = REPO / "docs" / "results", REPO / "docs" / "figures"
     results.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    stem = "baselines" if dataset.name == "ibsr" else f"baselines_{dataset.name}"
-    stem += "_validation" if section == "validation" else ""
-    shutil.copyfile(out / "results.csv", results / f"{stem}.csv")
+    if rows_from:
+        if not stem:
+            raise ValueError("a report from committed CSVs needs its own --stem (it must not replace a run's files)")
+        rows = read_rows(rows_from)
+        tmp = results / f".{stem}.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(results / f"{stem}.csv")
+    else:
+        with open(out / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        stem = stem or ("baselines" if dataset.name == "ibsr" else f"baselines_{dataset.name}")
+        stem += "_validation" if section == "validation" else ""
+        shutil.copyfile(out / "results.csv", results / f"{stem}.csv")
     labels = dataset.labels
     methods = list(dict.fromkeys(r["method"] for r in rows))
     common = set.intersection(*[{r["pair"] for r in rows if r["method"] == m} for m in methods])
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
 
+    hardware = "; ".join(f"{h} ({', '.join(dict.fromkeys(r['method'] for r in rows if r['hardware'] == h))})"
+                         for h in dict.fromkeys(r["hardware"] for r in rows)) if rows_from else rows[0]["hardware"]
+    sources = f"Rows from {', '.join(str(Path(p)) for p in rows_from)}. " if rows_from else ""
     text = (f"{dataset.describe(section)}; scored on the fixed image's native grid; mean ± standard deviation over pairs. "
-            f"Hardware: {rows[0]['hardware']}.\n\n"
+            f"{sources}Hardware: {hardware}.\n\n"
             f"Pairs every method ran ({len(common)}: {', '.join(sorted(common))}):\n\n"
             + _markdown(_summary([r for r in rows if r["pair"] in common], labels)))
     if any(sum(r["method"] == m for r in rows) > len(common) for m in methods):
@@ -481,6 +522,8 @@ def report(dataset, out: Path, section: str = "testing") -> None:
                  "structures occur in these maps):\n\n" + _markdown(per_structure))
     (results / f"{stem}.md").write_text(text)
     print(text)
+    if rows_from:
+        return
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("dice_mean", "hd95_mm", "seconds"), (f"mean Dice ({len(labels)} labels)", "HD95 (mm)", "seconds per pair")):
@@ -582,6 +625,10 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
+    parser.add_argument("--rows", default=None, metavar="CSV[,CSV...]",
+                        help="report: tables from these committed result CSVs (rows of a later file replace an earlier "
+                             "one's for the same method and pair) instead of --out's run; needs --stem; no figures")
+    parser.add_argument("--stem", default=None, help="report: name of the docs/results files (default baselines[_DATASET])")
     parser.add_argument("--name", default="ours", help="method name of the bundle's rows (e.g. ours_reg for another model)")
     parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
                         help="override a config id of 'ours' (Python literal or string), e.g. instance_optimisation_residual=svf")
@@ -598,7 +645,7 @@ def main() -> None:
         run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs,
             a.configs.split(","), a.name, overrides, a.greedy_threads, a.section)
     else:
-        report(dataset, out, a.section)
+        report(dataset, out, a.section, [Path(p) for p in a.rows.split(",")] if a.rows else None, a.stem)
 
 
 if __name__ == "__main__":

@@ -479,6 +479,57 @@ def test_report_tables_the_pairs_every_method_ran(tmp_path, monkeypatch):
         assert next(csv.DictReader(f))["dice_mean"] == "0.7000"  # _append: floats with 4 decimals
 
 
+def test_report_from_committed_csvs_compares_on_the_common_subset(tmp_path, monkeypatch):
+    """``report --rows A,B --stem S``: rows of a method run on its own on a subset (B) joined to a whole run's (A), one
+    row per method and pair (B's row replaces A's; the command can be re-run on its own output), the first table over
+    the subset; files under the stem only; a file with other columns, or no stem, refused."""
+    labels = {1: "a", 2: "b"}
+
+    class Tiny:
+        name = "tiny"
+
+        def __init__(self):
+            self.labels = labels
+
+        def describe(self, section="testing"):
+            return "Tiny: 2 labels"
+
+    def rows(path, entries, hardware):
+        for method, pair, a in entries:
+            compare_baselines._append(path, {"method": method, "pair": pair, "moving": pair[0], "fixed": pair[-1],
+                                             "dice_a": a, "dice_b": a, "dice_mean": a, "hd95_mm": 1.0, "folding_pct": 0.0,
+                                             "sd_log_jacobian": 0.0, "seconds": 1.0, "hardware": hardware}, labels)
+
+    whole, subset = tmp_path / "whole.csv", tmp_path / "subset.csv"
+    rows(whole, [("ours", "m_to_f", 0.8), ("ours", "f_to_m", 0.4), ("greedy", "m_to_f", 0.7), ("greedy", "f_to_m", 0.5)], "CPU A")
+    rows(subset, [("ants_syn_full", "m_to_f", 0.9), ("greedy", "m_to_f", 0.6)], "CPU B")
+    monkeypatch.setattr(compare_baselines, "REPO", tmp_path)
+    compare_baselines.report(Tiny(), tmp_path / "no_run", rows_from=[whole, subset], stem="subset_table")
+    results = tmp_path / "docs" / "results"
+    assert sorted(p.name for p in results.iterdir()) == ["subset_table.csv", "subset_table.md"]
+    text = (results / "subset_table.md").read_text()
+    assert "Hardware: CPU A (ours, greedy); CPU B (greedy, ants_syn_full)." in text
+    assert "Pairs every method ran (1: m_to_f):" in text
+    first = text.split("All pairs each method ran")[0]
+    assert "| greedy | 1 | 0.600 ± 0.000 |" in first and "| ants_syn_full | 1 | 0.900 ± 0.000 |" in first
+    assert "| ours | 1 | 0.800 ± 0.000 |" in first
+    with open(results / "subset_table.csv") as f:
+        merged = [(r["method"], r["pair"], r["dice_mean"]) for r in csv.DictReader(f)]
+    assert merged == [("ours", "m_to_f", "0.8000"), ("ours", "f_to_m", "0.4000"), ("greedy", "m_to_f", "0.6000"),
+                      ("greedy", "f_to_m", "0.5000"), ("ants_syn_full", "m_to_f", "0.9000")]
+    # re-run from its own output: the same table
+    compare_baselines.report(Tiny(), tmp_path / "no_run", rows_from=[results / "subset_table.csv", subset], stem="subset_table")
+    assert (results / "subset_table.md").read_text().split("Hardware")[1] == text.split("Hardware")[1]
+    with pytest.raises(ValueError, match="--stem"):
+        compare_baselines.report(Tiny(), tmp_path / "no_run", rows_from=[whole, subset])
+    other = tmp_path / "other.csv"
+    other.write_text("method,pair,dice_mean\nours,m_to_f,0.5\n")
+    with pytest.raises(ValueError, match="other.csv: its columns"):
+        compare_baselines.read_rows([whole, other])
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        compare_baselines.read_rows([whole, tmp_path / "missing.csv"])
+
+
 def test_validation_reports_name_the_validation_subjects_not_the_test_split():
     dataset = DATASETS["lpba40"]()
     validation = dataset.describe("validation")
