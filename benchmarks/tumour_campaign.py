@@ -28,7 +28,9 @@ pairs at λ = 0.1 ... 10 beside the plain fold (similarity outside the tumours, 
 ``tumour_v4``: v3's fold ``all`` fine-tuned (600 iterations at 5e-4, ``configs/tumour_partial.json``) with the TCIA
 progression time points added as partially labelled training pairs (``prepare-v4``: expert mask = core, the rest of
 the brain "background or oedema"); its folds ``prog_<patient>`` hold one progression patient out and are scored on
-it (``evaluate-progression --fold prog_<patient> --brain-masks ...``); fold ``all`` trains on both.
+it (``evaluate-progression --fold prog_<patient> --brain-masks ...``); fold ``all`` trains on both; folds
+``fold0``-``fold3`` fine-tune v3's fold of that name likewise with both patients (their BraTS/TCGA test subjects
+held out as in v3: ``evaluate`` / ``evaluate-segment --run tumour_v4``).
 
 Data: the real tumour cases of ``../shared/data`` (BraTS 2013 with expert labels, TCGA/BraTS with automatic
 ``fusion_simple`` labels), T1c and FLAIR stacked as 2 channels, scaled to [0, 1] inside each brain mask, tumour =
@@ -87,11 +89,13 @@ DATALISTS = {"tumour": "datalist.json", "tumour_v2": "datalist_regions.json",
 # its validation key: tumour_conditioned adds FiLM on λ to the recipe's finished folds and trains only the registration
 # path (configs/joint_conditioned_finetune.json), so it selects on the registration objective at the validation λ
 STARTS_FROM = {"tumour_conditioned": "tumour", "tumour_v4": "tumour_v3"}
-# run -> the source run's fold every one of its folds starts from (default: the fold of the same name)
-START_FOLD = {"tumour_v4": "all"}
+# run -> {fold: the source run's fold it starts from} (default: the fold of the same name)
+START_FOLD = {"tumour_v4": {"prog_PGBM-001": "all", "prog_PGBM-003": "all"}}
 # run -> its folds, where they are not the tumour split's: tumour_v4 holds out one progression patient per fold
-# (the BraTS/TCGA cases train as in v3's fold all) and trains on every progression patient in fold all
-RUN_FOLDS = {"tumour_v4": ["prog_PGBM-001", "prog_PGBM-003", "all"]}
+# (the BraTS/TCGA cases train as in v3's fold all), trains on every progression patient in fold all, and has the
+# tumour split's folds too (v3's fold + every progression patient) for its BraTS/TCGA cross-validation
+PROGRESSION_FOLDS = {"tumour_v4": ["prog_PGBM-001", "prog_PGBM-003"]}
+RUN_FOLDS = {"tumour_v4": [*PROGRESSION_FOLDS["tumour_v4"], "all", "fold0", "fold1", "fold2", "fold3"]}
 PROGRESSION_REPEAT = 4  # each training patient's two time-point pairs appear this often among the training pairs
 KEYS = {"tumour_conditioned": "val_objective"}
 REGULARISATION_WEIGHTS = (0.1, 0.3, 1.0, 3.0, 10.0)  # λ grid of evaluate-regularisation (the conditioned range)
@@ -330,20 +334,22 @@ def progression_training_pairs(patients: dict[str, list[str]], data: Path, held_
 
 
 def prepare_v4(out: Path = RUNS, masks: Path | None = None) -> list[Path]:
-    """Datalists of run ``tumour_v4``: v3's fold ``all`` (its training, validation and testing pairs) plus the
-    progression pairs of every patient but the fold's held-out one (``prog_<patient>``; fold ``all``: none held out)."""
+    """Datalists of run ``tumour_v4``: v3's datalist of the fold (``prog_<patient>``: of fold ``all``) - its training,
+    validation and testing pairs - plus the progression pairs of every patient but a ``prog_<patient>`` fold's
+    held-out one."""
     if masks is None:
         raise ValueError("prepare-v4 needs --brain-masks (benchmarks/progression_brain_masks.py)")
-    base = out / "all" / DATALISTS["tumour_v3"]
-    if not base.is_file():
-        raise FileNotFoundError(f"{base}: run `tumour_campaign.py prepare` first")
+    for fold in run_folds("tumour_v4"):
+        base = out / source_fold("tumour_v4", fold) / DATALISTS["tumour_v3"]
+        if not base.is_file():
+            raise FileNotFoundError(f"{base}: run `tumour_campaign.py prepare` first")
     patients = prepare_progression(out / "progression", masks)
     paths = []
     for fold in run_folds("tumour_v4"):
-        held_out = fold.removeprefix("prog_") if fold.startswith("prog_") else None
+        held_out = fold.removeprefix("prog_") if fold in PROGRESSION_FOLDS["tumour_v4"] else None
         if held_out is not None and held_out not in patients:
             raise ValueError(f"fold {fold}: no progression patient {held_out}")
-        datalist = json.loads(base.read_text())
+        datalist = json.loads((out / source_fold("tumour_v4", fold) / DATALISTS["tumour_v3"]).read_text())
         datalist["training"] += progression_training_pairs(patients, out / "progression", held_out)
         paths.append(write_datalist(datalist, out / fold / DATALISTS["tumour_v4"], fold))
     return paths
@@ -368,10 +374,10 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
             return 0
         start = []
         if run in STARTS_FROM and not campaign.finished(root):
-            source_fold = START_FOLD.get(run, fold)
-            source = fold_weights(fold_root(source_fold, STARTS_FROM[run]), STARTS_FROM[run], source_fold)
+            start_fold = source_fold(run, fold)
+            source = fold_weights(fold_root(start_fold, STARTS_FROM[run]), STARTS_FROM[run], start_fold)
             if not source.is_file():
-                raise FileNotFoundError(f"{source}: run {run} starts from fold {source_fold} of run {STARTS_FROM[run]}, which has no weights")
+                raise FileNotFoundError(f"{source}: run {run} starts from fold {start_fold} of run {STARTS_FROM[run]}, which has no weights")
             start = ["--init_ckpt", str(source)]
         key = KEYS.get(run, "val_tumour_dice_fixed")
         overrides = [*(TRAINING_OVERRIDES if key == "val_tumour_dice_fixed" else []), *start, *extra]
@@ -383,6 +389,11 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
         if not campaign.finished(root):
             return 0  # stopped by the clock at a checkpoint: resume with the same command
     return 0
+
+
+def source_fold(run: str, fold: str) -> str:
+    """The fold of ``STARTS_FROM[run]`` (and of its datalists) that ``run``'s ``fold`` starts from."""
+    return START_FOLD.get(run, {}).get(fold, fold)
 
 
 def run_folds(run: str) -> list[str]:
@@ -680,7 +691,7 @@ def evaluate_progression(out: Path = RUNS, target: Path | None = None, run: str 
     finished = json.loads((root / "finished.json").read_text())
     sources = progression_sources()
     if run in RUN_FOLDS:  # folds that train on progression patients score only the one they hold out
-        if not fold.startswith("prog_"):
+        if fold not in PROGRESSION_FOLDS.get(run, []):
             raise ValueError(f"fold {fold} of run {run} trained on every progression patient: nothing is held out to score")
         sources = {n: c for n, c in sources.items() if n.rsplit("_", 1)[0] == fold.removeprefix("prog_")}
     datalist = {"testing": [{"image": [str(c["t1c"]), str(c["flair"])], "name": n} for n, c in sources.items()]}

@@ -564,9 +564,10 @@ def test_progression_subjects_are_aligned_partially_labelled_and_paired(tmp_path
     assert len({p["name"] for p in pairs}) == len(pairs)
 
     # evaluate-progression of fold prog_P1 of a run with its own folds: only P1's time points; fold all refused
-    monkeypatch.setattr(tumour_campaign, "RUN_FOLDS", {"tumour_v4": ["prog_P1", "prog_P2", "all"]})
+    monkeypatch.setattr(tumour_campaign, "RUN_FOLDS", {"tumour_v4": ["prog_P1", "prog_P2", "all", "fold0"]})
+    monkeypatch.setattr(tumour_campaign, "PROGRESSION_FOLDS", {"tumour_v4": ["prog_P1", "prog_P2"]})
     monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
-    for fold in ("prog_P1", "prog_P2", "all"):
+    for fold in ("prog_P1", "prog_P2", "all", "fold0"):
         (tmp_path / "campaign" / f"tumour_v4_{fold}").mkdir(parents=True)
         (tmp_path / "campaign" / f"tumour_v4_{fold}" / "finished.json").write_text(json.dumps({"best_iteration": 600}))
 
@@ -587,8 +588,9 @@ def test_progression_subjects_are_aligned_partially_labelled_and_paired(tmp_path
     rows = list(csv.DictReader(open(target)))
     assert [(r["fold"], r["time_point"]) for r in rows] == [("prog_P1", "P1_tp0"), ("prog_P1", "P1_tp1"), ("prog_P2", "P2_tp0"), ("prog_P2", "P2_tp1")]
     assert all(float(r["core_dice"]) == 1.0 for r in rows)
-    with pytest.raises(ValueError, match="trained on every progression patient"):
-        tumour_campaign.evaluate_progression(tmp_path / "runs", target, run="tumour_v4", fold="all")
+    for fold in ("all", "fold0"):
+        with pytest.raises(ValueError, match="trained on every progression patient"):
+            tumour_campaign.evaluate_progression(tmp_path / "runs", target, run="tumour_v4", fold=fold)
 
 
 def test_v4_folds_start_from_v3_fold_all(tmp_path, monkeypatch):
@@ -606,5 +608,38 @@ def test_v4_folds_start_from_v3_fold_all(tmp_path, monkeypatch):
     assert name == "tumour_v4_prog_PGBM-003" and datalist == "datalist_progression_training.json"
     assert extra[extra.index("--init_ckpt") + 1] == str(tumour_campaign.SHIPPED_TUMOUR)  # v3's fold all, shipped
     assert configs[-1] == "tumour_partial.json" and "tumour_regions.json" in configs
+    # the cross-validation folds start from v3's fold of the same name, which must have weights
+    with pytest.raises(FileNotFoundError, match="tumour_v3_fold2"):
+        tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v4", folds=["fold2"])
+    (tmp_path / "campaign" / "tumour_v3_fold2" / "models").mkdir(parents=True)
+    (tmp_path / "campaign" / "tumour_v3_fold2" / "models" / "model.pt").write_bytes(b"weights")
+    assert tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v4", folds=["fold2"]) == 0
+    name, extra, _, datalist = calls[-1]
+    assert name == "tumour_v4_fold2" and datalist == "datalist_progression_training.json"
+    assert extra[extra.index("--init_ckpt") + 1] == str(tmp_path / "campaign" / "tumour_v3_fold2" / "models" / "model.pt")
     with pytest.raises(ValueError, match="unknown fold"):
-        tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v4", folds=["fold0"])
+        tumour_campaign.train(None, 1, [], out=tmp_path, run="tumour_v4", folds=["fold9"])
+
+
+def test_v4_datalists_add_the_progression_pairs_to_v3s_fold(tmp_path, monkeypatch):
+    """prepare-v4: each fold's datalist is v3's datalist of its source fold plus the progression pairs of every
+    patient but a prog_ fold's held-out one."""
+    import json
+
+    for fold in ("all", "fold0", "fold1", "fold2", "fold3"):
+        (tmp_path / fold).mkdir()
+        (tmp_path / fold / "datalist_regions_synthetic.json").write_text(json.dumps(
+            {"training": [{"name": f"{fold}_pair"}], "validation": [{"name": f"{fold}_val"}], "testing": [{"name": f"{fold}_test"}]}))
+    patients = {"PGBM-001": ["PGBM-001_tp0", "PGBM-001_tp1"], "PGBM-003": ["PGBM-003_tp0", "PGBM-003_tp1"]}
+    monkeypatch.setattr(tumour_campaign, "prepare_progression", lambda out, masks: patients)
+    monkeypatch.setattr(tumour_campaign, "progression_training_pairs",
+                        lambda patients, data, held_out: [{"name": p} for p in sorted(patients) if p != held_out])
+    paths = tumour_campaign.prepare_v4(tmp_path, tmp_path / "masks")
+    lists = {p.parent.name: json.loads(p.read_text()) for p in paths}
+    assert set(lists) == set(tumour_campaign.run_folds("tumour_v4"))
+    assert [p["name"] for p in lists["prog_PGBM-001"]["training"]] == ["all_pair", "PGBM-003"]
+    assert [p["name"] for p in lists["all"]["training"]] == ["all_pair", "PGBM-001", "PGBM-003"]
+    assert [p["name"] for p in lists["fold2"]["training"]] == ["fold2_pair", "PGBM-001", "PGBM-003"]
+    assert lists["fold2"]["testing"] == [{"name": "fold2_test"}] and lists["fold2"]["validation"] == [{"name": "fold2_val"}]
+    with pytest.raises(ValueError, match="brain-masks"):
+        tumour_campaign.prepare_v4(tmp_path, None)
