@@ -11,10 +11,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from conftest import CONFIGS, REPO_ROOT, write_zero_checkpoint
+from conftest import CONFIGS, REPO_ROOT, save_nifti, write_zero_checkpoint
 
 from bundle.engines import load_weights
 from bundle.io import OUTPUT_WRITERS
@@ -76,6 +77,31 @@ def test_stock_inference_config_is_the_segmentation_without_writer(stock_bundle)
     load_weights(network, stock_bundle / "models" / "model.pt")
     verify_net_in_out(net_id="network_def", meta_file=str(stock_bundle / "configs" / "metadata.json"),
                       config_file=str(stock_bundle / "configs" / "inference.json"), n=2, device="cpu")
+
+
+def test_stock_preprocessing_loads_only_the_posted_image(stock_bundle):
+    """BundleInferTask swaps every ``LoadImaged`` for ``LoadImageTensord``, which reads ``data[key]`` for each of its
+    keys: a loader of a key a request does not carry (the optional brain mask) is a server error (HTTP 500), and
+    a request carries one image. The brain mask step stays in the bundle's own segmentation config."""
+    from monai.transforms import LoadImaged
+
+    parser = _parser(stock_bundle / "configs" / "inference.json")
+    parser["bundle_root"] = str(stock_bundle)
+    transforms = parser.get_parsed_content("preprocessing").transforms
+    loaders = [t for t in transforms if isinstance(t, LoadImaged)]
+    assert loaders and all(tuple(t.keys) == ("image",) for t in loaders), [t.keys for t in loaders]
+    # the pipeline runs on a request's item: the image alone
+    rng = np.random.default_rng(0)
+    head = np.zeros((24, 28, 20), np.float32)
+    head[4:20, 4:24, 4:16] = 100 + rng.random((16, 20, 12), dtype=np.float32)
+    image = save_nifti(head, np.diag([2.0, 2.0, 2.0, 1.0]), stock_bundle.parent / "request.nii.gz")
+    item = parser.get_parsed_content("preprocessing")({"image": image})
+    assert item["image"].shape[0] == parser.get_parsed_content("num_channels")
+
+    own = ConfigParser()
+    own.read_config([str(CONFIGS / n) for n in ("inference.json", "joint.json", "inference_segmentation.json")])
+    own_keys = [tuple(t.keys) for t in own.get_parsed_content("preprocessing").transforms if isinstance(t, LoadImaged)]
+    assert ("brain_mask",) in own_keys  # the bundle's command keeps its brain_mask input
 
 
 def test_stock_train_config_pairs_the_datastore_subjects(stock_bundle):
