@@ -437,19 +437,19 @@ def test_per_structure_table_and_markdown():
     assert compare_baselines._markdown(table[:2]) == expected
 
 
+class Tiny:
+    """A two-label data set for the report tests."""
+    name = "tiny"
+    labels = {1: "a", 2: "b"}
+
+    def describe(self, section="testing"):
+        return "Tiny: 2 labels"
+
+
 def test_report_tables_the_pairs_every_method_ran(tmp_path, monkeypatch):
     """``report`` on a hand-made ``results.csv`` (written by ``_append``): the first table only over the pairs every
     method ran, then all pairs each method ran; the CSV copied next to it."""
-    labels = {1: "a", 2: "b"}
-
-    class Tiny:
-        name = "tiny"
-
-        def __init__(self):
-            self.labels = labels
-
-        def describe(self, section="testing"):
-            return "Tiny: 2 labels"
+    labels = Tiny.labels
 
     out = tmp_path / "run"
     out.mkdir()
@@ -483,16 +483,7 @@ def test_report_from_committed_csvs_compares_on_the_common_subset(tmp_path, monk
     """``report --rows A,B --stem S``: rows of a method run on its own on a subset (B) joined to a whole run's (A), one
     row per method and pair (B's row replaces A's; the command can be re-run on its own output), the first table over
     the subset; files under the stem only; a file with other columns, or no stem, refused."""
-    labels = {1: "a", 2: "b"}
-
-    class Tiny:
-        name = "tiny"
-
-        def __init__(self):
-            self.labels = labels
-
-        def describe(self, section="testing"):
-            return "Tiny: 2 labels"
+    labels = Tiny.labels
 
     def rows(path, entries, hardware):
         for method, pair, a in entries:
