@@ -485,7 +485,6 @@ def report(dataset, out: Path, section: str = "testing", rows_from: list[Path] |
 
     results, figures = REPO / "docs" / "results", REPO / "docs" / "figures"
     results.mkdir(parents=True, exist_ok=True)
-    figures.mkdir(parents=True, exist_ok=True)
     if rows_from:
         if not stem:
             raise ValueError("a report from committed CSVs needs its own --stem (it must not replace a run's files)")
@@ -524,6 +523,7 @@ def report(dataset, out: Path, section: str = "testing", rows_from: list[Path] |
     print(text)
     if rows_from:
         return
+    figures.mkdir(parents=True, exist_ok=True)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("dice_mean", "hd95_mm", "seconds"), (f"mean Dice ({len(labels)} labels)", "HD95 (mm)", "seconds per pair")):
