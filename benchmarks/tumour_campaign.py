@@ -339,17 +339,17 @@ def prepare_v4(out: Path = RUNS, masks: Path | None = None) -> list[Path]:
     held-out one."""
     if masks is None:
         raise ValueError("prepare-v4 needs --brain-masks (benchmarks/progression_brain_masks.py)")
-    for fold in run_folds("tumour_v4"):
-        base = out / source_fold("tumour_v4", fold) / DATALISTS["tumour_v3"]
+    bases = {fold: out / source_fold("tumour_v4", fold) / DATALISTS["tumour_v3"] for fold in run_folds("tumour_v4")}
+    for base in bases.values():
         if not base.is_file():
             raise FileNotFoundError(f"{base}: run `tumour_campaign.py prepare` first")
     patients = prepare_progression(out / "progression", masks)
     paths = []
-    for fold in run_folds("tumour_v4"):
+    for fold, base in bases.items():
         held_out = fold.removeprefix("prog_") if fold in PROGRESSION_FOLDS["tumour_v4"] else None
         if held_out is not None and held_out not in patients:
             raise ValueError(f"fold {fold}: no progression patient {held_out}")
-        datalist = json.loads((out / source_fold("tumour_v4", fold) / DATALISTS["tumour_v3"]).read_text())
+        datalist = json.loads(base.read_text())
         datalist["training"] += progression_training_pairs(patients, out / "progression", held_out)
         paths.append(write_datalist(datalist, out / fold / DATALISTS["tumour_v4"], fold))
     return paths
@@ -376,8 +376,6 @@ def train(minutes: float | None, threads: int, extra: list[str], out: Path = RUN
         if run in STARTS_FROM and not campaign.finished(root):
             start_fold = source_fold(run, fold)
             source = fold_weights(fold_root(start_fold, STARTS_FROM[run]), STARTS_FROM[run], start_fold)
-            if not source.is_file():
-                raise FileNotFoundError(f"{source}: run {run} starts from fold {start_fold} of run {STARTS_FROM[run]}, which has no weights")
             start = ["--init_ckpt", str(source)]
         key = KEYS.get(run, "val_tumour_dice_fixed")
         overrides = [*(TRAINING_OVERRIDES if key == "val_tumour_dice_fixed" else []), *start, *extra]
@@ -510,7 +508,7 @@ def evaluate(out: Path = RUNS, target: Path | None = None, run: str = "tumour") 
             if suffix:
                 datalist_path.write_text(json.dumps(without_flair(full), indent=1))
             settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
-                        "ckpt_path": root / "models" / "model.pt", "progress_bar": False}
+                        "ckpt_path": fold_weights(root, run, fold), "progress_bar": False}
             out_dir.mkdir(parents=True, exist_ok=True)
             with open(out_dir.parent / "inference.log", "a") as log:
                 configs = inference_configs(run, ["inference.json", "joint.json", "tumour_campaign.json"])
@@ -553,7 +551,7 @@ def evaluate_segment(out: Path = RUNS, target: Path | None = None, run: str = "t
         out_dir.mkdir(parents=True, exist_ok=True)
         datalist_path.write_text(json.dumps(datalist, indent=1))
         settings = {"bundle_root": root, "datalist": datalist_path, "output_dir": out_dir,
-                    "ckpt_path": root / "models" / "model.pt"}
+                    "ckpt_path": fold_weights(root, run, fold)}
         with open(out_dir.parent / "segment.log", "a") as log:
             subprocess.run(bundle_command("inference", REPO, inference_configs(run, TUMOUR_SEGMENTATION_CONFIGS), settings),
                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -752,10 +750,17 @@ def depth_in_head(image: str | Path) -> np.ndarray:
 
 
 def fold_weights(root: Path, run: str, fold: str) -> Path:
-    """A fold's best weights; the shipped model's fold ``all`` is not kept twice: its weights are the shipped file."""
+    """A fold's best weights; the shipped model's fold ``all`` is not kept twice: its weights are the shipped file.
+
+    Raises:
+        FileNotFoundError: none in this checkout (a rejected recipe's weights leave the tree; its training log and
+            ``finished.json`` stay, and docs/README.md names the commit that holds the weights)."""
     weights = root / "models" / "model.pt"
     if not weights.is_file() and (run, fold) == (SHIPPED_RUN, "all"):
         return SHIPPED_TUMOUR
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no weights of fold {fold} of run {run} in this checkout (rejected recipes' "
+                                "weights are only in the history: see docs/README.md for the commit)")
     return weights
 
 

@@ -19,6 +19,17 @@ from bundle.data import load_split  # noqa: E402
 from bundle.io.writers import write_nifti  # noqa: E402
 
 
+def _finished_fold(root: Path, info: dict, weights: bool = True) -> None:
+    """A fold folder as a finished training leaves it: ``finished.json`` and (unless not ``weights``, a rejected
+    recipe's fold on a fresh clone) ``models/model.pt``."""
+    import json
+
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    (root / "finished.json").write_text(json.dumps(info))
+    if weights:
+        (root / "models" / "model.pt").write_bytes(b"weights")
+
+
 def _subjects(pairs, keys=("moving_tumour", "fixed_tumour")):
     return {p[k].split("/")[-2] for p in pairs for k in keys}
 
@@ -123,8 +134,7 @@ def test_evaluate_segment_scores_each_held_out_subject_from_its_raw_files(tmp_pa
              "folds": {"f": {"testing": list(sources), "validation": "x"}, "g": {"testing": ["x"], "validation": "y"},
                        "all": {"testing": [], "validation": "x"}}}
     for fold in ("f", "all"):  # g is not finished: skipped
-        (tmp_path / "campaign" / f"tumour_{fold}").mkdir(parents=True)
-        (tmp_path / "campaign" / f"tumour_{fold}" / "finished.json").write_text(json.dumps({"best_iteration": 300, "hardware": "cpu"}))
+        _finished_fold(tmp_path / "campaign" / f"tumour_{fold}", {"best_iteration": 300, "hardware": "cpu"})
     monkeypatch.setattr(tumour_campaign, "load_split", lambda name: split)
     monkeypatch.setattr(tumour_ablation, "_sources", lambda data: sources)
     monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
@@ -219,8 +229,10 @@ def test_evaluate_progression_scores_fold_all_on_every_time_point(tmp_path, monk
     monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
     with pytest.raises(FileNotFoundError, match="has not finished"):
         tumour_campaign.evaluate_progression(tmp_path / "runs", tmp_path / "p.csv", run="tumour_v2")
-    (tmp_path / "campaign" / "tumour_v2_all").mkdir(parents=True)
-    (tmp_path / "campaign" / "tumour_v2_all" / "finished.json").write_text(json.dumps({"best_iteration": 900}))
+    _finished_fold(tmp_path / "campaign" / "tumour_v2_all", {"best_iteration": 900}, weights=False)
+    with pytest.raises(FileNotFoundError, match="no weights of fold all of run tumour_v2"):  # a rejected recipe's
+        tumour_campaign.evaluate_progression(tmp_path / "runs", tmp_path / "p.csv", run="tumour_v2")
+    _finished_fold(tmp_path / "campaign" / "tumour_v2_all", {"best_iteration": 900})
     calls = []
 
     def fake_run(cmd, **kwargs):  # oedema around the whole mask, the core on its first slice only
@@ -297,7 +309,8 @@ def test_the_shipped_fold_all_is_read_from_the_shipped_file(tmp_path):
     assert tumour_campaign.fold_weights(root, "tumour_v3", "all") == tumour_campaign.SHIPPED_TUMOUR
     assert tumour_campaign.SHIPPED_TUMOUR.is_file()
     assert read_config(tumour_campaign.REPO, TUMOUR_CONFIGS).get_parsed_content("ckpt_path") == str(tumour_campaign.SHIPPED_TUMOUR)
-    assert tumour_campaign.fold_weights(root, "tumour", "all") == root / "models" / "model.pt"
+    with pytest.raises(FileNotFoundError, match="no weights of fold all of run tumour in this checkout"):
+        tumour_campaign.fold_weights(root, "tumour", "all")
     (root / "models").mkdir(parents=True)
     (root / "models" / "model.pt").write_bytes(b"")
     assert tumour_campaign.fold_weights(root, "tumour_v3", "all") == root / "models" / "model.pt"
@@ -568,8 +581,7 @@ def test_progression_subjects_are_aligned_partially_labelled_and_paired(tmp_path
     monkeypatch.setattr(tumour_campaign, "PROGRESSION_FOLDS", {"tumour_v4": ["prog_P1", "prog_P2"]})
     monkeypatch.setattr(tumour_campaign, "CAMPAIGNS", tmp_path / "campaign")
     for fold in ("prog_P1", "prog_P2", "all", "fold0"):
-        (tmp_path / "campaign" / f"tumour_v4_{fold}").mkdir(parents=True)
-        (tmp_path / "campaign" / f"tumour_v4_{fold}" / "finished.json").write_text(json.dumps({"best_iteration": 600}))
+        _finished_fold(tmp_path / "campaign" / f"tumour_v4_{fold}", {"best_iteration": 600})
 
     def fake_run(cmd, **kwargs):
         settings = dict(zip(cmd, cmd[1:]))
