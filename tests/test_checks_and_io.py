@@ -663,6 +663,16 @@ def test_resume_from_latest_restores_network_optimizer_and_trainer(tmp_path):
     assert iterations == list(range(2 * len(data) + 1, 4 * len(data) + 1))
 
 
+def test_latest_checkpoint_breaks_a_modification_time_tie_by_the_number_in_the_name(tmp_path):
+    """Checkpoints saved within one clock tick share a modification time: the largest epoch is the newest."""
+    for name in ("checkpoint_epoch=10.pt", "checkpoint_epoch=2.pt", "checkpoint_epoch=9.pt"):
+        torch.save({"network": {}}, tmp_path / name)
+        os.utime(tmp_path / name, (1_000_000, 1_000_000))
+    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=10.pt"
+    os.utime(tmp_path / "checkpoint_epoch=2.pt", (1_000_001, 1_000_001))  # a later time still wins
+    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=2.pt"
+
+
 def test_resuming_a_run_at_its_epoch_budget_trains_nothing(tmp_path):
     """A run resumed from its final checkpoint ends at once: the campaign then marks it finished."""
     data = [torch.rand(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -113,10 +114,19 @@ def load_weights(
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
-    """Newest ``<prefix>*.pt`` in ``ckpt_dir`` (by modification time), or ``None``."""
+    """Newest ``<prefix>*.pt`` in ``ckpt_dir`` (by modification time), or ``None``.
+
+    Files written within one tick of the file system's clock share a modification time; among those the
+    one whose name ends in the largest number (ignite's ``checkpoint_epoch=N.pt``) is the newest.
+    """
     folder = Path(ckpt_dir)
-    candidates = sorted(folder.glob(f"{prefix}*.pt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    candidates = sorted(folder.glob(f"{prefix}*.pt"), key=_newest_first_key) if folder.is_dir() else []
     return candidates[-1] if candidates else None
+
+
+def _newest_first_key(path: Path) -> tuple[int, int]:
+    number = re.search(r"(\d+)\.pt$", path.name)
+    return path.stat().st_mtime_ns, int(number.group(1)) if number else -1
 
 
 class AtomicDiskSaver(DiskSaver):
