@@ -356,10 +356,11 @@ def split_pairs(dataset, section: str, work: Path) -> list[tuple[dict, dict]]:
 
 def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path, pairs_limit: int | None,
         configs: list[str], name: str = "ours", overrides: dict | None = None, greedy_threads: int | None = None,
-        section: str = "testing") -> None:
+        section: str = "testing", pair_names: list[str] | None = None) -> None:
     """Register and score every ordered pair of ``section`` (:func:`split_pairs`) with each method (see the module
     docstring); ``greedy_threads``: greedy's ``-threads`` (default: all cores), appended to the ``hardware``
-    column of its rows."""
+    column of its rows; ``pair_names``: only these pairs (``MOVING_to_FIXED``) of the first ``pairs_limit``, e.g. to
+    run a slow method's pairs as separate processes side by side."""
     unknown = [m for m in methods if m != "ours" and m not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: ours, {', '.join(RUNNERS)}.")
@@ -371,6 +372,12 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
     tmp = out / "inputs"
     tmp.mkdir(exist_ok=True)
     pairs = split_pairs(dataset, section, tmp)[:pairs_limit]
+    if pair_names:
+        names = [f"{m['name']}_to_{f['name']}" for m, f in pairs]
+        unknown_pairs = [n for n in pair_names if n not in names]
+        if unknown_pairs:
+            raise ValueError(f"--pair {', '.join(unknown_pairs)}: not a {section} pair here; the pairs are {', '.join(names)}.")
+        pairs = [p for p, n in zip(pairs, names) if n in pair_names]
     labels = dataset.labels
     results_csv, hw = out / "results.csv", hardware()
     done = _done(results_csv)
@@ -625,6 +632,8 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
     parser.add_argument("--configs", default="inference.json", help="inference config list, comma separated")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N test pairs")
+    parser.add_argument("--pair", action="append", default=[], metavar="MOVING_to_FIXED",
+                        help="run: only this pair (repeatable); rows go to OUT/results.csv as usual")
     parser.add_argument("--rows", default=None, metavar="CSV[,CSV...]",
                         help="report: tables from these committed result CSVs (rows of a later file replace an earlier "
                              "one's for the same method and pair) instead of --out's run; needs --stem; no figures")
@@ -643,7 +652,7 @@ def main() -> None:
     out = out.resolve()  # the datalist written for the bundle names files relative to its own folder
     if a.command == "run":
         run(dataset, out, a.methods.split(","), [int(s) for s in a.io_steps.split(",")], a.ckpt, a.pairs,
-            a.configs.split(","), a.name, overrides, a.greedy_threads, a.section)
+            a.configs.split(","), a.name, overrides, a.greedy_threads, a.section, a.pair)
     else:
         report(dataset, out, a.section, [Path(p) for p in a.rows.split(",")] if a.rows else None, a.stem)
 

@@ -166,6 +166,15 @@ def test_run_passes_and_records_greedy_threads(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="threads"):
         compare_baselines.run(Tiny(), tmp_path, ["greedy"], [0], compare_baselines.DEFAULT_CKPT, None, ["inference.json"],
                               greedy_threads=0)
+    # one named pair only (a slow method's pairs run as processes side by side), and a pair that is not there
+    calls.clear()
+    compare_baselines.run(Tiny(), tmp_path / "one", ["greedy"], [0], compare_baselines.DEFAULT_CKPT, None,
+                          ["inference.json"], greedy_threads=1, pair_names=["fixed_to_moving"])
+    with open(tmp_path / "one" / "results.csv") as f:
+        assert [r["pair"] for r in csv.DictReader(f)] == ["fixed_to_moving"] and calls == [1]
+    with pytest.raises(ValueError, match="--pair moving_to_other: not a testing pair here; the pairs are moving_to_fixed, fixed_to_moving"):
+        compare_baselines.run(Tiny(), tmp_path / "two", ["greedy"], [0], compare_baselines.DEFAULT_CKPT, None,
+                              ["inference.json"], greedy_threads=1, pair_names=["moving_to_other"])
 
 
 def test_ours_runs_the_bundle_inference_and_scores_against_the_fixed_subject(tmp_path):
