@@ -405,12 +405,21 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
             with tempfile.TemporaryDirectory(dir=out) as work:
                 warped, jac, seconds = runners[method](m, f, Path(work))
             row = {"method": method, "pair": pair, "moving": m["name"], "fixed": f["name"], "seconds": seconds,
-                   "hardware": f"{hw}; greedy -threads {greedy_threads}" if method == "greedy" else hw}
+                   "hardware": hw + _threads(method, greedy_threads)}
             row.update(score(warped, f, jac, labels))
             _append(results_csv, row, labels)
             if (m, f) == pairs[0]:
                 _keep_for_figure(out, method, pair, warped, jac)
             print(f"{method:10s} {pair}: Dice {row['dice_mean']:.3f} folding {row['folding_pct']:.3f}% ({seconds:.1f} s)", flush=True)
+
+
+def _threads(method: str, greedy_threads: int) -> str:
+    """The thread count a classical tool ran with, for the ``hardware`` column."""
+    if method == "greedy":
+        return f"; greedy -threads {greedy_threads}"
+    if method.startswith("ants"):
+        return f"; ITK threads {os.environ.get('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', 'all cores')}"
+    return ""
 
 
 def _summary(rows: list[dict], labels: dict) -> list[dict]:

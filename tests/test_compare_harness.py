@@ -265,6 +265,15 @@ def test_ants_syn_full_passes_its_settings_to_antspyx(tmp_path, monkeypatch):
     assert warped.dtype == np.int16 and seconds >= 0
 
 
+def test_hardware_column_names_the_threads_of_the_classical_tools(monkeypatch):
+    monkeypatch.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+    assert compare_baselines._threads("ants_syn_full", 2) == "; ITK threads 1"
+    assert compare_baselines._threads("greedy", 2) == "; greedy -threads 2"
+    assert compare_baselines._threads("affine", 2) == ""
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+    assert compare_baselines._threads("ants_syn", 2) == "; ITK threads all cores"
+
+
 def _phantom(name: str, shift: float, work: Path) -> dict:
     """The labels of :func:`_blob` in a textured 32^3 image (head, two-intensity inner ellipsoid, a small off-centre
     blob, a smooth texture over the whole grid), all shifted ``shift`` voxels along the first axis. The plain blob
