@@ -120,11 +120,11 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     one whose name ends in the largest number (ignite's ``checkpoint_epoch=N.pt``) is the newest.
     """
     folder = Path(ckpt_dir)
-    candidates = sorted(folder.glob(f"{prefix}*.pt"), key=_newest_first_key) if folder.is_dir() else []
+    candidates = sorted(folder.glob(f"{prefix}*.pt"), key=_save_order) if folder.is_dir() else []
     return candidates[-1] if candidates else None
 
 
-def _newest_first_key(path: Path) -> tuple[int, int]:
+def _save_order(path: Path) -> tuple[int, int]:
     number = re.search(r"(\d+)\.pt$", path.name)
     return path.stat().st_mtime_ns, int(number.group(1)) if number else -1
 
