@@ -89,7 +89,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    pairs = compare_baselines.split_pairs(DATASETS[a.dataset](), a.section, out / "inputs")[: a.pairs]
+    pairs = compare_baselines.split_pairs(DATASETS[a.dataset](), a.section, out / "inputs", limit=a.pairs)
     if len(pairs) < 2:
         sys.exit(f"cohort_throughput.py: error: {a.dataset} {a.section} has {len(pairs)} pair(s); 2 or more are needed.")
     load = os.getloadavg()[0]

@@ -318,15 +318,21 @@ def _keep_for_figure(out: Path, method: str, pair: str, warped: np.ndarray, jaco
     np.savez_compressed(folder / f"{method}.npz", label=warped, jacobian=np.zeros(0) if jacobian is None else jacobian)
 
 
-def split_pairs(dataset, section: str, work: Path) -> list[tuple[dict, dict]]:
+def split_pairs(dataset, section: str, work: Path, limit: int | None = None,
+                only: list[str] | None = None) -> list[tuple[dict, dict]]:
     """The ordered pairs of a split section, each subject written once into ``work``.
 
     ``testing``: every ordered pair of the test subjects. ``validation`` (for choosing settings without touching
     the test split): every ordered pair of the validation subjects, or, with a single validation subject, that
     subject with the first two labelled training subjects, both ways.
 
+    ``limit``: the first ``limit`` pairs only; ``only``: of those, the pairs named ``MOVING_to_FIXED``. Both are
+    applied before any subject of a pair is written, so a bad name leaves ``work`` as it was (a single
+    validation subject's partners excepted: finding them reads, and writes, training subjects).
+
     Raises:
-        ValueError: unknown section, or a dataset without a validation split.
+        ValueError: unknown section, a dataset without a validation split, or a name in ``only`` that is not one of
+            the pairs.
     """
     if section == "testing":
         names = list(permutations(dataset.testing, 2))
@@ -339,6 +345,7 @@ def split_pairs(dataset, section: str, work: Path) -> list[tuple[dict, dict]]:
             names = list(permutations(validation, 2))
         else:
             partners = []
+            work.mkdir(parents=True, exist_ok=True)  # the probe below writes the subjects it reads
             for s in split.get("training", []):
                 if len(partners) == 2:
                     break
@@ -350,6 +357,14 @@ def split_pairs(dataset, section: str, work: Path) -> list[tuple[dict, dict]]:
             names = [pair for s in partners for pair in ((validation[0], s), (s, validation[0]))]
     else:
         raise ValueError(f"section must be 'testing' or 'validation', got {section!r}.")
+    names = names[:limit]
+    if only:
+        found = [f"{m}_to_{f}" for m, f in names]
+        unknown = [n for n in only if n not in found]
+        if unknown:
+            raise ValueError(f"--pair {', '.join(unknown)}: not a {section} pair here; the pairs are {', '.join(found)}.")
+        names = [pair for pair, n in zip(names, found) if n in only]
+    work.mkdir(parents=True, exist_ok=True)
     subjects = {s: dataset.subject(s, work) for s in dict.fromkeys(n for pair in names for n in pair)}
     return [(subjects[m], subjects[f]) for m, f in names]
 
@@ -368,16 +383,8 @@ def run(dataset, out: Path, methods: list[str], io_steps: list[int], ckpt: Path,
     if "greedy" in methods:  # a bad thread count, or an OUT path greedy cannot take, fails before any registration
         greedy_commands(out / "f", out / "m", out / "l", out, greedy_threads)
     runners = {**RUNNERS, "greedy": partial(run_greedy, threads=greedy_threads)}
+    pairs = split_pairs(dataset, section, out / "inputs", limit=pairs_limit, only=pair_names)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "inputs"
-    tmp.mkdir(exist_ok=True)
-    pairs = split_pairs(dataset, section, tmp)[:pairs_limit]
-    if pair_names:
-        names = [f"{m['name']}_to_{f['name']}" for m, f in pairs]
-        unknown_pairs = [n for n in pair_names if n not in names]
-        if unknown_pairs:
-            raise ValueError(f"--pair {', '.join(unknown_pairs)}: not a {section} pair here; the pairs are {', '.join(names)}.")
-        pairs = [p for p, n in zip(pairs, names) if n in pair_names]
     labels = dataset.labels
     results_csv, hw = out / "results.csv", hardware()
     done = _done(results_csv)

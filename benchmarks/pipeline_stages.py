@@ -102,7 +102,7 @@ def run(dataset, out: Path, ckpt: Path, configs: list[str], pairs_limit: int | N
     out = Path(out).resolve()  # the datalist names its files relative to its own folder
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    pairs = compare_baselines.split_pairs(dataset, "testing", out / "inputs")[:pairs_limit]
+    pairs = compare_baselines.split_pairs(dataset, "testing", out / "inputs", limit=pairs_limit)
     datalist = {"testing": [{"moving": str(m["image"]), "fixed": str(f["image"]), "moving_label": str(m["label"]),
                              "name": f"{m['name']}_to_{f['name']}"} for m, f in pairs]}
     (out / "datalist.json").write_text(json.dumps(datalist))

@@ -175,6 +175,7 @@ def test_run_passes_and_records_greedy_threads(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--pair moving_to_other: not a testing pair here; the pairs are moving_to_fixed, fixed_to_moving"):
         compare_baselines.run(Tiny(), tmp_path / "two", ["greedy"], [0], compare_baselines.DEFAULT_CKPT, None,
                               ["inference.json"], greedy_threads=1, pair_names=["moving_to_other"])
+    assert not (tmp_path / "two").exists()  # failed before writing anything
 
 
 def test_ours_runs_the_bundle_inference_and_scores_against_the_fixed_subject(tmp_path):
@@ -390,6 +391,21 @@ def test_split_pairs_testing_and_validation(tmp_path):
         compare_baselines.split_pairs(_FakeDataset([]), "validation", tmp_path)
     with pytest.raises(ValueError, match="section"):
         compare_baselines.split_pairs(data, "train", tmp_path)
+
+
+def test_split_pairs_limits_and_names_pairs_before_writing_any_subject(tmp_path):
+    """``limit`` and ``only`` pick the pairs before subjects are written: only the named pairs' subjects are, and a
+    name that is not a pair of the split is an error that writes nothing (not even the folder)."""
+    data = _FakeDataset(["V", "W"])
+    data.testing = ["E", "F", "G"]
+    assert _names(compare_baselines.split_pairs(data, "testing", tmp_path / "a", limit=2)) == [("E", "F"), ("E", "G")]
+    data.written.clear()
+    pairs = compare_baselines.split_pairs(data, "testing", tmp_path / "b", only=["G_to_F"])
+    assert _names(pairs) == [("G", "F")] and sorted(data.written) == ["F", "G"]
+    data.written.clear()
+    with pytest.raises(ValueError, match="--pair F_to_G: not a testing pair here; the pairs are E_to_F, E_to_G"):
+        compare_baselines.split_pairs(data, "testing", tmp_path / "c", limit=2, only=["F_to_G"])
+    assert data.written == [] and not (tmp_path / "c").exists()
 
 
 def test_metadata_eval_metric_is_the_published_held_out_number():
