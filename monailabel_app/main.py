@@ -31,6 +31,9 @@ from lib.trainers import JointTraining  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# data keys the bundle configs read as files: set by BrainRegistrationApp.infer, never by a client
+SERVER_PATH_KEYS = {"brain_mask", "fixed_brain_mask", "moving_brain_mask", "moving", "moving_label", "fixed"}
+
 
 class BrainRegistrationApp(MONAILabelApp):
     """Infer tasks ``tumour_segmentation`` and ``atlas_registration``, train task ``joint_model``."""
@@ -62,9 +65,12 @@ class BrainRegistrationApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """Check the request, then run it; a bad request is answered 4xx with the reason, not 500.
 
-        ``atlas_registration`` takes ``atlas``: the id of a datastore image whose final label is propagated. The
-        image must be a datastore id or the file the client uploaded (MONAI Label's own ``infer`` would also read
-        any path on the server).
+        ``atlas_registration`` takes ``atlas``: the id of a datastore image whose final label is propagated. Both
+        tasks take ``brain_mask_tag``: the tag of the datastore image's label that is its brain mask (for heads that
+        are not skull-stripped; every voxel outside becomes background first); the atlas task also applies a
+        datastore atlas's label of that tag, where it has one. The image must be a datastore id or the file the
+        client uploaded (MONAI Label's own ``infer`` would also read any path on the server), and the masks are
+        found here, never taken as paths from the client.
         """
         from fastapi import HTTPException
 
@@ -73,6 +79,11 @@ class BrainRegistrationApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app has {sorted(self._infers)}")
+        task = self._infers[model]
+        paths = sorted(set(request) & SERVER_PATH_KEYS)
+        if paths:
+            raise HTTPException(status_code=400, detail=f"{', '.join(paths)}: not request parameters (a server path); "
+                                "give brain_mask_tag, the tag of the image's brain-mask label in the datastore")
         image = request.get("image")
         if isinstance(image, str) and not _known_image(image, datastore):
             raise HTTPException(status_code=404, detail=f"unknown image {image!r}: give a datastore image id or upload the file")
@@ -82,6 +93,16 @@ class BrainRegistrationApp(MONAILabelApp):
             if not label:
                 raise HTTPException(status_code=400, detail=f"atlas {atlas_id!r} has no final label in the datastore")
             request[ATLAS_KEY] = (datastore.get_image_uri(atlas_id), label)
+        tag = request.pop("brain_mask_tag", None)
+        if tag:
+            mask = datastore.get_label_uri(image, tag) if isinstance(image, str) and datastore.get_image_uri(image) else None
+            if not mask:
+                raise HTTPException(status_code=400, detail=f"brain_mask_tag {tag!r}: image {image!r} has no label "
+                                    "of that tag in the datastore (an uploaded image has no labels)")
+            request[task.brain_mask_key] = mask
+            atlas_mask = datastore.get_label_uri(atlas_id, tag) if atlas_id else None
+            if atlas_mask and getattr(task, "atlas_brain_mask_key", None):
+                request[task.atlas_brain_mask_key] = atlas_mask
         try:
             return super().infer(request, datastore)
         except Exception as e:

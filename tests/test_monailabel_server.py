@@ -40,6 +40,7 @@ HELD_OUT = BRATS / "test" / "brats_2013_pat0001_1"
 STUDIES = ["test/brats_2013_pat0002_1", "validation/brats_2013_pat0003_1", "validation/brats_2013_pat0004_1",
            "train/brats_2013_pat0005_1"]  # sorted by id: the last one validates (val_split 0.25)
 FLAIR, TUMOUR, BRAIN = "Flair_subtrMeanDivStd.nii.gz", "OTMultiClass.nii.gz", "brainmask.nii.gz"
+BRAIN_TAG = "brain"  # the datastore label tag of the brain mask of STUDIES[0] (a request's brain_mask_tag)
 
 PIXDIM = [4.0, 4.0, 4.0]  # network grid of the joint model's commands here, set explicitly (what its weights are trained at)
 TRAIN_EPOCHS = 4  # 6 ordered pairs of 3 training subjects per epoch
@@ -151,7 +152,27 @@ def studies(work) -> Path:
         name = Path(case).name
         _resample(BRATS / case / FLAIR, folder / f"{name}.nii.gz", order=1, dtype=np.float32)
         _resample(BRATS / case / TUMOUR, folder / "labels" / "final" / f"{name}.nii.gz", order=0, dtype=np.uint8)
+    _half_brain_mask(STUDIES[0], folder)
     return folder
+
+
+def _half_brain_mask(case: str, folder: Path) -> None:
+    """``labels/brain/<case>``: the case's brain mask without the half (first voxel axis) that holds most of its
+    tumour, so that applying it visibly changes what the models see."""
+    name = Path(case).name
+    mask_file = folder / "labels" / BRAIN_TAG / f"{name}.nii.gz"
+    mask_file.parent.mkdir(parents=True)
+    _resample(BRATS / case / BRAIN, mask_file, order=0, dtype=np.float32)  # BraTS stores 1 as 0.99999997
+    mask = nib.load(str(mask_file))
+    tumour = np.asarray(nib.load(str(folder / "labels" / "final" / f"{name}.nii.gz")).dataobj) > 0
+    inside = np.asarray(mask.dataobj) > 0.5
+    middle = int(np.mean(np.nonzero(inside)[0]))
+    tumour_first_half = tumour[:middle].sum() > tumour[middle:].sum()
+    if tumour_first_half:
+        inside[:middle] = False
+    else:
+        inside[middle:] = False
+    nib.save(nib.Nifti1Image(inside.astype(np.uint8), mask.affine), str(mask_file))
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +238,18 @@ def test_atlas_registration_with_a_datastore_atlas(app_server, studies):
     assert params["atlas_label"] == str(studies / "labels" / "final" / f"{case}.nii.gz")
 
 
+def test_atlas_registration_takes_the_brain_masks_of_the_image_and_the_atlas_from_the_datastore(app_server, studies):
+    """``brain_mask_tag``: the image's label of that tag is its brain mask, and the datastore atlas's (here the same
+    case) is the atlas's; both are named in the result, and a case registered onto itself keeps its labels."""
+    case = Path(STUDIES[0]).name
+    label, _, params = app_server.infer("atlas_registration", image_id=case,
+                                        params={"atlas": case, "brain_mask_tag": BRAIN_TAG})
+    mask = str(studies / "labels" / BRAIN_TAG / f"{case}.nii.gz")
+    assert params["fixed_brain_mask"] == params["moving_brain_mask"] == mask
+    own = np.asarray(nib.load(str(studies / "labels" / "final" / f"{case}.nii.gz")).dataobj)
+    assert dice(label > 0, own > 0, [True]) > 0.9
+
+
 def test_bad_requests_are_answered_4xx_with_the_reason(app_server, studies, tmp_path):
     """Unknown model or image, a server path outside the datastore, an atlas without a label, a blank image:
     4xx with the reason (not 500), and the server keeps serving."""
@@ -240,6 +273,13 @@ def test_bad_requests_are_answered_4xx_with_the_reason(app_server, studies, tmp_
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), str(blank))
     response = post("tumour_segmentation", upload=blank)
     assert response.status_code == 400 and "constant" in response.text, response.text
+    # brain masks: a tag the image has no label of, an upload (no labels), a mask path given by the client
+    response = post("tumour_segmentation", image_id=case, params={"brain_mask_tag": "no_such_tag"})
+    assert response.status_code == 400 and "has no label of that tag" in response.text, response.text
+    response = post("atlas_registration", upload=studies / f"{case}.nii.gz", params={"brain_mask_tag": BRAIN_TAG})
+    assert response.status_code == 400 and "an uploaded image has no labels" in response.text, response.text
+    response = post("atlas_registration", image_id=case, params={"fixed_brain_mask": str(outside)})
+    assert response.status_code == 400 and "fixed_brain_mask: not request parameters" in response.text, response.text
     assert app_server.info()["models"]  # still serving
 
 
@@ -278,6 +318,25 @@ def test_app_segmentation_equals_the_bundle_command(trained, trained_segmentatio
          "--pixdim", str(PIXDIM), "--output_dir", str(work / "bundle_cmd")], timeout=600).check()
     expected = np.asarray(nib.load(str(work / "bundle_cmd" / "pat0001" / "seg.nii.gz")).dataobj)
     np.testing.assert_array_equal(trained_segmentation[0], expected)
+
+
+def test_app_segmentation_with_a_brain_mask_label_equals_the_bundle_command(app_server, trained, studies, work):
+    """``brain_mask_tag`` on a datastore image: MONAI Label's answer is the bundle command's with that mask
+    (``brain_mask`` of ``inference_segmentation.json``), and the tumour in the masked-out half is gone."""
+    case = Path(STUDIES[0]).name
+    mask_file = studies / "labels" / BRAIN_TAG / f"{case}.nii.gz"
+    masked, _, _ = app_server.infer("tumour_segmentation", image_id=case, params={"brain_mask_tag": BRAIN_TAG})
+    unmasked, _, _ = app_server.infer("tumour_segmentation", image_id=case)
+    datalist = work / "segment_masked.json"
+    datalist.write_text(json.dumps({"testing": [{"image": str(studies / f"{case}.nii.gz"), "brain_mask": str(mask_file),
+                                                 "name": case}]}))
+    out = work / "bundle_cmd_masked"
+    run(["run", "inference", "--config_file", f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'joint.json'}','{CONFIGS / 'inference_segmentation.json'}']",
+         "--bundle_root", str(out), "--datalist", str(datalist), "--ckpt_path", str(trained),
+         "--pixdim", str(PIXDIM), "--output_dir", str(out)], timeout=600).check()
+    np.testing.assert_array_equal(masked, np.asarray(nib.load(str(out / case / "seg.nii.gz")).dataobj))
+    outside = np.asarray(nib.load(str(mask_file)).dataobj) == 0
+    assert (unmasked[outside] == 1).sum() > (masked[outside] == 1).sum(), "the brain mask changed nothing"
 
 
 @pytest.fixture(scope="module")

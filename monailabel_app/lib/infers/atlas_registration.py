@@ -45,6 +45,9 @@ class AtlasPaird(MapTransform):
         moving, moving_label = d.get(ATLAS_KEY) or self.default()
         d.update(fixed=d[self.image_key], moving=moving, moving_label=moving_label)
         d["result"] = {"atlas_image": str(moving), "atlas_label": str(moving_label)}
+        for key in ("fixed_brain_mask", "moving_brain_mask"):  # set by the app from the request's brain_mask_tag
+            if d.get(key):
+                d["result"][key] = str(d[key])
         return d
 
 
@@ -66,7 +69,14 @@ class AtlasRegistration(BundleConfigInferTask):
     of the bundle's ``inference`` command. The atlas is ``--conf atlas_image``/``atlas_label``, a labelled
     datastore image chosen with the request parameter ``atlas`` (its id; see ``main.py``), or the embedded
     demo's first subject (built on first use in the bundle's ``demo_dir``).
+
+    Brain masks (``inference.json``'s ``fixed_brain_mask`` / ``moving_brain_mask``) are set by
+    :class:`main.BrainRegistrationApp` from the request's ``brain_mask_tag``: the image's label of that tag, and the
+    datastore atlas's label of that tag where it has one; the result JSON names the masks applied.
     """
+
+    brain_mask_key = "fixed_brain_mask"  # the request's image is the fixed image
+    atlas_brain_mask_key = "moving_brain_mask"
 
     def __init__(self, settings: AppSettings, **kwargs):
         model = settings.atlas_model or settings.model
@@ -83,7 +93,7 @@ class AtlasRegistration(BundleConfigInferTask):
             [str(model)],
             labels=labels,
             description="Registration-based segmentation: the atlas labels warped onto the image by the registration model",
-            config={"atlas": ""},
+            config={"atlas": "", "brain_mask_tag": ""},  # request options (3D Slicer shows them)
             **kwargs,
         )
         self.prepare_batch = parser.get_parsed_content("prepare_batch", instantiate=True)
