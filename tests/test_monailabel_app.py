@@ -169,6 +169,26 @@ def test_app_configs_follow_the_joint_model_it_runs(tmp_path):
         missing.joint_overlays("inference.json")
 
 
+def test_app_settings_check_the_atlas_files(tmp_path):
+    """``--conf atlas_image``/``atlas_label`` come together; ``atlas_brain_mask`` belongs to ``atlas_image``; every
+    atlas file must exist, and the error names it."""
+    from monailabel_app.lib.bundle_config import AppSettings
+
+    files = {k: tmp_path / f"{k}.nii.gz" for k in ("atlas_image", "atlas_label", "atlas_brain_mask")}
+    for f in files.values():
+        f.write_bytes(b"")
+    conf = {k: str(f) for k, f in files.items()}
+    settings = AppSettings.from_conf(tmp_path, conf)
+    assert (settings.atlas_image, settings.atlas_label, settings.atlas_brain_mask) == tuple(conf.values())
+    assert AppSettings.from_conf(tmp_path, {}).atlas_brain_mask is None
+    with pytest.raises(ValueError, match="give both --conf atlas_image and --conf atlas_label"):
+        AppSettings.from_conf(tmp_path, {"atlas_image": conf["atlas_image"]})
+    with pytest.raises(ValueError, match="atlas_brain_mask is the brain mask of --conf atlas_image"):
+        AppSettings.from_conf(tmp_path, {"atlas_brain_mask": conf["atlas_brain_mask"]})
+    with pytest.raises(FileNotFoundError, match="atlas file not found: .*absent_mask.nii.gz"):
+        AppSettings.from_conf(tmp_path, {**conf, "atlas_brain_mask": str(tmp_path / "absent_mask.nii.gz")})
+
+
 def test_stock_export_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         export_stock_bundle(REPO_ROOT, tmp_path / "brain", tmp_path / "missing.pt")

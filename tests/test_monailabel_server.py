@@ -250,6 +250,21 @@ def test_atlas_registration_takes_the_brain_masks_of_the_image_and_the_atlas_fro
     assert dice(label > 0, own > 0, [True]) > 0.9
 
 
+def test_atlas_pair_takes_the_configured_atlas_brain_mask():
+    """A ``--conf`` atlas with ``atlas_brain_mask``: the mask becomes the moving image's brain mask and is named in
+    the result; a datastore atlas (``ATLAS_KEY``) keeps the mask the app found for it, and the demo atlas has none."""
+    from monailabel_app.lib.infers.atlas_registration import ATLAS_KEY, AtlasPaird
+
+    configured = AtlasPaird(lambda: ("atlas.nii.gz", "atlas_seg.nii.gz", "atlas_brain.nii.gz"))({"image": "img.nii.gz"})
+    assert (configured["fixed"], configured["moving"], configured["moving_label"]) == ("img.nii.gz", "atlas.nii.gz", "atlas_seg.nii.gz")
+    assert configured["moving_brain_mask"] == configured["result"]["moving_brain_mask"] == "atlas_brain.nii.gz"
+    demo = AtlasPaird(lambda: ("demo.nii.gz", "demo_seg.nii.gz", None))({"image": "img.nii.gz"})
+    assert "moving_brain_mask" not in demo and "moving_brain_mask" not in demo["result"]
+    chosen = AtlasPaird(lambda: ("atlas.nii.gz", "atlas_seg.nii.gz", "atlas_brain.nii.gz"))(
+        {"image": "img.nii.gz", ATLAS_KEY: ("case.nii.gz", "case_seg.nii.gz"), "moving_brain_mask": "case_brain.nii.gz"})
+    assert chosen["moving"] == "case.nii.gz" and chosen["result"]["moving_brain_mask"] == "case_brain.nii.gz"
+
+
 def test_bad_requests_are_answered_4xx_with_the_reason(app_server, studies, tmp_path):
     """Unknown model or image, a server path outside the datastore, an atlas without a label, a blank image:
     4xx with the reason (not 500), and the server keeps serving."""

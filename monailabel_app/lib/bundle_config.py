@@ -14,6 +14,8 @@ The app's ``--conf`` options (``monailabel start_server ... --conf KEY VALUE``):
 - ``overrides``: JSON object of config ids set in every config the app reads, e.g. ``'{"pixdim": [4, 4, 4]}'``
   for a checkpoint trained at 4 mm (the network grid must match the one the weights were trained on).
 - ``atlas_image`` / ``atlas_label``: the atlas of the registration task (default: the embedded demo's).
+- ``atlas_brain_mask``: a brain mask on ``atlas_image``'s grid, for an atlas that is not skull-stripped (applied to
+  it on every request; the demo atlas needs none).
 - ``atlas_label_names``: JSON object ``{"name": value}`` naming the atlas labels.
 
 The train task publishes its best model to ``<app>/model/trained_model.pt``; the infer tasks use it once it
@@ -49,6 +51,7 @@ class AppSettings:
     atlas_image: str | None = None
     atlas_label: str | None = None
     atlas_label_names: dict | None = None
+    atlas_brain_mask: str | None = None
 
     @property
     def trained_model(self) -> Path:
@@ -97,7 +100,7 @@ class AppSettings:
         Raises:
             FileNotFoundError: ``bundle_root`` has no ``configs/inference.json``; an atlas file is missing.
             ValueError: ``overrides`` or ``atlas_label_names`` is not a JSON object; only one of
-                ``atlas_image`` / ``atlas_label`` is given.
+                ``atlas_image`` / ``atlas_label`` is given; ``atlas_brain_mask`` without ``atlas_image``.
         """
         root = Path(os.path.expanduser(conf.get("bundle_root", str(REPO_ROOT)))).resolve()
         if not (root / "configs" / "inference.json").is_file():
@@ -110,7 +113,11 @@ class AppSettings:
         atlas = [conf.get("atlas_image"), conf.get("atlas_label")]
         if any(atlas) and not all(atlas):
             raise ValueError("give both --conf atlas_image and --conf atlas_label, or neither (the demo atlas).")
-        for path in filter(None, atlas):
+        atlas_brain_mask = conf.get("atlas_brain_mask") or None
+        if atlas_brain_mask and not atlas[0]:
+            raise ValueError("--conf atlas_brain_mask is the brain mask of --conf atlas_image: give both (the demo atlas "
+                             "is skull-stripped).")
+        for path in filter(None, [*atlas, atlas_brain_mask]):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"atlas file not found: {path}")
         return cls(
@@ -122,6 +129,7 @@ class AppSettings:
             atlas_image=atlas[0],
             atlas_label=atlas[1],
             atlas_label_names=_json_object(conf, "atlas_label_names"),
+            atlas_brain_mask=atlas_brain_mask,
         )
 
 

@@ -33,7 +33,8 @@ ATLAS_KEY = "_atlas"
 class AtlasPaird(MapTransform):
     """Make a registration pair of the request: its ``image`` is the fixed image, the atlas the moving one.
 
-    The atlas is ``d[ATLAS_KEY] = (image, label)`` when the request chose one, else ``default``.
+    The atlas is ``d[ATLAS_KEY] = (image, label)`` when the request chose one, else ``default()``: ``(image, label)``
+    or ``(image, label, brain_mask)``, the mask (if not None) becoming ``moving_brain_mask``.
     """
 
     def __init__(self, default: Callable[[], tuple[str, str]], image_key: str = "image"):
@@ -42,10 +43,12 @@ class AtlasPaird(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        moving, moving_label = d.get(ATLAS_KEY) or self.default()
+        moving, moving_label, *brain_mask = d.get(ATLAS_KEY) or self.default()
         d.update(fixed=d[self.image_key], moving=moving, moving_label=moving_label)
+        if brain_mask and brain_mask[0]:
+            d["moving_brain_mask"] = brain_mask[0]
         d["result"] = {"atlas_image": str(moving), "atlas_label": str(moving_label)}
-        for key in ("fixed_brain_mask", "moving_brain_mask"):  # set by the app from the request's brain_mask_tag
+        for key in ("fixed_brain_mask", "moving_brain_mask"):  # from brain_mask_tag (the app) or atlas_brain_mask
             if d.get(key):
                 d["result"][key] = str(d[key])
         return d
@@ -72,7 +75,8 @@ class AtlasRegistration(BundleConfigInferTask):
 
     Brain masks (``inference.json``'s ``fixed_brain_mask`` / ``moving_brain_mask``) are set by
     :class:`main.BrainRegistrationApp` from the request's ``brain_mask_tag``: the image's label of that tag, and the
-    datastore atlas's label of that tag where it has one; the result JSON names the masks applied.
+    datastore atlas's label of that tag where it has one; a ``--conf`` atlas's mask is ``--conf atlas_brain_mask``,
+    applied on every request. The result JSON names the masks applied.
     """
 
     brain_mask_key = "fixed_brain_mask"  # the request's image is the fixed image
@@ -83,7 +87,7 @@ class AtlasRegistration(BundleConfigInferTask):
         configs = ("inference.json", *checkpoint_overlays(settings.bundle_root, ["inference.json"], network_state_dict(model), path=str(model)))
         parser = read_config(settings.bundle_root, configs, settings.overrides)
         self.demo_dir = Path(parser.get_parsed_content("demo_dir"))
-        self.atlas = (settings.atlas_image, settings.atlas_label) if settings.atlas_image else None
+        self.atlas = (settings.atlas_image, settings.atlas_label, settings.atlas_brain_mask) if settings.atlas_image else None
         self._atlas_lock = threading.Lock()  # MONAI Label may run requests in threads: build the demo once
         labels = settings.atlas_label_names or (
             _label_names(settings.atlas_label) if self.atlas else dict(DEMO_ATLAS_LABELS)
@@ -98,12 +102,13 @@ class AtlasRegistration(BundleConfigInferTask):
         )
         self.prepare_batch = parser.get_parsed_content("prepare_batch", instantiate=True)
 
-    def default_atlas(self) -> tuple[str, str]:
-        """The configured atlas, or the embedded demo's (built once in the bundle's ``demo_dir``)."""
+    def default_atlas(self) -> tuple[str, str, str | None]:
+        """The configured atlas (image, label, brain mask or None), or the embedded demo's (built once in the
+        bundle's ``demo_dir``; skull-stripped)."""
         with self._atlas_lock:
             if self.atlas is None:
                 folder = Path(build_demo_dataset(str(self.demo_dir))).parent
-                self.atlas = tuple(str(folder / name) for name in DEMO_ATLAS)
+                self.atlas = (*(str(folder / name) for name in DEMO_ATLAS), None)
             return self.atlas
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
