@@ -37,7 +37,7 @@ class AtlasPaird(MapTransform):
     or ``(image, label, brain_mask)``, the mask (if not None) becoming ``moving_brain_mask``.
     """
 
-    def __init__(self, default: Callable[[], tuple[str, str]], image_key: str = "image"):
+    def __init__(self, default: Callable[[], tuple[str, ...]], image_key: str = "image"):
         super().__init__(keys=[image_key])
         self.default, self.image_key = default, image_key
 
